@@ -1,0 +1,1 @@
+"""Stead: durable execution for AI products."""

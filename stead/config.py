@@ -1,0 +1,169 @@
+"""Stead's one typed configuration.
+
+Every process (API, worker, simulator, `stead dev`) reads the same `Settings` from the
+environment, prefix `STEAD_`. A few well-known names are honoured too: `DATABASE_URL`,
+`ANTHROPIC_API_KEY`, and Temporal's own `TEMPORAL_*` client configuration (environment and
+profile file), which `stead.temporal.connect` layers under Stead's settings.
+
+Secrets are `SecretStr`: they never appear in a repr, a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Environment = Literal["dev", "test", "production"]
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid. The message is one line that names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="STEAD_", extra="ignore", frozen=True, populate_by_name=True
+    )
+
+    env: Environment = "dev"
+    data_dir: Path = Path(".stead")
+    host: str = "127.0.0.1"
+
+    # Temporal. Unset address: `stead dev` runs the embedded dev server on temporal_port.
+    temporal_address: str | None = None
+    temporal_namespace: str = "default"
+    temporal_api_key: SecretStr | None = None
+    temporal_tls: bool = False
+    temporal_tls_cert: Path | None = None
+    temporal_tls_key: Path | None = None
+    temporal_tls_ca: Path | None = None
+    temporal_port: int = Field(7233, ge=1, le=65535)
+    temporal_ui_port: int = Field(8233, ge=1, le=65535)
+    temporal_http_port: int = Field(7243, ge=1, le=65535)
+    temporal_metrics_port: int = Field(7244, ge=1, le=65535)
+    # Workflows, tools and the ledger poll `task_queue`; model calls run on `<task_queue>-model`,
+    # whose rate the Temporal server enforces across every worker.
+    task_queue: str = Field("stead", pattern=r"^[A-Za-z0-9._-]{1,200}$")
+    model_calls_per_second: float = Field(50.0, gt=0)
+
+    # PostgreSQL. Unset: `stead dev` runs embedded PostgreSQL under data_dir/pg.
+    database_url: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("STEAD_DATABASE_URL", "DATABASE_URL")
+    )
+    # The role the application switches to after connecting: insert/select on the audit log.
+    db_app_role: str | None = "stead_app"
+    db_pool_max: int = Field(10, ge=1, le=200)
+
+    # Model endpoint. With neither base URL nor API key, Stead uses its local simulator.
+    model_base_url: str | None = None
+    anthropic_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("STEAD_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY")
+    )
+    model_timeout_seconds: float = Field(30.0, gt=0, le=600)
+    sim_port: int = Field(8300, ge=1, le=65535)
+    payments_port: int = Field(8301, ge=1, le=65535)
+    email_port: int = Field(8302, ge=1, le=65535)
+    # Integrations (the support agent's payment and email providers). Unset URLs: the local
+    # loopback services that `stead dev` runs.
+    payments_url: str | None = None
+    payments_token: SecretStr | None = None
+    email_url: str | None = None
+    email_token: SecretStr | None = None
+
+    # HTTP API and metrics.
+    api_port: int = Field(8000, ge=1, le=65535)
+    worker_metrics_port: int = Field(9464, ge=0, le=65535)
+    public_api_url: str | None = None
+
+    # Payload encryption: comma-separated `key_id:base64key`, the first one encrypts.
+    payload_keys: SecretStr | None = None
+    # Origin allowed to call the codec endpoints (the Temporal Web UI).
+    ui_origin: str | None = None
+
+    @field_validator("payload_keys")
+    @classmethod
+    def _check_payload_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_payload_keys(value.get_secret_value())
+        return value
+
+    @property
+    def temporal_embedded(self) -> bool:
+        return self.temporal_address is None
+
+    @property
+    def database_embedded(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def temporal_target(self) -> str:
+        return self.temporal_address or f"{self.host}:{self.temporal_port}"
+
+    @property
+    def api_url(self) -> str:
+        return self.public_api_url or f"http://{self.host}:{self.api_port}"
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://{self.host}:{self.temporal_ui_port}"
+
+    @property
+    def model_url(self) -> str | None:
+        """Where model calls go; None means Anthropic's own endpoint."""
+        if self.model_base_url:
+            return self.model_base_url
+        if self.anthropic_api_key is not None:
+            return None
+        return f"http://{self.host}:{self.sim_port}"
+
+    @property
+    def pg_dir(self) -> Path:
+        return self.data_dir / "pg"
+
+    @cached_property
+    def encryption_keys(self) -> list[tuple[str, bytes]]:
+        if self.payload_keys is None:
+            return []
+        return parse_payload_keys(self.payload_keys.get_secret_value())
+
+
+def parse_payload_keys(raw: str) -> list[tuple[str, bytes]]:
+    """Parse `id:base64,id:base64`; raise ValueError without echoing key material."""
+    keys: list[tuple[str, bytes]] = []
+    for index, part in enumerate(p.strip() for p in raw.split(",") if p.strip()):
+        key_id, sep, encoded = part.partition(":")
+        if not sep or not key_id:
+            raise ValueError(f"entry {index + 1} must look like key_id:base64key")
+        try:
+            key = base64.b64decode(encoded, validate=True)
+        except binascii.Error:
+            raise ValueError(f"key {key_id!r} is not valid base64") from None
+        if len(key) not in (16, 24, 32):
+            raise ValueError(f"key {key_id!r} must be 16, 24 or 32 bytes for AES-GCM")
+        keys.append((key_id, key))
+    return keys
+
+
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    field = str(loc[0]) if loc else "?"
+    info = Settings.model_fields.get(field)
+    alias = getattr(info, "validation_alias", None) if info else None
+    if isinstance(alias, AliasChoices):
+        return " or ".join(str(choice) for choice in alias.choices)
+    return f"STEAD_{field.upper()}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment; raise ConfigError with one line naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]  # pydantic-settings accepts field kwargs
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        # Never echo the input value: it may be a secret.
+        raise ConfigError(f"invalid {_env_name(first['loc'])}: {first['msg']}") from None
