@@ -1,0 +1,1 @@
+"""PostgreSQL store: pool, migrations, embedded server, and one module per table family."""

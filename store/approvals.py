@@ -1,0 +1,124 @@
+"""The approvals projection: the inbox's source, written only by the ledger activity."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from store.db import Conn
+from workflows.state import ApprovalPolicy, ApprovalState, ApprovalStatus, RunContext
+
+
+async def upsert(
+    conn: Conn, context: RunContext, workflow_id: str, approval: ApprovalState
+) -> None:
+    """Write the approval's state unless a newer version is already stored."""
+    await conn.execute(
+        """
+        INSERT INTO approvals (id, tenant_id, run_id, workflow_id, pipeline, kind, title, proposal,
+            requested_by, eligible_roles, eligible_principals, quorum, approvals, decided_by,
+            status, deadline_at, created_at, updated_at, version)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+            now(), $18)
+        ON CONFLICT (id) DO UPDATE SET
+            proposal = EXCLUDED.proposal, eligible_roles = EXCLUDED.eligible_roles,
+            approvals = EXCLUDED.approvals, decided_by = EXCLUDED.decided_by,
+            status = EXCLUDED.status, deadline_at = EXCLUDED.deadline_at,
+            updated_at = now(), version = EXCLUDED.version
+        WHERE approvals.version < EXCLUDED.version
+        """,
+        approval.approval_id,
+        context.tenant,
+        context.run_id,
+        workflow_id,
+        context.pipeline,
+        approval.proposal.kind,
+        approval.proposal.title,
+        {
+            "data": approval.final_data or approval.proposal.data,
+            "schema": approval.proposal.schema_name,
+            "editable": list(approval.proposal.editable),
+        },
+        approval.requested_by,
+        list(approval.eligible_roles),
+        list(approval.policy.principals),
+        approval.policy.quorum,
+        approval.approve_count,
+        [d.principal for d in approval.decisions],
+        approval.status.value,
+        approval.deadline_at,
+        approval.created_at,
+        approval.version,
+    )
+
+
+async def inbox(
+    conn: Conn,
+    tenant: str,
+    principal: str,
+    roles: Sequence[str],
+    *,
+    limit: int,
+    after: tuple[datetime, str] | None,
+) -> list[dict[str, Any]]:
+    """Pending approvals this principal may decide now, oldest deadline first.
+
+    Excludes requests the principal made (they cannot approve their own) and ones they have
+    already voted on (quorum needs distinct principals).
+    """
+    rows = await conn.fetch(
+        """
+        SELECT * FROM approvals
+        WHERE tenant_id = $1 AND status = 'pending'
+          AND (eligible_roles && $3::text[] OR $2 = ANY (eligible_principals))
+          AND requested_by <> $2 AND NOT ($2 = ANY (decided_by))
+          AND ($4::timestamptz IS NULL OR (deadline_at, id) > ($4, $5))
+        ORDER BY deadline_at, id
+        LIMIT $6
+        """,
+        tenant,
+        principal,
+        list(roles),
+        after[0] if after else None,
+        after[1] if after else "",
+        limit,
+    )
+    return [dict(r) for r in rows]
+
+
+async def get(conn: Conn, tenant: str, approval_id: str) -> dict[str, Any] | None:
+    row = await conn.fetchrow(
+        "SELECT * FROM approvals WHERE tenant_id = $1 AND id = $2", tenant, approval_id
+    )
+    return dict(row) if row else None
+
+
+def is_open(row: dict[str, Any]) -> bool:
+    return bool(row["status"] == ApprovalStatus.PENDING.value)
+
+
+async def overrides(conn: Conn, tenant: str, pipeline: str) -> dict[str, ApprovalPolicy]:
+    rows = await conn.fetch(
+        "SELECT step, policy FROM approval_overrides WHERE tenant_id = $1 AND pipeline IN ($2, '*')"
+        " ORDER BY pipeline = '*' DESC",
+        tenant,
+        pipeline,
+    )
+    return {r["step"]: ApprovalPolicy.model_validate(r["policy"]) for r in rows}
+
+
+async def set_override(
+    conn: Conn, tenant: str, pipeline: str, step: str, policy: ApprovalPolicy, by: str
+) -> None:
+    await conn.execute(
+        "INSERT INTO approval_overrides (tenant_id, pipeline, step, policy, updated_by)"
+        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, pipeline, step)"
+        " DO UPDATE SET policy = EXCLUDED.policy, updated_by = EXCLUDED.updated_by,"
+        " updated_at = now()",
+        tenant,
+        pipeline,
+        step,
+        policy.model_dump(mode="json"),
+        by,
+    )

@@ -1,0 +1,37 @@
+"""Demo data for `stead dev`: two tenants, each with a requester, an approver and an admin."""
+
+from __future__ import annotations
+
+from store import principals
+from store.db import Conn
+
+DEMO_TENANTS = {"acme": ("Acme Corp", "standard"), "globex": ("Globex", "enterprise")}
+DEMO_USERS = {
+    "requester": ["requester"],
+    "approver": ["approver", "finance"],
+    "admin": ["admin"],
+}
+
+
+async def seed_demo(conn: Conn, existing: dict[str, str] | None = None) -> dict[str, str]:
+    """Create the demo tenants and users; return `{"tenant/user": api_key}`.
+
+    Keys in `existing` that still authenticate as the right principal are kept, so restarting
+    `stead dev` does not invalidate the keys a developer already copied.
+    """
+    keys: dict[str, str] = {}
+    async with conn.transaction():
+        for tenant, (name, plan) in DEMO_TENANTS.items():
+            await principals.create_tenant(conn, tenant, name, plan)
+            for user, roles in DEMO_USERS.items():
+                await principals.upsert_principal(
+                    conn, tenant, user, roles, display_name=f"{name} {user}"
+                )
+                label = f"{tenant}/{user}"
+                old = (existing or {}).get(label)
+                found = await principals.authenticate(conn, old) if old else None
+                if found is not None and (found.tenant, found.id) == (tenant, user):
+                    keys[label] = old  # type: ignore[assignment]  # old is a str when found
+                else:
+                    keys[label] = await principals.create_key(conn, tenant, user, label="demo")
+    return keys

@@ -1,0 +1,142 @@
+"""Usage ledger, per-call memo and the exact-match response cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from store.db import Conn
+
+GroupBy = Literal["model", "pipeline", "day", "user", "run"]
+_GROUP_SQL: dict[str, str] = {
+    "model": "model",
+    "pipeline": "pipeline",
+    "day": "to_char(date_trunc('day', at AT TIME ZONE 'UTC'), 'YYYY-MM-DD')",
+    "user": "principal_id",
+    "run": "run_id",
+}
+
+
+def request_hash(model_input: dict[str, Any]) -> bytes:
+    """Hash of the request as the model sees it. Keys sorted, text stripped at the ends:
+    the same question asked with a trailing newline is the same request."""
+
+    def normalize(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.strip()
+        if isinstance(value, dict):
+            return {k: normalize(v) for k, v in value.items() if k != "cache_control"}
+        if isinstance(value, list):
+            return [normalize(v) for v in value]
+        return value
+
+    canonical = json.dumps(normalize(model_input), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).digest()
+
+
+async def memo_get(conn: Conn, call_key: str) -> dict[str, Any] | None:
+    reply = await conn.fetchval("SELECT reply FROM model_calls WHERE call_key = $1", call_key)
+    return dict(reply) if reply is not None else None
+
+
+async def memo_put(conn: Conn, call_key: str, tenant: str, reply: dict[str, Any]) -> None:
+    await conn.execute(
+        "INSERT INTO model_calls (call_key, tenant_id, reply) VALUES ($1, $2, $3)"
+        " ON CONFLICT (call_key) DO NOTHING",
+        call_key,
+        tenant,
+        reply,
+    )
+
+
+async def cache_get(
+    conn: Conn, tenant: str, models: tuple[str, ...], digest: bytes
+) -> tuple[str, dict[str, Any]] | None:
+    """The freshest cached reply from the first route model that has one."""
+    rows = await conn.fetch(
+        "UPDATE response_cache SET hits = hits + 1 WHERE tenant_id = $1 AND model = ANY($2)"
+        " AND request_hash = $3 AND expires_at > now() RETURNING model, reply",
+        tenant,
+        list(models),
+        digest,
+    )
+    by_model = {r["model"]: dict(r["reply"]) for r in rows}
+    for model in models:
+        if model in by_model:
+            return model, by_model[model]
+    return None
+
+
+async def cache_put(
+    conn: Conn,
+    tenant: str,
+    model: str,
+    digest: bytes,
+    reply: dict[str, Any],
+    ttl: timedelta,
+) -> None:
+    await conn.execute(
+        "INSERT INTO response_cache (tenant_id, model, request_hash, reply, expires_at)"
+        " VALUES ($1, $2, $3, $4, now() + $5::interval)"
+        " ON CONFLICT (tenant_id, model, request_hash)"
+        " DO UPDATE SET reply = EXCLUDED.reply, created_at = now(),"
+        " expires_at = EXCLUDED.expires_at",
+        tenant,
+        model,
+        digest,
+        reply,
+        ttl,
+    )
+
+
+async def cache_purge_expired(conn: Conn) -> int:
+    done = await conn.execute("DELETE FROM response_cache WHERE expires_at <= now()")
+    return int(done.split()[-1])
+
+
+async def record(conn: Conn, row: dict[str, Any]) -> None:
+    """One ledger row per attempt; a repeated write of the same attempt is ignored."""
+    columns = list(row)
+    placeholders = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+    await conn.execute(
+        f"INSERT INTO model_usage ({', '.join(columns)}) VALUES ({placeholders})"  # noqa: S608  # column names are ours
+        " ON CONFLICT (call_key, attempt) DO NOTHING",
+        *row.values(),
+    )
+
+
+async def summary(
+    conn: Conn,
+    tenant: str,
+    group_by: GroupBy,
+    start: datetime,
+    end: datetime,
+    run_id: str | None = None,
+) -> list[dict[str, Any]]:
+    group = _GROUP_SQL[group_by]
+    rows = await conn.fetch(
+        f"SELECT {group} AS key, count(*) AS calls,"  # noqa: S608  # group is from a fixed map
+        " sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,"
+        " sum(cache_read_tokens) AS cache_read_tokens,"
+        " sum(cache_write_tokens) AS cache_write_tokens, sum(cost_nusd) AS cost_nusd,"
+        " count(*) FILTER (WHERE cache_hit) AS cache_hits, sum(fallbacks) AS fallbacks"
+        " FROM model_usage WHERE tenant_id = $1 AND at >= $2 AND at < $3"
+        " AND ($4::text IS NULL OR run_id = $4)"
+        f" GROUP BY {group} ORDER BY {group}",
+        tenant,
+        start,
+        end,
+        run_id,
+    )
+    return [dict(r) for r in rows]
+
+
+async def for_run(conn: Conn, tenant: str, run_id: str) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT * FROM model_usage WHERE tenant_id = $1 AND run_id = $2 ORDER BY at",
+        tenant,
+        run_id,
+    )
+    return [dict(r) for r in rows]
