@@ -1,0 +1,31 @@
+"""Ledger activities: the workflow's only way to write its record (audit, approvals inbox).
+
+Both run as local activities on the workflow worker (cheap for the Temporal server) and are
+idempotent: audit entries are keyed, approval projections are versioned.
+"""
+
+from __future__ import annotations
+
+from temporalio import activity
+
+from activities.types import FlushAudit, PublishApproval
+from store import approvals
+from store.audit import AuditWriter
+from store.db import Pool
+
+
+class LedgerActivities:
+    def __init__(self, pool: Pool, audit: AuditWriter) -> None:
+        self._pool = pool
+        self._audit = audit
+
+    @activity.defn(name="ledger.flush")
+    async def flush(self, batch: FlushAudit) -> int:
+        async with self._pool.acquire() as conn, conn.transaction():
+            return await self._audit.append(conn, batch.events)
+
+    @activity.defn(name="ledger.publish_approval")
+    async def publish_approval(self, change: PublishApproval) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await approvals.upsert(conn, change.context, change.workflow_id, change.approval)
+            await self._audit.append(conn, change.events)

@@ -1,0 +1,400 @@
+"""The model gateway: every model call in Stead is this activity.
+
+One attempt does, in order: return the memoized reply if an earlier attempt of this call
+finished; serve an exact-match cache hit (free, recorded); count input tokens and reserve the
+worst-case cost on every applicable budget; call the route's models in order, moving to the
+next on 429, 529, 5xx or timeout (a fallback); settle the reservation from actual usage and
+write usage, memo, cache and audit in one transaction.
+
+Temporal owns retries: the SDK client runs with `max_retries=0` and a timeout below the
+activity's start-to-close. When every model of the route is unavailable the attempt fails
+retryably, with the provider's retry-after as the next retry delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any, TypeVar
+
+import anthropic
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.types import ModelCall, ModelReply
+from policies.models import PriceTable, RoutingPolicy, TokenCounts
+from stead import metrics
+from stead.errors import ErrorType
+from store import budgets, usage
+from store.audit import AuditWriter
+from store.db import Pool
+from workflows.state import AuditEvent, Usage
+
+T = TypeVar("T")
+HEARTBEAT_EVERY = 5.0
+_RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
+_AUTH_STATUS = {401, 403}
+_TOKEN_FIELDS = {"input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"}
+
+
+class _Unavailable(Exception):
+    def __init__(self, retry_after: float | None, detail: str) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+def _retry_after(exc: anthropic.APIStatusError) -> float | None:
+    raw = exc.response.headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(float(raw), 0.0)
+    except ValueError:
+        pass
+    try:
+        return max((parsedate_to_datetime(raw) - datetime.now(UTC)).total_seconds(), 0.0)
+    except (TypeError, ValueError):
+        return None
+
+
+async def heartbeating(awaitable: Awaitable[T]) -> T:
+    """Await while heartbeating, so cancellation reaches a long provider call."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_EVERY)
+            if done:
+                return task.result()
+            activity.heartbeat()
+    finally:
+        task.cancel()
+
+
+class ModelActivities:
+    def __init__(
+        self,
+        pool: Pool,
+        client: anthropic.AsyncAnthropic,
+        prices: PriceTable,
+        routing: RoutingPolicy,
+        audit: AuditWriter,
+        *,
+        cache_ttl: timedelta = timedelta(hours=24),
+    ) -> None:
+        self._pool = pool
+        self._client = client
+        self._prices = prices
+        self._routing = routing
+        self._audit = audit
+        self._cache_ttl = cache_ttl
+
+    @activity.defn(name="model.call")
+    async def call_model(self, call: ModelCall) -> ModelReply:
+        attempt = activity.info().attempt
+        key = call.call_key or _fallback_key()
+        async with self._pool.acquire() as conn:
+            memo = await usage.memo_get(conn, key)
+        if memo is not None:
+            await self._write_events(call.events)
+            return ModelReply.model_validate(memo)
+
+        route = self._routing.route(call.task, call.context.plan)
+        models = route.candidates(call.escalate)
+        request = _request_body(call)
+        digest = usage.request_hash(request)
+        if call.cache:
+            hit = await self._from_cache(call, key, attempt, models, digest)
+            if hit is not None:
+                return hit
+        input_tokens = await self._count_tokens(models[0], request)
+        worst = max(self._prices.worst_case_nusd(m, input_tokens, call.max_tokens) for m in models)
+        await self._reserve(call, key, attempt, worst)
+
+        settled = False
+        try:
+            started = time.perf_counter()
+            model, message, fallbacks = await heartbeating(self._call_route(models, request))
+            latency_ms = (time.perf_counter() - started) * 1000
+            reply = self._reply(model, message, fallbacks, attempt, latency_ms)
+            await self._finish(call, key, attempt, reply, digest)
+            settled = True
+            return reply
+        except _Unavailable as exc:
+            await self._release(call, key, attempt, 0, f"all route models unavailable: {exc}")
+            settled = True
+            delay = timedelta(seconds=exc.retry_after) if exc.retry_after else None
+            raise ApplicationError(
+                f"every model of the route failed: {exc}",
+                type=ErrorType.PROVIDER_UNAVAILABLE,
+                next_retry_delay=delay,
+            ) from None
+        except anthropic.APIStatusError as exc:
+            await self._release(call, key, attempt, 0, f"provider refused: {exc.status_code}")
+            settled = True
+            kind = (
+                ErrorType.AUTHENTICATION
+                if exc.status_code in _AUTH_STATUS
+                else ErrorType.BAD_REQUEST
+            )
+            raise ApplicationError(
+                f"the provider refused the request ({exc.status_code}): {_provider_message(exc)}",
+                type=kind,
+                non_retryable=True,
+            ) from None
+        finally:
+            if not settled:
+                # Cancelled or crashed mid-call: the provider may bill what it generated, so
+                # the reservation is charged in full.
+                await asyncio.shield(self._release_quietly(key, attempt, worst))
+
+    # --- steps -------------------------------------------------------------------------------
+
+    async def _from_cache(
+        self, call: ModelCall, key: str, attempt: int, models: tuple[str, ...], digest: bytes
+    ) -> ModelReply | None:
+        async with self._pool.acquire() as conn:
+            hit = await usage.cache_get(conn, call.context.tenant, models, digest)
+        metrics.MODEL_CACHE.labels("hit" if hit else "miss").inc()
+        if hit is None:
+            return None
+        model, stored = hit
+        reply = ModelReply(
+            model=model,
+            content=stored["content"],
+            stop_reason=stored["stop_reason"],
+            usage=Usage(model_calls=1, cache_hits=1),
+            cache_hit=True,
+            attempt=attempt,
+        )
+        await self._finish(call, key, attempt, reply, None)
+        return reply
+
+    async def _count_tokens(self, model: str, request: dict[str, Any]) -> int:
+        params = {k: v for k, v in request.items() if k != "max_tokens"}
+        try:
+            counted = await heartbeating(self._client.messages.count_tokens(model=model, **params))
+            return int(counted.input_tokens)
+        except (TimeoutError, anthropic.APIError):
+            # Counting is advisory; never block a call on it. Two bytes a token overestimates
+            # every tokenizer we know, so the reservation stays a worst case.
+            return len(repr(params).encode()) // 2 + 16
+
+    async def _reserve(self, call: ModelCall, key: str, attempt: int, amount: int) -> None:
+        try:
+            async with self._pool.acquire() as conn:
+                await budgets.reserve(
+                    conn, call.context, key, attempt, amount, run_limit_nusd=call.run_budget_nusd
+                )
+        except budgets.BudgetExhausted as exc:
+            metrics.BUDGET_REJECTIONS.labels(exc.scope).inc()
+            await self._write_events(
+                [
+                    *call.events,
+                    _event(
+                        call,
+                        f"{key}:budget:{attempt}",
+                        "budget.rejected",
+                        {
+                            "step": call.step,
+                            "scope": exc.scope,
+                            "period": exc.period,
+                            "limit_nusd": exc.limit_nusd,
+                            "used_nusd": exc.spent_nusd,
+                            "requested_nusd": amount,
+                        },
+                    ),
+                ]
+            )
+            raise ApplicationError(
+                str(exc),
+                {"scope": exc.scope, "period": exc.period, "limit_nusd": exc.limit_nusd},
+                type=ErrorType.BUDGET_EXHAUSTED,
+                non_retryable=True,
+            ) from None
+
+    async def _call_route(
+        self, models: tuple[str, ...], request: dict[str, Any]
+    ) -> tuple[str, anthropic.types.Message, int]:
+        """Try each model in order; return (model, message, fallbacks used)."""
+        failures: list[str] = []
+        retry_after: float | None = None
+        for index, model in enumerate(models):
+            if index:
+                metrics.MODEL_FALLBACKS.labels(model).inc()
+            started = time.perf_counter()
+            try:
+                message = await self._client.messages.create(model=model, **request)
+            except anthropic.APIStatusError as exc:
+                metrics.MODEL_ERRORS.labels(model, str(exc.status_code)).inc()
+                if exc.status_code not in _RETRYABLE_STATUS:
+                    raise
+                after = _retry_after(exc)
+                retry_after = max(retry_after or 0.0, after) if after is not None else retry_after
+                failures.append(f"{model}: {exc.status_code}")
+                continue
+            except (TimeoutError, anthropic.APIConnectionError) as exc:
+                kind = (
+                    "timeout"
+                    if isinstance(exc, anthropic.APITimeoutError | asyncio.TimeoutError)
+                    else "connection"
+                )
+                metrics.MODEL_ERRORS.labels(model, kind).inc()
+                failures.append(f"{model}: {kind}")
+                continue
+            metrics.MODEL_LATENCY.labels(model).observe(time.perf_counter() - started)
+            return model, message, index
+        raise _Unavailable(retry_after, "; ".join(failures))
+
+    def _reply(
+        self,
+        model: str,
+        message: anthropic.types.Message,
+        fallbacks: int,
+        attempt: int,
+        latency_ms: float,
+    ) -> ModelReply:
+        raw = message.usage
+        counts = TokenCounts(
+            input_tokens=raw.input_tokens,
+            output_tokens=raw.output_tokens,
+            cache_read_tokens=raw.cache_read_input_tokens or 0,
+            cache_write_tokens=raw.cache_creation_input_tokens or 0,
+        )
+        return ModelReply(
+            model=model,
+            content=[b.model_dump(mode="json", exclude_none=True) for b in message.content],
+            stop_reason=message.stop_reason or "end_turn",
+            usage=Usage(
+                **counts.model_dump(),
+                cost_nusd=self._prices.cost_nusd(model, counts),
+                model_calls=1,
+                fallbacks=fallbacks,
+            ),
+            fallbacks=fallbacks,
+            attempt=attempt,
+            latency_ms=round(latency_ms, 2),
+        )
+
+    async def _finish(
+        self, call: ModelCall, key: str, attempt: int, reply: ModelReply, digest: bytes | None
+    ) -> None:
+        """Settle, record usage, memoize, cache and audit: all or nothing."""
+        ctx, used = call.context, reply.usage
+        facts = {
+            "step": call.step,
+            "model": reply.model,
+            **used.model_dump(include=_TOKEN_FIELDS),
+            "cost_nusd": used.cost_nusd,
+            "cache_hit": reply.cache_hit,
+            "fallbacks": reply.fallbacks,
+            "latency_ms": reply.latency_ms,
+        }
+        called = _event(
+            call,
+            f"{key}:call",
+            "model.called",
+            {**facts, "attempt": attempt, "stop_reason": reply.stop_reason},
+        )
+        async with self._pool.acquire() as conn, conn.transaction():
+            await budgets.settle(conn, key, attempt, used.cost_nusd)
+            await usage.record(
+                conn,
+                {
+                    **facts,
+                    "call_key": key,
+                    "attempt": attempt,
+                    "tenant_id": ctx.tenant,
+                    "principal_id": ctx.requested_by,
+                    "pipeline": ctx.pipeline,
+                    "run_id": ctx.run_id,
+                },
+            )
+            await usage.memo_put(conn, key, ctx.tenant, reply.model_dump(mode="json"))
+            if digest is not None and call.cache and reply.stop_reason != "max_tokens":
+                await usage.cache_put(
+                    conn,
+                    ctx.tenant,
+                    reply.model,
+                    digest,
+                    {"content": reply.content, "stop_reason": reply.stop_reason},
+                    self._cache_ttl,
+                )
+            await self._audit.append(conn, [*call.events, called])
+        for kind, tokens in (
+            ("input", used.input_tokens),
+            ("output", used.output_tokens),
+            ("cache_read", used.cache_read_tokens),
+            ("cache_write", used.cache_write_tokens),
+        ):
+            if tokens:
+                metrics.MODEL_TOKENS.labels(reply.model, kind).inc(tokens)
+        if used.cost_nusd:
+            metrics.MODEL_COST.labels(reply.model).inc(used.cost_nusd / 1e9)
+
+    async def _release(
+        self, call: ModelCall, key: str, attempt: int, charged: int, why: str
+    ) -> None:
+        failed = _event(
+            call,
+            f"{key}:failed:{attempt}",
+            "model.failed",
+            {
+                "step": call.step,
+                "attempt": attempt,
+                "reason": why,
+            },
+        )
+        async with self._pool.acquire() as conn, conn.transaction():
+            await budgets.settle(conn, key, attempt, charged)
+            await self._audit.append(conn, [*call.events, failed])
+
+    async def _release_quietly(self, key: str, attempt: int, charged: int) -> None:
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await budgets.settle(conn, key, attempt, charged)
+        except Exception:  # the sweeper charges it later if this fails
+            activity.logger.warning("could not settle reservation %s/%s now", key, attempt)
+
+    async def _write_events(self, events: list[AuditEvent]) -> None:
+        if events:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await self._audit.append(conn, events)
+
+
+def _request_body(call: ModelCall) -> dict[str, Any]:
+    body: dict[str, Any] = {"messages": call.messages, "max_tokens": call.max_tokens}
+    if call.system:
+        body["system"] = call.system
+    if call.tools:
+        body["tools"] = call.tools
+    return body
+
+
+def _provider_message(exc: anthropic.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])[:300]
+    return exc.__class__.__name__
+
+
+def _event(call: ModelCall, key: str, action: str, data: dict[str, Any]) -> AuditEvent:
+    return AuditEvent(
+        key=key,
+        tenant=call.context.tenant,
+        actor=f"workflow:{call.context.pipeline}",
+        actor_kind="system",
+        action=action,
+        run_id=call.context.run_id,
+        at=datetime.now(UTC),
+        data=data,
+    )
+
+
+def _fallback_key() -> str:
+    info = activity.info()
+    return f"{info.workflow_id}:{info.workflow_run_id}:{info.activity_id}"

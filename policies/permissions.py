@@ -1,0 +1,264 @@
+"""The permission model: API rights per role, grants on resource types, agents, overrides.
+
+Decisions are data, never prompt text. `evaluate` answers one question: may these grants do
+`action` on `resource` with these arguments? The answer is a `Verdict` (allow, deny, or allow
+after approval by certain roles) that names the rule that decided, for the audit log.
+
+An agent acting for a user is held to the intersection: both its own grants and the user's
+must allow the action, every constraint of both applies, and an approval required by either
+side is required.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal, InvalidOperation
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+POLICY_FILE = Path(__file__).with_name("permissions.yaml")
+Action = Literal["read", "draft", "execute", "*"]
+Effect = Literal["allow", "deny", "approval"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Constraint(_Strict):
+    """A bound on one argument. Every set bound must hold."""
+
+    field: str
+    max: Decimal | None = None
+    min: Decimal | None = None
+    in_: tuple[str, ...] | None = Field(None, alias="in")
+    pattern: str | None = None
+    # The argument is an email address whose domain must equal the domain of the email held
+    # in this context key (e.g. only write to the customer's own domain).
+    domain_of: str | None = None
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            re.compile(value)
+        return value
+
+    def violation(  # noqa: PLR0911  # one early return per kind of bound reads best
+        self, args: Mapping[str, Any], context: Mapping[str, Any]
+    ) -> str | None:
+        if self.field not in args:
+            return f"{self.field} is required by a constraint"
+        value = args[self.field]
+        if self.max is not None or self.min is not None:
+            number = _decimal(value)
+            if number is None:
+                return f"{self.field} must be a number"
+            if self.max is not None and number > self.max:
+                return f"{self.field} {number} exceeds the limit {self.max}"
+            if self.min is not None and number < self.min:
+                return f"{self.field} {number} is below the minimum {self.min}"
+        if self.in_ is not None and str(value) not in self.in_:
+            return f"{self.field} must be one of {', '.join(self.in_)}"
+        if self.pattern is not None and not re.fullmatch(self.pattern, str(value)):
+            return f"{self.field} does not match the allowed pattern"
+        if self.domain_of is not None:
+            expected = _domain(context.get(self.domain_of))
+            if expected is None:
+                return f"{self.domain_of} is unknown, so {self.field} cannot be checked"
+            if _domain(value) != expected:
+                return f"{self.field} must be an address at {expected}"
+        return None
+
+
+class Grant(_Strict):
+    action: Action
+    resource: str
+    constraints: tuple[Constraint, ...] = ()
+    requires_approval: tuple[str, ...] = ()
+    rule: str = ""  # filled at load: where this grant came from
+
+    def matches(self, action: str, resource: str) -> bool:
+        return self.action in (action, "*") and self.resource in (resource, "*")
+
+
+class RolePolicy(_Strict):
+    rights: tuple[str, ...] = ()
+    grants: tuple[Grant, ...] = ()
+
+
+class AgentPolicy(_Strict):
+    grants: tuple[Grant, ...] = ()
+
+
+class Verdict(_Strict):
+    effect: Effect
+    rule: str
+    reason: str = ""
+    approver_roles: tuple[str, ...] = ()
+
+    @property
+    def allowed(self) -> bool:
+        return self.effect == "allow"
+
+
+class Override(_Strict):
+    """A tenant's change to the file policy, stored in PostgreSQL. A deny always wins."""
+
+    id: int
+    subject_kind: Literal["role", "agent", "principal"]
+    subject: str
+    effect: Literal["allow", "deny"]
+    action: Action
+    resource: str
+    constraints: tuple[Constraint, ...] = ()
+    requires_approval: tuple[str, ...] = ()
+
+    def as_grant(self) -> Grant:
+        return Grant(
+            action=self.action,
+            resource=self.resource,
+            constraints=self.constraints,
+            requires_approval=self.requires_approval,
+            rule=f"override:{self.id}",
+        )
+
+
+class PermissionPolicy(_Strict):
+    roles: dict[str, RolePolicy]
+    agents: dict[str, AgentPolicy] = {}
+
+    def with_rules(self) -> PermissionPolicy:
+        """Name every grant after where it is declared, so verdicts can cite it."""
+        roles = {
+            name: role.model_copy(update={"grants": _named(role.grants, f"role:{name}")})
+            for name, role in self.roles.items()
+        }
+        agents = {
+            name: agent.model_copy(update={"grants": _named(agent.grants, f"agent:{name}")})
+            for name, agent in self.agents.items()
+        }
+        return PermissionPolicy(roles=roles, agents=agents)
+
+    def has_right(self, roles: Iterable[str], right: str) -> bool:
+        area = right.split(":", 1)[0] + ":*"
+        for role in roles:
+            policy = self.roles.get(role)
+            if policy and ({"*", right, area} & set(policy.rights)):
+                return True
+        return False
+
+    def user_grants(
+        self, roles: Iterable[str], principal: str, overrides: Sequence[Override] = ()
+    ) -> tuple[list[Grant], list[Override]]:
+        roles = list(roles)
+        grants = [g for r in roles for g in (self.roles[r].grants if r in self.roles else ())]
+        mine = [
+            o
+            for o in overrides
+            if _applies(o, "role", roles) or _applies(o, "principal", [principal])
+        ]
+        grants += [o.as_grant() for o in mine if o.effect == "allow"]
+        return grants, [o for o in mine if o.effect == "deny"]
+
+    def agent_grants(
+        self, agent: str, overrides: Sequence[Override] = ()
+    ) -> tuple[list[Grant], list[Override]]:
+        grants = list(self.agents[agent].grants) if agent in self.agents else []
+        mine = [o for o in overrides if _applies(o, "agent", [agent])]
+        grants += [o.as_grant() for o in mine if o.effect == "allow"]
+        return grants, [o for o in mine if o.effect == "deny"]
+
+
+def _applies(override: Override, kind: str, subjects: Iterable[str]) -> bool:
+    return override.subject_kind == kind and override.subject in set(subjects)
+
+
+def _named(grants: Iterable[Grant], prefix: str) -> tuple[Grant, ...]:
+    return tuple(
+        g.model_copy(update={"rule": g.rule or f"{prefix}/{g.action}:{g.resource}#{i}"})
+        for i, g in enumerate(grants)
+    )
+
+
+def evaluate(
+    grants: Sequence[Grant],
+    denies: Sequence[Override],
+    action: str,
+    resource: str,
+    args: Mapping[str, Any],
+    context: Mapping[str, Any],
+) -> Verdict:
+    for deny in denies:
+        if deny.as_grant().matches(action, resource):
+            return Verdict(effect="deny", rule=f"override:{deny.id}", reason="denied by override")
+    matching = [g for g in grants if g.matches(action, resource)]
+    if not matching:
+        return Verdict(
+            effect="deny", rule="default-deny", reason=f"no grant for {action} on {resource}"
+        )
+    passing: list[Grant] = []
+    first_violation: tuple[Grant, str] | None = None
+    for grant in matching:
+        problem = next((v for c in grant.constraints if (v := c.violation(args, context))), None)
+        if problem is None:
+            passing.append(grant)
+        elif first_violation is None:
+            first_violation = (grant, problem)
+    if not passing:
+        assert first_violation is not None
+        return Verdict(effect="deny", rule=first_violation[0].rule, reason=first_violation[1])
+    direct = next((g for g in passing if not g.requires_approval), None)
+    if direct is not None:
+        return Verdict(effect="allow", rule=direct.rule)
+    chosen = passing[0]
+    return Verdict(
+        effect="approval",
+        rule=chosen.rule,
+        reason="requires approval",
+        approver_roles=chosen.requires_approval,
+    )
+
+
+def combine(agent: Verdict, user: Verdict) -> Verdict:
+    """The agent-acting-for-user verdict: the stricter of the two."""
+    for side, verdict in (("agent", agent), ("user", user)):
+        if verdict.effect == "deny":
+            return verdict.model_copy(update={"reason": f"{side}: {verdict.reason}"})
+    if agent.effect == "approval" or user.effect == "approval":
+        roles = tuple(dict.fromkeys((*agent.approver_roles, *user.approver_roles)))
+        rule = agent.rule if agent.effect == "approval" else user.rule
+        return Verdict(
+            effect="approval", rule=rule, reason="requires approval", approver_roles=roles
+        )
+    return Verdict(effect="allow", rule=f"{agent.rule} & {user.rule}")
+
+
+def _decimal(value: Any) -> Decimal | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return Decimal(str(value))
+    except (InvalidOperation, ValueError):
+        return None
+
+
+def _domain(value: Any) -> str | None:
+    if not isinstance(value, str) or value.count("@") != 1:
+        return None
+    domain = value.rsplit("@", 1)[1].strip().lower()
+    return domain or None
+
+
+def parse_policy(raw: Mapping[str, Any]) -> PermissionPolicy:
+    return PermissionPolicy.model_validate(raw).with_rules()
+
+
+@cache
+def load_policy(path: Path = POLICY_FILE) -> PermissionPolicy:
+    return parse_policy(yaml.safe_load(path.read_text()))
