@@ -1,0 +1,61 @@
+"""Request dependencies: the shared clients, and the authenticated caller.
+
+Routes declare what they need with these `Annotated` aliases; nothing reads globals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from temporalio.client import Client
+
+from api.errors import Forbidden, Unauthorized
+from policies.permissions import PermissionPolicy
+from stead import metrics
+from stead.config import Settings
+from store import principals
+from store.db import Pool
+from store.principals import Principal
+
+
+@dataclass
+class Services:
+    settings: Settings
+    temporal: Client
+    pool: Pool
+    permissions: PermissionPolicy
+
+
+def services(request: Request) -> Services:
+    found: Services = request.app.state.services
+    return found
+
+
+_bearer = HTTPBearer(auto_error=False, description="Stead API key: `Bearer stead_...`")
+
+
+async def current_principal(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthorized("missing credentials: send Authorization: Bearer <API key>")
+    pool = services(request).pool
+    async with pool.acquire() as conn:
+        principal = await principals.authenticate(conn, credentials.credentials)
+    if principal is None:
+        raise Unauthorized("invalid or revoked API key")
+    return principal
+
+
+ServicesDep = Annotated[Services, Depends(services)]
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+def require(svc: Services, principal: Principal, right: str) -> None:
+    if not svc.permissions.has_right(principal.roles, right):
+        metrics.PERMISSION_DENIALS.labels("api", right).inc()
+        raise Forbidden(f"this action needs the right {right!r}, which your roles do not grant")

@@ -1,0 +1,142 @@
+"""Approvals: the caller's inbox, one approval, and deciding it.
+
+A decision is a Temporal update to the run's workflow. Its validator is the authority on the
+approval's state (not pending, already decided, self-approval, role, edits): a refused
+decision changes nothing in the run and is never written to its history. The API adds what
+only it knows: who the caller is and what rights they hold right now.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime, timedelta
+
+from fastapi import APIRouter, Query
+from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from api.deps import CurrentPrincipal, ServicesDep, require
+from api.errors import ApiError, Conflict, Forbidden, Invalid, NotFound, Unavailable
+from api.schemas import ApprovalOut, DecisionIn, DecisionOut, Page
+from stead.errors import ErrorType
+from store import approvals as approvals_store
+from workflows.base import PipelineWorkflow
+from workflows.proposals import InvalidEdits, apply_edits
+from workflows.state import DecideInput, Proposal
+
+router = APIRouter(prefix="/v1/approvals", tags=["approvals"])
+
+_REFUSALS: dict[str, type[ApiError]] = {
+    ErrorType.APPROVAL_NOT_FOUND: NotFound,
+    ErrorType.APPROVAL_NOT_PENDING: Conflict,
+    ErrorType.ALREADY_DECIDED: Conflict,
+    ErrorType.SELF_APPROVAL: Forbidden,
+    ErrorType.NOT_ELIGIBLE: Forbidden,
+    ErrorType.INVALID_EDITS: Invalid,
+}
+
+
+def _cursor(row: ApprovalOut) -> str:
+    return base64.urlsafe_b64encode(
+        f"{row.deadline_at.isoformat()}|{row.approval_id}".encode()
+    ).decode()
+
+
+def _after(cursor: str | None) -> tuple[datetime, str] | None:
+    if cursor is None:
+        return None
+    try:
+        when, approval_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return datetime.fromisoformat(when), approval_id
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise Invalid("cursor is not one this API returned") from None
+
+
+@router.get("")
+async def inbox(
+    svc: ServicesDep,
+    principal: CurrentPrincipal,
+    limit: int = Query(50, ge=1, le=500),
+    cursor: str | None = Query(None, max_length=1000),
+) -> Page[ApprovalOut]:
+    """Pending approvals the caller may decide now, earliest deadline first."""
+    require(svc, principal, "approvals:read")
+    async with svc.pool.acquire() as conn:
+        rows = await approvals_store.inbox(
+            conn,
+            principal.tenant,
+            principal.id,
+            principal.roles,
+            limit=limit + 1,
+            after=_after(cursor),
+        )
+    items = [ApprovalOut.of_row(r) for r in rows[:limit]]
+    return Page(items=items, next_cursor=_cursor(items[-1]) if len(rows) > limit else None)
+
+
+@router.get("/{approval_id}")
+async def get_approval(
+    approval_id: str, svc: ServicesDep, principal: CurrentPrincipal
+) -> ApprovalOut:
+    require(svc, principal, "approvals:read")
+    async with svc.pool.acquire() as conn:
+        row = await approvals_store.get(conn, principal.tenant, approval_id)
+    if row is None:
+        raise NotFound("no such approval")
+    return ApprovalOut.of_row(row)
+
+
+@router.post("/{approval_id}/decision")
+async def decide(
+    approval_id: str, body: DecisionIn, svc: ServicesDep, principal: CurrentPrincipal
+) -> DecisionOut:
+    """Approve, reject, or approve with edits. 409 when the approval is no longer pending or
+    the caller already decided it; 403 without the right, for one's own request, or without
+    an eligible role; 422 for edits outside the proposal's schema."""
+    require(svc, principal, "approvals:decide")
+    async with svc.pool.acquire() as conn:
+        row = await approvals_store.get(conn, principal.tenant, approval_id)
+    if row is None:
+        raise NotFound("no such approval")
+    if not approvals_store.is_open(row):
+        raise Conflict(f"approval is already {row['status']}")
+    if body.edits:
+        proposal = Proposal(
+            kind=row["kind"],
+            title=row["title"],
+            schema_name=row["proposal"]["schema"],
+            data=row["proposal"]["data"],
+            editable=tuple(row["proposal"].get("editable", ())),
+        )
+        try:
+            apply_edits(proposal, proposal.data, body.edits)
+        except InvalidEdits as exc:
+            raise Invalid(str(exc)) from None
+    handle = svc.temporal.get_workflow_handle(row["workflow_id"])
+    try:
+        result = await handle.execute_update(
+            PipelineWorkflow.decide,
+            DecideInput(
+                approval_id=approval_id,
+                principal=principal.id,
+                roles=principal.roles,
+                decision=body.decision,
+                comment=body.comment,
+                edits=body.edits,
+            ),
+            rpc_timeout=timedelta(seconds=30),
+        )
+    except WorkflowUpdateFailedError as exc:
+        cause = exc.cause
+        if isinstance(cause, ApplicationError) and cause.type in _REFUSALS:
+            raise _REFUSALS[cause.type](cause.message) from None
+        raise
+    except WorkflowUpdateRPCTimeoutOrCancelledError:
+        raise Unavailable("the run did not answer in time; no worker may be running") from None
+    except RPCError as exc:
+        if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
+            raise Conflict("the run is no longer running") from None
+        raise
+    return DecisionOut(**result.model_dump(exclude={"approval_id"}), approval_id=approval_id)

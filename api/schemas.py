@@ -1,0 +1,173 @@
+"""API request and response bodies. Requests forbid unknown fields: a body can never set a
+tenant, a role or an approval state."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from workflows.state import (
+    ApprovalState,
+    ApprovalStatus,
+    ErrorInfo,
+    RunStatus,
+    Stage,
+    StageEntry,
+    Usage,
+)
+
+T = TypeVar("T")
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StartRun(Request):
+    pipeline: str = Field(min_length=1, max_length=64, examples=["summarize"])
+    input: dict[str, Any] = Field(examples=[{"text": "Quarterly revenue grew 12%..."}])
+    budget_usd: float | None = Field(None, gt=0, le=100_000, description="cap for this run")
+
+
+class RunStarted(BaseModel):
+    run_id: str
+    pipeline: str
+    status: RunStatus
+    created: bool = Field(description="false when an Idempotency-Key matched an existing run")
+
+
+class UsageOut(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    cost_usd: float
+    model_calls: int
+    cache_hits: int
+    fallbacks: int
+
+    @staticmethod
+    def of(usage: Usage) -> UsageOut:
+        return UsageOut(**usage.model_dump(exclude={"cost_nusd"}), cost_usd=usage.cost_usd)
+
+
+class ApprovalOut(BaseModel):
+    approval_id: str
+    run_id: str
+    pipeline: str
+    kind: str
+    title: str
+    proposal: dict[str, Any]
+    editable: list[str]
+    requested_by: str
+    status: ApprovalStatus
+    eligible_roles: list[str]
+    eligible_principals: list[str]
+    quorum: int
+    approvals: int
+    deadline_at: datetime
+    created_at: datetime
+
+    @staticmethod
+    def of_state(run_id: str, pipeline: str, approval: ApprovalState) -> ApprovalOut:
+        return ApprovalOut(
+            approval_id=approval.approval_id,
+            run_id=run_id,
+            pipeline=pipeline,
+            kind=approval.proposal.kind,
+            title=approval.proposal.title,
+            proposal=approval.final_data or approval.proposal.data,
+            editable=list(approval.proposal.editable),
+            requested_by=approval.requested_by,
+            status=approval.status,
+            eligible_roles=list(approval.eligible_roles),
+            eligible_principals=list(approval.policy.principals),
+            quorum=approval.policy.quorum,
+            approvals=approval.approve_count,
+            deadline_at=approval.deadline_at,
+            created_at=approval.created_at,
+        )
+
+    @staticmethod
+    def of_row(row: dict[str, Any]) -> ApprovalOut:
+        return ApprovalOut(
+            approval_id=row["id"],
+            run_id=row["run_id"],
+            pipeline=row["pipeline"],
+            kind=row["kind"],
+            title=row["title"],
+            proposal=row["proposal"]["data"],
+            editable=row["proposal"].get("editable", []),
+            requested_by=row["requested_by"],
+            status=ApprovalStatus(row["status"]),
+            eligible_roles=row["eligible_roles"],
+            eligible_principals=row["eligible_principals"],
+            quorum=row["quorum"],
+            approvals=row["approvals"],
+            deadline_at=row["deadline_at"],
+            created_at=row["created_at"],
+        )
+
+
+class RunOut(BaseModel):
+    run_id: str
+    pipeline: str
+    status: RunStatus
+    stage: Stage
+    requested_by: str
+    started_at: datetime | None
+    closed_at: datetime | None = None
+    stages: list[StageEntry] = []
+    pending_approvals: list[ApprovalOut] = []
+    approvals: list[ApprovalOut] = []
+    attempts: dict[str, int] = {}
+    usage: UsageOut | None = None
+    last_error: ErrorInfo | None = None
+    result: dict[str, Any] | None = None
+    state_available: bool = Field(
+        True,
+        description="false when no worker answered the state query; facts then come "
+        "from Temporal visibility alone",
+    )
+
+
+class RunSummary(BaseModel):
+    run_id: str
+    pipeline: str
+    status: RunStatus
+    stage: Stage | None
+    requested_by: str | None
+    pending_approval: bool
+    error_type: str | None = None
+    started_at: datetime | None
+    closed_at: datetime | None
+
+
+class Page(BaseModel, Generic[T]):  # Python 3.11 has no PEP 695 syntax
+    items: list[T]
+    next_cursor: str | None = Field(None, description="pass as `cursor` for the next page")
+
+
+class DecisionIn(Request):
+    decision: Literal["approve", "reject"]
+    comment: str = Field("", max_length=4000)
+    edits: dict[str, Any] | None = Field(
+        None, description="with approve: changed fields of the proposal (editable ones only)"
+    )
+
+
+class DecisionOut(BaseModel):
+    approval_id: str
+    status: ApprovalStatus
+    approvals: int
+    quorum: int
+
+
+class RetryIn(Request):
+    mode: Literal["resume", "restart"] = Field(
+        "resume",
+        description="resume: re-run from the failed step, keeping what succeeded; "
+        "restart: a new run with the same input",
+    )

@@ -1,0 +1,132 @@
+"""The Stead worker: the one place that registers workflows and activities.
+
+`build_workers` wires activities to their dependencies (PostgreSQL pool, anthropic client,
+policies) and returns two workers sharing one client: the main task queue (workflows, tools,
+retrieval, ledger) and the model queue, whose rate the Temporal server enforces across every
+worker process (`STEAD_MODEL_CALLS_PER_SECOND`). Run more processes to scale out; each holds no
+state of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import anthropic
+import httpx2
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.ledger import LedgerActivities
+from activities.model import ModelActivities
+from policies.models import load_prices, load_routing
+from policies.redaction import default_redactor
+from stead.config import Settings, load_settings
+from stead.crypto import Sealer
+from stead.temporal import connect
+from store import budgets
+from store.audit import AuditWriter
+from store.db import Pool, pool_from_settings
+from workflows.base import PipelineWorkflow
+from workflows.summarize import SummarizeWorkflow
+
+log = logging.getLogger("stead.worker")
+
+WORKFLOWS: Sequence[type[PipelineWorkflow]] = (SummarizeWorkflow,)
+
+
+def model_client(settings: Settings) -> anthropic.AsyncAnthropic:
+    """The real SDK, pointed at the simulator unless an Anthropic key (and no base URL) is set.
+    Retries are Temporal's: the SDK makes exactly one request per call."""
+    key = (
+        settings.anthropic_api_key.get_secret_value() if settings.anthropic_api_key else "sim-local"
+    )
+    return anthropic.AsyncAnthropic(
+        api_key=key,
+        base_url=settings.model_url,
+        max_retries=0,
+        timeout=settings.model_timeout_seconds,
+        http_client=httpx2.AsyncClient(
+            limits=httpx2.Limits(max_connections=200, max_keepalive_connections=50),
+            timeout=settings.model_timeout_seconds,
+        ),
+    )
+
+
+def audit_writer(settings: Settings) -> AuditWriter:
+    keys = settings.encryption_keys
+    return AuditWriter(default_redactor(), Sealer(keys) if keys else None)
+
+
+@dataclass
+class Deps:
+    pool: Pool
+    model: anthropic.AsyncAnthropic
+
+
+def build_workers(
+    client: Client, settings: Settings, deps: Deps, task_queue: str | None = None
+) -> list[Worker]:
+    queue = task_queue or settings.task_queue
+    audit = audit_writer(settings)
+    ledger = LedgerActivities(deps.pool, audit)
+    model = ModelActivities(deps.pool, deps.model, load_prices(), load_routing(), audit)
+    main = Worker(
+        client,
+        task_queue=queue,
+        workflows=list(WORKFLOWS),
+        activities=[ledger.flush, ledger.publish_approval],
+    )
+    models = Worker(
+        client,
+        task_queue=f"{queue}-model",
+        activities=[model.call_model],
+        max_task_queue_activities_per_second=settings.model_calls_per_second,
+    )
+    return [main, models]
+
+
+async def sweep_forever(pool: Pool, every: timedelta = timedelta(minutes=1)) -> None:
+    """Charge reservations of attempts that died mid-call (see store.budgets.sweep_stale)."""
+    while True:
+        await asyncio.sleep(every.total_seconds())
+        try:
+            async with pool.acquire() as conn:
+                charged = await budgets.sweep_stale(conn, timedelta(minutes=10))
+            if charged:
+                log.info("charged %d stale budget reservations", charged)
+        except Exception:
+            log.exception("budget sweep failed; will retry")
+
+
+async def run(settings: Settings) -> None:
+    pool = await pool_from_settings(settings, "worker")
+    client = await connect(settings)
+    deps = Deps(pool=pool, model=model_client(settings))
+    workers = build_workers(client, settings, deps)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    sweeper = asyncio.create_task(sweep_forever(pool))
+    tasks = [asyncio.create_task(w.run()) for w in workers]
+    log.info("worker polling %s and %s-model", settings.task_queue, settings.task_queue)
+    await stop.wait()
+    sweeper.cancel()
+    await asyncio.gather(*(w.shutdown() for w in workers))
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await deps.model.close()
+    await pool.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(run(load_settings()))
+
+
+if __name__ == "__main__":
+    main()
