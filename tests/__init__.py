@@ -1,0 +1,1 @@
+"""Stead test suite: real Temporal, PostgreSQL and simulator; see conftest.py."""

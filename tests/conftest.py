@@ -1,0 +1,242 @@
+"""Session-wide real parts: PostgreSQL, Temporal, the simulator, the loopback integrations.
+
+Each test gets what it needs to stay independent of the others without restarting anything:
+a fresh tenant (every table is tenant-scoped), a fresh task queue, its own worker.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from api.app import create_app
+from api.deps import Services
+from policies.permissions import load_policy
+from sim.integrations import create_email_app, create_payments_app
+from sim.messages import SimConfig
+from sim.messages import create_app as create_sim
+from stead.config import Settings
+from stead.temporal import data_converter, ensure_search_attributes
+from store import principals
+from store.db import Pool, create_pool
+from store.embedded import EmbeddedPostgres
+from store.migrate import migrate
+from tests.servers import serve_app
+from worker import Deps, build_workers, model_client
+from workflows import search
+
+BIN = Path(sys.executable).parent
+TEMPORAL = BIN / "temporal"
+TEST_SERVER = BIN / "temporal-test-server"
+INTEGRATION_TOKEN = "integration-test-token"
+PAYLOAD_KEYS = "test1:" + base64.b64encode(b"k" * 32).decode()
+
+
+@pytest.fixture(scope="session")
+def tmp_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stead")
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_root: Path) -> Iterator[EmbeddedPostgres]:
+    pg = EmbeddedPostgres(tmp_root / "pg")
+    pg.start()
+    yield pg
+    pg.stop("immediate")
+
+
+@pytest.fixture(scope="session")
+async def database_url(postgres: EmbeddedPostgres) -> str:
+    url = postgres.url()
+    await migrate(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+async def pool(database_url: str) -> AsyncIterator[Pool]:
+    created = await create_pool(database_url, app_role="stead_app", max_size=20)
+    yield created
+    await created.close()
+
+
+@pytest.fixture(scope="session")
+async def sim_url() -> AsyncIterator[str]:
+    async with serve_app(create_sim(SimConfig())) as url:
+        yield url
+
+
+@dataclass(frozen=True)
+class Integrations:
+    payments: str
+    email: str
+    token: str
+
+
+@pytest.fixture(scope="session")
+async def integrations(tmp_root: Path) -> AsyncIterator[Integrations]:
+    async with AsyncExitStack() as stack:
+        payments = await stack.enter_async_context(
+            serve_app(create_payments_app(INTEGRATION_TOKEN, tmp_root / "payments.jsonl"))
+        )
+        email = await stack.enter_async_context(
+            serve_app(create_email_app(INTEGRATION_TOKEN, tmp_root / "email.jsonl"))
+        )
+        yield Integrations(payments, email, INTEGRATION_TOKEN)
+
+
+@pytest.fixture(scope="session")
+def settings(
+    database_url: str, sim_url: str, integrations: Integrations, tmp_root: Path
+) -> Settings:
+    return Settings(
+        env="test",
+        data_dir=tmp_root / "data",
+        database_url=database_url,
+        model_base_url=sim_url,
+        payload_keys=PAYLOAD_KEYS,
+        payments_url=integrations.payments,
+        payments_token=integrations.token,
+        email_url=integrations.email,
+        email_token=integrations.token,
+        model_timeout_seconds=5,
+    )
+
+
+@pytest.fixture(scope="session")
+async def temporal(settings: Settings) -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(TEMPORAL),
+        data_converter=data_converter(settings),
+        search_attributes=search.KEYS,
+        dev_server_extra_args=[
+            "--dynamic-config-value",
+            "history.transferProcessorMaxPollRPS=1000",
+            "--dynamic-config-value",
+            "matching.enableFairness=true",
+        ],
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+def client(temporal: WorkflowEnvironment) -> Client:
+    return temporal.client
+
+
+@dataclass
+class Tenant:
+    id: str
+    keys: dict[str, str]
+
+    def auth(self, user: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[user]}"}
+
+
+TenantFactory = Callable[..., Awaitable[Tenant]]
+
+
+@pytest.fixture
+async def make_tenant(database_url: str) -> TenantFactory:
+    async def make(users: dict[str, list[str]] | None = None, plan: str = "standard") -> Tenant:
+        tenant = f"t-{uuid.uuid4().hex[:10]}"
+        users = users or {
+            "requester": ["requester"],
+            "approver": ["approver"],
+            "finance": ["approver", "finance"],
+            "admin": ["admin"],
+        }
+        conn = await asyncpg.connect(database_url)
+        try:
+            await principals.create_tenant(conn, tenant, tenant, plan)
+            keys = {}
+            for user, roles in users.items():
+                await principals.upsert_principal(conn, tenant, user, roles)
+                keys[user] = await principals.create_key(conn, tenant, user)
+        finally:
+            await conn.close()
+        return Tenant(tenant, keys)
+
+    return make
+
+
+@pytest.fixture
+async def tenant(make_tenant: TenantFactory) -> Tenant:
+    return await make_tenant()
+
+
+@pytest.fixture
+def task_queue() -> str:
+    return f"tq-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def test_settings(settings: Settings, task_queue: str) -> Settings:
+    return settings.model_copy(update={"task_queue": task_queue})
+
+
+@asynccontextmanager
+async def running_workers(
+    client: Client, settings: Settings, pool: Pool
+) -> AsyncIterator[list[Worker]]:
+    deps = Deps(pool=pool, model=model_client(settings))
+    workers = build_workers(client, settings, deps)
+    async with AsyncExitStack() as stack:
+        for w in workers:
+            await stack.enter_async_context(w)
+        yield workers
+    await deps.model.close()
+
+
+@pytest.fixture
+async def worker(
+    client: Client, test_settings: Settings, pool: Pool
+) -> AsyncIterator[list[Worker]]:
+    async with running_workers(client, test_settings, pool) as workers:
+        yield workers
+
+
+@pytest.fixture
+async def api(
+    client: Client, test_settings: Settings, pool: Pool
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(test_settings, Services(test_settings, client, pool, load_policy()))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://stead.test") as http:
+        yield http
+
+
+def random_key() -> str:
+    return secrets.token_hex(8)
+
+
+@pytest.fixture(scope="session")
+async def time_env(settings: Settings) -> AsyncIterator[WorkflowEnvironment]:
+    """The time-skipping test server: deadlines of hours pass in milliseconds."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=str(TEST_SERVER), data_converter=data_converter(settings)
+    )
+    await ensure_search_attributes(env.client)
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture
+async def time_worker(
+    time_env: WorkflowEnvironment, test_settings: Settings, pool: Pool
+) -> AsyncIterator[list[Worker]]:
+    async with running_workers(time_env.client, test_settings, pool) as workers:
+        yield workers

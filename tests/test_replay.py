@@ -1,0 +1,65 @@
+"""Every workflow replays its committed histories with today's code.
+
+A failure here means a change would break running workflows (non-determinism). Histories are
+recorded by the scenario tests: `STEAD_RECORD_HISTORIES=1 make unit`. Record new ones when a
+workflow changes on purpose, and keep the old ones while runs of that shape may still be open
+(or gate the change with `workflow.patched`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio import workflow
+from temporalio.client import WorkflowHistory
+from temporalio.worker import Replayer
+
+from stead.config import Settings
+from stead.temporal import data_converter
+from tests.helpers import HISTORIES
+from worker import WORKFLOWS
+from workflows.state import RunInput, RunResult
+from workflows.summarize import SummarizeWorkflow
+
+FILES = sorted(HISTORIES.glob("*.json"))
+
+
+def test_every_workflow_has_a_history() -> None:
+    recorded = {f.name.split("_")[0] for f in FILES}
+    expected = {w.pipeline.replace("-", "") for w in WORKFLOWS}
+    assert expected <= recorded, f"no committed history for {sorted(expected - recorded)}"
+
+
+@pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
+async def test_replays(path: Path, settings: Settings) -> None:
+    history = WorkflowHistory.from_json(path.stem, path.read_text())  # noqa: ASYNC240  # a small fixture file
+    replayer = Replayer(workflows=list(WORKFLOWS), data_converter=data_converter(settings))
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
+
+
+@workflow.defn(name="summarize", sandboxed=False)
+class SummarizeWithoutModel(SummarizeWorkflow):
+    """Today's summarize minus its model call: what a careless edit would look like."""
+
+    @workflow.init
+    def __init__(self, run: RunInput) -> None:
+        super().__init__(run)
+
+    @workflow.run
+    async def run(self, run: RunInput) -> RunResult:
+        async def steps() -> tuple[str, dict[str, Any]]:
+            return "completed", {"summary": "skipped"}
+
+        return await self.drive(steps)
+
+
+async def test_a_changed_workflow_fails_replay(settings: Settings) -> None:
+    """The guard works: a summarize that no longer calls the model cannot replay old runs."""
+    path = HISTORIES / "summarize_approved.json"
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    replayer = Replayer(workflows=[SummarizeWithoutModel], data_converter=data_converter(settings))
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is not None
