@@ -24,12 +24,10 @@ from temporalio.worker import Worker
 from activities.ledger import LedgerActivities
 from activities.model import ModelActivities
 from policies.models import load_prices, load_routing
-from policies.redaction import default_redactor
 from stead.config import Settings, load_settings
-from stead.crypto import Sealer
 from stead.temporal import connect
 from store import budgets
-from store.audit import AuditWriter
+from store.audit import audit_writer
 from store.db import Pool, pool_from_settings
 from workflows.base import PipelineWorkflow
 from workflows.summarize import SummarizeWorkflow
@@ -57,11 +55,6 @@ def model_client(settings: Settings) -> anthropic.AsyncAnthropic:
     )
 
 
-def audit_writer(settings: Settings) -> AuditWriter:
-    keys = settings.encryption_keys
-    return AuditWriter(default_redactor(), Sealer(keys) if keys else None)
-
-
 @dataclass
 class Deps:
     pool: Pool
@@ -74,18 +67,30 @@ def build_workers(
     queue = task_queue or settings.task_queue
     audit = audit_writer(settings)
     ledger = LedgerActivities(deps.pool, audit)
-    model = ModelActivities(deps.pool, deps.model, load_prices(), load_routing(), audit)
+    model = ModelActivities(
+        deps.pool,
+        deps.model,
+        load_prices(),
+        load_routing(),
+        audit,
+        heartbeat_every=settings.heartbeat_seconds,
+    )
+    throttle = timedelta(seconds=settings.heartbeat_seconds)
     main = Worker(
         client,
         task_queue=queue,
         workflows=list(WORKFLOWS),
         activities=[ledger.flush, ledger.publish_approval],
+        max_heartbeat_throttle_interval=throttle,
+        default_heartbeat_throttle_interval=throttle,
     )
     models = Worker(
         client,
         task_queue=f"{queue}-model",
         activities=[model.call_model],
         max_task_queue_activities_per_second=settings.model_calls_per_second,
+        max_heartbeat_throttle_interval=throttle,
+        default_heartbeat_throttle_interval=throttle,
     )
     return [main, models]
 

@@ -34,7 +34,6 @@ from store.db import Pool
 from workflows.state import AuditEvent, Usage
 
 T = TypeVar("T")
-HEARTBEAT_EVERY = 5.0
 _RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
 _AUTH_STATUS = {401, 403}
 _TOKEN_FIELDS = {"input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"}
@@ -60,12 +59,12 @@ def _retry_after(exc: anthropic.APIStatusError) -> float | None:
         return None
 
 
-async def heartbeating(awaitable: Awaitable[T]) -> T:
+async def heartbeating(awaitable: Awaitable[T], every: float = 5.0) -> T:
     """Await while heartbeating, so cancellation reaches a long provider call."""
     task = asyncio.ensure_future(awaitable)
     try:
         while True:
-            done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_EVERY)
+            done, _ = await asyncio.wait({task}, timeout=every)
             if done:
                 return task.result()
             activity.heartbeat()
@@ -83,6 +82,7 @@ class ModelActivities:
         audit: AuditWriter,
         *,
         cache_ttl: timedelta = timedelta(hours=24),
+        heartbeat_every: float = 5.0,
     ) -> None:
         self._pool = pool
         self._client = client
@@ -90,6 +90,7 @@ class ModelActivities:
         self._routing = routing
         self._audit = audit
         self._cache_ttl = cache_ttl
+        self._heartbeat_every = heartbeat_every
 
     @activity.defn(name="model.call")
     async def call_model(self, call: ModelCall) -> ModelReply:
@@ -116,7 +117,9 @@ class ModelActivities:
         settled = False
         try:
             started = time.perf_counter()
-            model, message, fallbacks = await heartbeating(self._call_route(models, request))
+            model, message, fallbacks = await heartbeating(
+                self._call_route(models, request), self._heartbeat_every
+            )
             latency_ms = (time.perf_counter() - started) * 1000
             reply = self._reply(model, message, fallbacks, attempt, latency_ms)
             await self._finish(call, key, attempt, reply, digest)
@@ -128,6 +131,7 @@ class ModelActivities:
             delay = timedelta(seconds=exc.retry_after) if exc.retry_after else None
             raise ApplicationError(
                 f"every model of the route failed: {exc}",
+                {"attempt": attempt},
                 type=ErrorType.PROVIDER_UNAVAILABLE,
                 next_retry_delay=delay,
             ) from None
@@ -141,6 +145,7 @@ class ModelActivities:
             )
             raise ApplicationError(
                 f"the provider refused the request ({exc.status_code}): {_provider_message(exc)}",
+                {"attempt": attempt},
                 type=kind,
                 non_retryable=True,
             ) from None
@@ -175,7 +180,9 @@ class ModelActivities:
     async def _count_tokens(self, model: str, request: dict[str, Any]) -> int:
         params = {k: v for k, v in request.items() if k != "max_tokens"}
         try:
-            counted = await heartbeating(self._client.messages.count_tokens(model=model, **params))
+            counted = await heartbeating(
+                self._client.messages.count_tokens(model=model, **params), self._heartbeat_every
+            )
             return int(counted.input_tokens)
         except (TimeoutError, anthropic.APIError):
             # Counting is advisory; never block a call on it. Two bytes a token overestimates
@@ -210,7 +217,12 @@ class ModelActivities:
             )
             raise ApplicationError(
                 str(exc),
-                {"scope": exc.scope, "period": exc.period, "limit_nusd": exc.limit_nusd},
+                {
+                    "scope": exc.scope,
+                    "period": exc.period,
+                    "limit_nusd": exc.limit_nusd,
+                    "attempt": attempt,
+                },
                 type=ErrorType.BUDGET_EXHAUSTED,
                 non_retryable=True,
             ) from None

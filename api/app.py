@@ -19,6 +19,7 @@ from policies.permissions import load_policy
 from stead import metrics
 from stead.config import Settings, load_settings
 from stead.temporal import connect
+from store.audit import audit_writer
 from store.db import pool_from_settings
 
 
@@ -31,7 +32,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         config = settings or load_settings()
         pool = await pool_from_settings(config, "API")
         client = await connect(config)
-        app.state.services = Services(config, client, pool, load_policy())
+        app.state.services = Services(config, client, pool, load_policy(), audit_writer(config))
         try:
             yield
         finally:

@@ -17,6 +17,7 @@ from policies.permissions import PermissionPolicy
 from stead import metrics
 from stead.config import Settings
 from store import principals
+from store.audit import AuditWriter
 from store.db import Pool
 from store.principals import Principal
 
@@ -27,6 +28,7 @@ class Services:
     temporal: Client
     pool: Pool
     permissions: PermissionPolicy
+    audit: AuditWriter
 
 
 def services(request: Request) -> Services:

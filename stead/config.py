@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     # whose rate the Temporal server enforces across every worker.
     task_queue: str = Field("stead", pattern=r"^[A-Za-z0-9._-]{1,200}$")
     model_calls_per_second: float = Field(50.0, gt=0)
+    # How often long activities heartbeat, and the most the SDK may delay sending one:
+    # cancellation reaches a running activity only through a heartbeat response.
+    heartbeat_seconds: float = Field(1.0, gt=0, le=60)
 
     # PostgreSQL. Unset: `stead dev` runs embedded PostgreSQL under data_dir/pg.
     database_url: SecretStr | None = Field(

@@ -34,6 +34,7 @@ import httpx
 import psutil
 
 from stead.config import Settings
+from stead.temporal import dev_server_args
 from store.embedded import EmbeddedPostgres
 from store.migrate import migrate
 from store.seed import seed_demo
@@ -192,14 +193,9 @@ class DevStack:
             "journal_mode=WAL",
             "--sqlite-pragma",
             "synchronous=NORMAL",
-            # The default transfer-queue poll rate adds ~150 ms to every workflow start.
-            "--dynamic-config-value",
-            "history.transferProcessorMaxPollRPS=1000",
-            # Per-tenant fairness on task queues (one busy tenant cannot starve the others).
-            "--dynamic-config-value",
-            "matching.enableFairness=true",
             "--ui-codec-endpoint",
             f"{s.api_url}/codec",
+            *dev_server_args(),
         ]
         for name, kind in SEARCH_ATTRIBUTES.items():
             args += ["--search-attribute", f"{name}={kind}"]

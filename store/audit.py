@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import asyncpg
 
-from policies.redaction import PathKey, Redactor, reveal
+from policies.redaction import PathKey, Redactor, default_redactor, reveal
+from stead.config import Settings
 from stead.crypto import Sealer, SealError
 from store.db import Conn
 from workflows.state import AuditEvent
@@ -123,6 +124,11 @@ class AuditWriter:
             return None
         plaintext = canonical_json(private).encode()
         return self._sealer.seal(plaintext, associated=f"{tenant}:{key}".encode())
+
+
+def audit_writer(settings: Settings) -> AuditWriter:
+    keys = settings.encryption_keys
+    return AuditWriter(default_redactor(), Sealer(keys) if keys else None)
 
 
 # --- reading and verifying -------------------------------------------------------------------

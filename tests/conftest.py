@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -29,8 +30,9 @@ from sim.integrations import create_email_app, create_payments_app
 from sim.messages import SimConfig
 from sim.messages import create_app as create_sim
 from stead.config import Settings
-from stead.temporal import data_converter, ensure_search_attributes
+from stead.temporal import data_converter, dev_server_args, ensure_search_attributes
 from store import principals
+from store.audit import audit_writer
 from store.db import Pool, create_pool
 from store.embedded import EmbeddedPostgres
 from store.migrate import migrate
@@ -121,12 +123,7 @@ async def temporal(settings: Settings) -> AsyncIterator[WorkflowEnvironment]:
         dev_server_existing_path=str(TEMPORAL),
         data_converter=data_converter(settings),
         search_attributes=search.KEYS,
-        dev_server_extra_args=[
-            "--dynamic-config-value",
-            "history.transferProcessorMaxPollRPS=1000",
-            "--dynamic-config-value",
-            "matching.enableFairness=true",
-        ],
+        dev_server_extra_args=dev_server_args(),
     )
     yield env
     await env.shutdown()
@@ -213,7 +210,8 @@ async def worker(
 async def api(
     client: Client, test_settings: Settings, pool: Pool
 ) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(test_settings, Services(test_settings, client, pool, load_policy()))
+    services = Services(test_settings, client, pool, load_policy(), audit_writer(test_settings))
+    app = create_app(test_settings, services)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://stead.test") as http:
         yield http
@@ -240,3 +238,47 @@ async def time_worker(
 ) -> AsyncIterator[list[Worker]]:
     async with running_workers(time_env.client, test_settings, pool) as workers:
         yield workers
+
+
+@dataclass
+class SimControl:
+    """Fault injection on the session's simulator; faults are cleared after each test."""
+
+    http: httpx.AsyncClient
+
+    async def fault(self, status: int, count: int = 1, **options: Any) -> None:
+        response = await self.http.post(
+            "/_sim/faults", json={"status": status, "count": count, **options}
+        )
+        response.raise_for_status()
+
+    async def stats(self) -> dict[str, Any]:
+        return dict((await self.http.get("/_sim/stats")).json())
+
+
+@pytest.fixture
+async def sim(sim_url: str) -> AsyncIterator[SimControl]:
+    headers = {"x-api-key": "test"}
+    async with httpx.AsyncClient(base_url=sim_url, headers=headers) as http:
+        control = SimControl(http)
+        yield control
+        await http.delete("/_sim/faults")
+
+
+@pytest.fixture
+async def api_for(
+    client: Client, pool: Pool
+) -> AsyncIterator[Callable[[Settings], httpx.AsyncClient]]:
+    """An API client for settings other than the test's defaults."""
+    opened: list[httpx.AsyncClient] = []
+
+    def make(settings: Settings) -> httpx.AsyncClient:
+        services = Services(settings, client, pool, load_policy(), audit_writer(settings))
+        transport = httpx.ASGITransport(app=create_app(settings, services))
+        http = httpx.AsyncClient(transport=transport, base_url="http://stead.test")
+        opened.append(http)
+        return http
+
+    yield make
+    for http in opened:
+        await http.aclose()

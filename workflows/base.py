@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from temporalio import workflow
 from temporalio.common import Priority
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
@@ -271,9 +272,12 @@ class PipelineWorkflow:
                 heartbeat_timeout=policy.heartbeat,
                 retry_policy=policy.retry,
                 priority=Priority(fairness_key=self._ctx.tenant[:64]),
+                # A cancelled run waits for the call to stop and settle its budget reservation.
+                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             )
-        except BaseException:
+        except BaseException as exc:
             self._outbox = events + self._outbox
+            self._attempts[call.step] = _attempt_of(exc)
             raise
         self._attempts[call.step] = reply.attempt
         self._usage.add(reply.usage)
@@ -465,3 +469,13 @@ def _failure(exc: ActivityError | ApplicationError) -> ApplicationError:
     if isinstance(cause, ApplicationError):
         return ApplicationError(cause.message, type=cause.type, non_retryable=True)
     return ApplicationError(str(exc), type="Error", non_retryable=True)
+
+
+def _attempt_of(exc: BaseException) -> int:
+    """The attempt an activity failed on: gateway errors carry it in their details."""
+    cause = exc.cause if isinstance(exc, ActivityError) else None
+    if isinstance(cause, ApplicationError) and cause.details:
+        detail = cause.details[0]
+        if isinstance(detail, dict) and isinstance(detail.get("attempt"), int):
+            return int(detail["attempt"])
+    return 0

@@ -13,11 +13,15 @@ import hashlib
 import json
 import re
 import secrets
-from datetime import timedelta
+import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response, status
 from pydantic import ValidationError
+from temporalio.api.common.v1 import WorkflowExecution as ExecutionRef
+from temporalio.api.history.v1 import HistoryEvent
+from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.client import (
     WorkflowExecution,
     WorkflowExecutionDescription,
@@ -39,6 +43,7 @@ from api.pipelines import PIPELINES
 from api.schemas import (
     ApprovalOut,
     Page,
+    RetryIn,
     RunOut,
     RunStarted,
     RunSummary,
@@ -52,7 +57,7 @@ from store import principals
 from store.principals import Principal
 from workflows import search
 from workflows.base import PipelineWorkflow
-from workflows.state import RunContext, RunInput, RunStatus, RunView, Stage
+from workflows.state import AuditEvent, RunContext, RunInput, RunStatus, RunView, Stage
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
@@ -139,29 +144,35 @@ async def start_run(
         approvals=approval_policies.resolve(body.pipeline, overrides),
     )
     try:
-        await svc.temporal.start_workflow(
-            workflow_cls.run,  # type: ignore[attr-defined]  # every pipeline defines run
-            RunInput(context=context, input=body.input),
-            id=workflow_id(principal.tenant, run_id),
-            task_queue=svc.settings.task_queue,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(search.PIPELINE, body.pipeline),
-                    SearchAttributePair(search.CUSTOMER, principal.tenant),
-                    SearchAttributePair(search.REQUESTED_BY, principal.id),
-                    SearchAttributePair(search.STAGE, Stage.INTAKE.value),
-                    SearchAttributePair(search.PENDING_APPROVAL, False),
-                ]
-            ),
-            memo={"input_digest": digest},
-            static_summary=f"{body.pipeline} for {principal.tenant}/{principal.id}",
-        )
+        await launch(svc, RunInput(context=context, input=body.input), digest)
     except WorkflowAlreadyStartedError:
         return await _existing_run(svc, principal, run_id, digest, response)
     metrics.RUNS_STARTED.labels(body.pipeline).inc()
     return RunStarted(run_id=run_id, pipeline=body.pipeline, status=RunStatus.RUNNING, created=True)
+
+
+async def launch(svc: Services, run: RunInput, digest: str) -> None:
+    """Start the run's workflow; its id makes a second start with the same id fail."""
+    ctx = run.context
+    await svc.temporal.start_workflow(
+        PIPELINES[ctx.pipeline].run,  # type: ignore[attr-defined]  # every pipeline defines run
+        run,
+        id=workflow_id(ctx.tenant, ctx.run_id),
+        task_queue=svc.settings.task_queue,
+        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+        search_attributes=TypedSearchAttributes(
+            [
+                SearchAttributePair(search.PIPELINE, ctx.pipeline),
+                SearchAttributePair(search.CUSTOMER, ctx.tenant),
+                SearchAttributePair(search.REQUESTED_BY, ctx.requested_by),
+                SearchAttributePair(search.STAGE, Stage.INTAKE.value),
+                SearchAttributePair(search.PENDING_APPROVAL, False),
+            ]
+        ),
+        memo={"input_digest": digest},
+        static_summary=f"{ctx.pipeline} for {ctx.tenant}/{ctx.requested_by}",
+    )
 
 
 async def _existing_run(
@@ -329,3 +340,90 @@ def _own_or_admin(
     owner = described.typed_search_attributes.get(search.REQUESTED_BY)
     if owner != principal.id and not svc.permissions.has_right(principal.roles, "runs:manage"):
         raise Forbidden("only the run's requester or an admin may do this")
+
+
+@router.post("/{run_id}/retry", status_code=status.HTTP_202_ACCEPTED)
+async def retry_run(
+    run_id: str, svc: ServicesDep, principal: CurrentPrincipal, body: RetryIn | None = None
+) -> RunStarted:
+    """Re-drive a failed run, the dead-letter view's action.
+
+    `resume` (the default) resets the workflow to the point where it scheduled the step that
+    failed: completed steps are not run again (no second model bill, no second payment) and
+    the failed step runs afresh. It keeps the run id. `restart` starts a new run with the same
+    input and returns its id; it is also the way to re-run a cancelled run.
+    """
+    require(svc, principal, "runs:retry")
+    handle, described = await describe_run(svc, principal, run_id)
+    _own_or_admin(svc, principal, described)
+    state = run_status(described.status)
+    if state in (RunStatus.RUNNING, RunStatus.COMPLETED):
+        raise Conflict(f"the run is {state.value}; only failed or cancelled runs can be retried")
+    mode = body.mode if body else "resume"
+    events = [e async for e in handle.fetch_history_events()]
+    if mode == "restart":
+        original = await _original_input(svc, events)
+        context = original.context.model_copy(update={"run_id": new_run_id(principal.tenant, None)})
+        run = RunInput(context=context, input=original.input)
+        await launch(svc, run, (await described.memo()).get("input_digest", ""))
+        await _audit_redrive(svc, principal, run_id, "restart", {"new_run_id": context.run_id})
+        metrics.RUNS_STARTED.labels(context.pipeline).inc()
+        return RunStarted(
+            run_id=context.run_id, pipeline=context.pipeline, status=RunStatus.RUNNING, created=True
+        )
+    if state is RunStatus.CANCELLED:
+        raise Conflict("a cancelled run cannot resume; retry with mode=restart")
+    reset_point = _failed_step_task(events)
+    if reset_point is None:
+        raise Conflict("the run did not fail in a step that can be resumed; use mode=restart")
+    reset = await svc.temporal.workflow_service.reset_workflow_execution(
+        ResetWorkflowExecutionRequest(
+            namespace=svc.temporal.namespace,
+            workflow_execution=ExecutionRef(workflow_id=handle.id, run_id=described.run_id),
+            reason=f"re-driven by {principal.id}",
+            workflow_task_finish_event_id=reset_point,
+            request_id=str(uuid.uuid4()),
+        )
+    )
+    await _audit_redrive(svc, principal, run_id, "resume", {"temporal_run_id": reset.run_id})
+    pipeline = described.typed_search_attributes.get(search.PIPELINE) or ""
+    return RunStarted(run_id=run_id, pipeline=pipeline, status=RunStatus.RUNNING, created=False)
+
+
+def _failed_step_task(events: list[HistoryEvent]) -> int | None:
+    """The workflow task that scheduled the last failed activity: where `resume` resets to."""
+    by_id = {e.event_id: e for e in events}
+    for event in reversed(events):
+        if event.HasField("activity_task_failed_event_attributes"):
+            scheduled = event.activity_task_failed_event_attributes.scheduled_event_id
+        elif event.HasField("activity_task_timed_out_event_attributes"):
+            scheduled = event.activity_task_timed_out_event_attributes.scheduled_event_id
+        else:
+            continue
+        attrs = by_id[scheduled].activity_task_scheduled_event_attributes
+        return int(attrs.workflow_task_completed_event_id)
+    return None
+
+
+async def _original_input(svc: Services, events: list[HistoryEvent]) -> RunInput:
+    started = events[0].workflow_execution_started_event_attributes
+    decoded = await svc.temporal.data_converter.decode(started.input.payloads, [RunInput])
+    run: RunInput = decoded[0]
+    return run
+
+
+async def _audit_redrive(
+    svc: Services, principal: Principal, run_id: str, mode: str, data: dict[str, Any]
+) -> None:
+    event = AuditEvent(
+        key=f"{run_id}:redrive:{uuid.uuid4().hex}",
+        tenant=principal.tenant,
+        actor=principal.id,
+        actor_kind="user",
+        action="run.redriven",
+        run_id=run_id,
+        at=datetime.now(UTC),
+        data={"mode": mode, **data},
+    )
+    async with svc.pool.acquire() as conn, conn.transaction():
+        await svc.audit.append(conn, [event])

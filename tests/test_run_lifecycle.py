@@ -1,0 +1,237 @@
+"""Failure and recovery: dead-letter view, re-drive, cancellation, fairness, worker loss."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.api.enums.v1 import PendingActivityState
+from temporalio.client import Client
+
+from api.routes.runs import workflow_id
+from stead.config import Settings
+from store.db import Pool
+from tests.conftest import PAYLOAD_KEYS, SimControl, Tenant, TenantFactory, running_workers
+from tests.helpers import eventually, record_history, wait_json
+
+TEXT = {"pipeline": "summarize", "input": {"text": "Alpha beta gamma. Delta epsilon zeta."}}
+PRIMARY = "claude-sonnet-5-5"  # the `draft` route's first model (policies/routing.yaml)
+
+
+async def start(api: httpx.AsyncClient, tenant: Tenant, body: dict[str, Any] = TEXT) -> str:
+    response = await api.post("/v1/runs", json=body, headers=tenant.auth("requester"))
+    assert response.status_code == 201, response.text
+    return str(response.json()["run_id"])
+
+
+async def run_state(api: httpx.AsyncClient, tenant: Tenant, run_id: str, ok: Any) -> dict[str, Any]:
+    return await wait_json(api, f"/v1/runs/{run_id}", tenant.auth("requester"), ok)
+
+
+async def audit_actions(pool: Pool, tenant: Tenant, run_id: str) -> list[str]:
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT action FROM audit_log WHERE tenant_id = $1 AND run_id = $2 ORDER BY seq",
+            tenant.id,
+            run_id,
+        )
+    return [r["action"] for r in rows]
+
+
+@pytest.mark.usefixtures("worker")
+async def test_refused_request_fails_then_resumes(
+    api: httpx.AsyncClient, tenant: Tenant, sim: SimControl, pool: Pool, client: Client
+) -> None:
+    await sim.fault(400, model=PRIMARY)
+    run_id = await start(api, tenant)
+    failed = await run_state(api, tenant, run_id, lambda b: b["status"] == "failed")
+    assert failed["stage"] == "failed"
+    assert failed["last_error"]["type"] == "BadRequest"
+    assert failed["last_error"]["stage"] == "model_call"
+    assert failed["last_error"]["retryable"] is False
+    assert failed["attempts"] == {"summarize": 1}  # a 400 is never retried
+
+    dead = await wait_json(
+        api, "/v1/runs?status=failed", tenant.auth("requester"), lambda b: len(b["items"]) == 1
+    )
+    assert dead["items"][0]["run_id"] == run_id
+    assert dead["items"][0]["error_type"] == "BadRequest"
+
+    resumed = await api.post(f"/v1/runs/{run_id}/retry", headers=tenant.auth("requester"))
+    assert resumed.status_code == 202, resumed.text
+    assert resumed.json()["run_id"] == run_id
+    review = await run_state(api, tenant, run_id, lambda b: b["stage"] == "review")
+    assert review["status"] == "running"
+    assert review["last_error"] is None
+    actions = await audit_actions(pool, tenant, run_id)
+    assert actions.count("model.failed") == 1
+    assert actions.count("model.called") == 1
+    assert actions.count("run.redriven") == 1
+    assert actions.count("run.failed") == 1
+    await record_history(
+        client.get_workflow_handle(workflow_id(tenant.id, run_id)), "summarize_redriven"
+    )
+
+
+@pytest.mark.usefixtures("worker")
+async def test_exhausted_retries_then_restart(
+    api: httpx.AsyncClient, tenant: Tenant, sim: SimControl
+) -> None:
+    # Every model of the route is overloaded for all five attempts; retry-after keeps the
+    # back-off short, and the gateway honours it as the next retry delay.
+    await sim.fault(529, count=10, retry_after=0.05)
+    run_id = await start(api, tenant)
+    failed = await run_state(api, tenant, run_id, lambda b: b["status"] == "failed")
+    assert failed["last_error"]["type"] == "ProviderUnavailable"
+    assert failed["attempts"] == {"summarize": 5}
+    assert (await sim.stats())["faults_served"] >= 10
+
+    not_yet = await api.post(f"/v1/runs/{run_id}/retry", headers=tenant.auth("approver"))
+    assert not_yet.status_code == 403
+    restarted = await api.post(
+        f"/v1/runs/{run_id}/retry", json={"mode": "restart"}, headers=tenant.auth("requester")
+    )
+    assert restarted.status_code == 202
+    new_id = restarted.json()["run_id"]
+    assert new_id != run_id
+    review = await run_state(api, tenant, new_id, lambda b: b["stage"] == "review")
+    assert review["pending_approvals"][0]["proposal"]["summary"].startswith("Summary: Alpha")
+
+
+@pytest.mark.usefixtures("worker")
+async def test_retry_refusals(api: httpx.AsyncClient, tenant: Tenant) -> None:
+    run_id = await start(api, tenant)
+    await run_state(api, tenant, run_id, lambda b: b["stage"] == "review")
+    running = await api.post(f"/v1/runs/{run_id}/retry", headers=tenant.auth("requester"))
+    assert running.status_code == 409
+    await api.post(f"/v1/runs/{run_id}/cancel", headers=tenant.auth("requester"))
+    await run_state(api, tenant, run_id, lambda b: b["status"] == "cancelled")
+    resume = await api.post(f"/v1/runs/{run_id}/retry", headers=tenant.auth("requester"))
+    assert resume.status_code == 409
+    assert "restart" in resume.json()["detail"]
+
+
+@pytest.mark.usefixtures("worker")
+async def test_cancel_reaches_a_running_model_call(
+    api: httpx.AsyncClient, tenant: Tenant, sim: SimControl, client: Client, pool: Pool
+) -> None:
+    await sim.fault(529, hang=True, model=PRIMARY)
+    run_id = await start(api, tenant)
+    handle = client.get_workflow_handle(workflow_id(tenant.id, run_id))
+
+    async def started() -> bool:
+        # A running activity is in the mutable state, not yet in the history.
+        described = await handle.describe()
+        return any(
+            a.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+            for a in described.raw_description.pending_activities
+        )
+
+    await eventually(started, bool)
+    cancelled = await api.post(f"/v1/runs/{run_id}/cancel", headers=tenant.auth("requester"))
+    assert cancelled.status_code == 202
+    run = await run_state(api, tenant, run_id, lambda b: b["status"] == "cancelled")
+    assert run["stage"] == "cancelled"
+    events = [e async for e in handle.fetch_history_events()]
+    # The activity itself acknowledged the cancellation (it learned of it by heartbeat).
+    assert any(e.HasField("activity_task_canceled_event_attributes") for e in events)
+    # Its budget reservation was closed, not left dangling.
+    async with pool.acquire() as conn:
+        open_reservations = await conn.fetchval(
+            "SELECT count(*) FROM budget_reservations WHERE tenant_id = $1 AND status = 'reserved'",
+            tenant.id,
+        )
+    assert open_reservations == 0
+    await record_history(handle, "summarize_cancelled_in_model_call")
+
+
+async def test_one_busy_tenant_does_not_starve_another(
+    client: Client,
+    test_settings: Settings,
+    pool: Pool,
+    make_tenant: TenantFactory,
+    api_for: Callable[[Settings], httpx.AsyncClient],
+) -> None:
+    settings = test_settings.model_copy(update={"model_calls_per_second": 4.0})
+    busy, quiet = await make_tenant(), await make_tenant()
+    api = api_for(settings)
+    no_review = {"pipeline": "summarize", "input": {"text": "Fairness matters.", "review": False}}
+    # Queue the busy tenant's backlog before any worker polls, then the quiet tenant's runs.
+    busy_runs = [await start(api, busy, no_review) for _ in range(16)]
+    quiet_runs = [await start(api, quiet, no_review) for _ in range(2)]
+    finished: list[str] = []
+
+    async def watch(tenant: Tenant, run_id: str) -> None:
+        await run_state(api, tenant, run_id, lambda b: b["status"] == "completed")
+        finished.append(run_id)
+
+    async with running_workers(client, settings, pool):
+        await asyncio.wait_for(
+            asyncio.gather(
+                *(watch(busy, r) for r in busy_runs), *(watch(quiet, r) for r in quiet_runs)
+            ),
+            timeout=60,
+        )
+    positions = sorted(finished.index(r) for r in quiet_runs)
+    # FIFO would finish the quiet tenant's runs last (positions 16 and 17).
+    assert positions[-1] < 10, f"quiet tenant finished at {positions} of {len(finished)}"
+
+
+async def test_parked_runs_survive_a_killed_worker(
+    client: Client, test_settings: Settings, api: httpx.AsyncClient, tenant: Tenant, tmp_path: Path
+) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("STEAD_")},
+        "STEAD_TEMPORAL_ADDRESS": client.service_client.config.target_host,
+        "STEAD_DATABASE_URL": test_settings.database_url.get_secret_value()
+        if test_settings.database_url
+        else "",
+        "STEAD_TASK_QUEUE": test_settings.task_queue,
+        "STEAD_MODEL_BASE_URL": test_settings.model_base_url or "",
+        "STEAD_PAYLOAD_KEYS": PAYLOAD_KEYS,
+        "STEAD_WORKER_METRICS_PORT": "0",
+    }
+
+    def spawn() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "worker.py"],
+            env=env,
+            stdout=(tmp_path / "worker.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+
+    first = spawn()
+    try:
+        run_ids = [await start(api, tenant) for _ in range(5)]
+        for run_id in run_ids:
+            await run_state(api, tenant, run_id, lambda b: b["stage"] == "review")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    second = spawn()
+    try:
+        inbox = await wait_json(
+            api, "/v1/approvals", tenant.auth("approver"), lambda b: len(b["items"]) == 5
+        )
+        for item in inbox["items"]:
+            decided = await api.post(
+                f"/v1/approvals/{item['approval_id']}/decision",
+                json={"decision": "approve"},
+                headers=tenant.auth("approver"),
+                timeout=30,
+            )
+            assert decided.status_code == 200, decided.text
+        for run_id in run_ids:
+            done = await run_state(api, tenant, run_id, lambda b: b["status"] == "completed")
+            assert done["result"]["approval"] == "approved"
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=30) == 0
