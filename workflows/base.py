@@ -15,6 +15,8 @@ its steps with `enter`, `call_model`, `request_approval` and `audit`. The base c
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, ClassVar
@@ -82,6 +84,12 @@ class PipelineWorkflow:
             round(run.context.budget_usd * 1e9) if run.context.budget_usd is not None else None
         )
         self._started_at = now
+        self._progress: dict[str, int] = {}
+        self.audit(
+            "run.started",
+            {"pipeline": run.context.pipeline, "input_sha256": _digest(run.input)},
+            actor=run.context.requested_by,
+        )
 
     # --- queries and updates ---------------------------------------------------------------
 
@@ -101,6 +109,7 @@ class PipelineWorkflow:
             last_error=self._error,
             result=self._result,
             started_at=self._started_at,
+            progress=dict(self._progress),
         )
 
     @workflow.update
@@ -189,6 +198,9 @@ class PipelineWorkflow:
                 type=ErrorType.INVALID_INPUT,
                 non_retryable=True,
             ) from None
+
+    def set_progress(self, **counters: int) -> None:
+        self._progress.update(counters)
 
     def enter(self, stage: Stage) -> None:
         """Move the run to `stage`: stage history, search attribute, audit event."""
@@ -479,3 +491,9 @@ def _attempt_of(exc: BaseException) -> int:
         if isinstance(detail, dict) and isinstance(detail.get("attempt"), int):
             return int(detail["attempt"])
     return 0
+
+
+def _digest(value: Any) -> str:
+    """Input fingerprint for the audit log: the input itself may be sensitive."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()

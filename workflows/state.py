@@ -219,6 +219,8 @@ class RunView(BaseModel):
     last_error: ErrorInfo | None = None
     result: dict[str, Any] | None = None
     started_at: datetime
+    # Pipeline-specific counters (e.g. chunks indexed of total) for long-running steps.
+    progress: dict[str, int] = Field(default_factory=dict)
 
     @property
     def pending_approvals(self) -> list[ApprovalState]:
