@@ -118,6 +118,7 @@ def cmd_migrate(_: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Exit 0 if every chain checked is intact, 1 if one is broken, 2 for an unknown tenant."""
     import asyncpg  # noqa: PLC0415
 
     from store.audit import verify  # noqa: PLC0415
@@ -127,19 +128,22 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     async def go() -> int:
         conn = await asyncpg.connect(url)
         try:
-            tenants = (
-                [args.tenant]
-                if args.tenant
-                else [
-                    r["tenant_id"]
-                    for r in await conn.fetch("SELECT DISTINCT tenant_id FROM audit_log")
-                ]
-            )
+            # Tenants without entries are listed too: an emptied log shows as 0 entries.
+            known = {
+                r["id"]
+                for r in await conn.fetch(
+                    "SELECT id FROM tenants UNION SELECT DISTINCT tenant_id FROM audit_log"
+                )
+            }
+            if args.tenant is not None and args.tenant not in known:
+                print(f"stead: no tenant {args.tenant!r}", file=sys.stderr)
+                return 2
             broken = 0
-            for tenant in sorted(tenants):
+            for tenant in [args.tenant] if args.tenant is not None else sorted(known):
                 result = await verify(conn, tenant)
                 if result.ok:
-                    print(f"{tenant}: ok ({result.entries} entries)")
+                    head = f", head {result.head_seq} {result.head_hash}" if result.entries else ""
+                    print(f"{tenant}: ok ({result.entries} entries{head})")
                 else:
                     broken += 1
                     print(
@@ -151,6 +155,74 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             await conn.close()
 
     return _run(go)
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    """Platform administration straight on the database (the operator's own credentials)."""
+    import asyncpg  # noqa: PLC0415
+
+    from store import budgets, principals  # noqa: PLC0415
+
+    url = _database_url(_settings())
+
+    async def go() -> int:
+        conn = await asyncpg.connect(url)
+        try:
+            match args.admin_command:
+                case "tenant-create":
+                    await principals.create_tenant(
+                        conn, args.tenant, args.name or args.tenant, args.plan
+                    )
+                    print(f"tenant {args.tenant} ready")
+                case "user-create":
+                    roles = [r for r in args.roles.split(",") if r]
+                    await principals.upsert_principal(conn, args.tenant, args.user, roles)
+                    print(f"user {args.tenant}/{args.user} roles={roles}")
+                case "key-create":
+                    key = await principals.create_key(conn, args.tenant, args.user, args.label)
+                    print(key)  # shown once
+                case "key-revoke":
+                    if not await principals.revoke_key(conn, args.tenant, args.key_id):
+                        print("no such active key", file=sys.stderr)
+                        return 1
+                    print("revoked")
+                case "budget-set":
+                    await budgets.set_budget(
+                        conn, args.tenant, args.scope, args.subject, args.period, args.limit_usd
+                    )
+                    print("budget set")
+            return 0
+        finally:
+            await conn.close()
+
+    return _run(go)
+
+
+def _admin_parser(sub: Any) -> None:
+    admin = sub.add_parser("admin", help="tenants, users, keys, budgets (platform operator)")
+    admin.set_defaults(func=cmd_admin)
+    cmds = admin.add_subparsers(dest="admin_command", required=True)
+    tenant = cmds.add_parser("tenant-create", help="create or update a tenant")
+    tenant.add_argument("tenant")
+    tenant.add_argument("--name", default="")
+    tenant.add_argument("--plan", default="standard")
+    user = cmds.add_parser("user-create", help="create a user or set their roles")
+    user.add_argument("tenant")
+    user.add_argument("user")
+    user.add_argument("--roles", default="", help="comma-separated, e.g. requester,approver")
+    key = cmds.add_parser("key-create", help="create an API key (printed once)")
+    key.add_argument("tenant")
+    key.add_argument("user")
+    key.add_argument("--label", default="")
+    revoke = cmds.add_parser("key-revoke", help="revoke an API key by its id")
+    revoke.add_argument("tenant")
+    revoke.add_argument("key_id")
+    budget = cmds.add_parser("budget-set", help="set a customer or user budget")
+    budget.add_argument("tenant")
+    budget.add_argument("--scope", choices=["customer", "user"], default="customer")
+    budget.add_argument("--subject", default="")
+    budget.add_argument("--period", choices=["day", "month"], default="month")
+    budget.add_argument("--limit-usd", type=float, required=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify = audit_sub.add_parser("verify", help="recompute hash chains")
     verify.add_argument("--tenant", default=None)
     verify.set_defaults(func=cmd_audit_verify)
+    _admin_parser(sub)
     return parser
 
 

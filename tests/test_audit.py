@@ -1,0 +1,763 @@
+"""The audit log: exact tamper detection, idempotent writes, redaction before storage, the run
+ledger and the tenant's views over the API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from temporalio.testing import ActivityEnvironment
+
+from activities.ledger import LedgerActivities
+from activities.types import FlushAudit
+from stead.config import Settings
+from stead.crypto import Sealer
+from store.audit import AuditWriter, audit_writer, row_hash, verify
+from store.db import Pool
+from tests.conftest import SimControl, Tenant, TenantFactory
+from tests.helpers import wait_json
+from workflows.state import ActorKind, AuditEvent
+
+ROOT = Path(__file__).resolve().parent.parent
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def event(
+    tenant: str,
+    action: str,
+    data: dict[str, Any],
+    *,
+    run_id: str | None = None,
+    actor: str = "workflow:test",
+    kind: ActorKind = "system",
+    n: int = 0,
+) -> AuditEvent:
+    return AuditEvent(
+        key=f"{run_id or 'tenant'}:{uuid.uuid4().hex}",
+        tenant=tenant,
+        actor=actor,
+        actor_kind=kind,
+        action=action,
+        run_id=run_id,
+        at=T0 + timedelta(seconds=n),
+        data=data,
+    )
+
+
+async def append(pool: Pool, writer: AuditWriter, events: list[AuditEvent]) -> int:
+    async with pool.acquire() as conn, conn.transaction():
+        return await writer.append(conn, events)
+
+
+async def raw_rows(database_url: str, tenant: str) -> list[dict[str, Any]]:
+    """The stored rows, read as the owner (not through the app role)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT * FROM audit_log WHERE tenant_id = $1 ORDER BY seq", tenant)
+    finally:
+        await conn.close()
+    return [dict(r) for r in rows]
+
+
+def new_run_id() -> str:
+    alphabet = "abcdefghijklmnopqrstuvwxyz234567"
+    return "r_" + "".join(alphabet[b % 32] for b in uuid.uuid4().bytes + uuid.uuid4().bytes)[:26]
+
+
+# --- tampering -----------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def tampering(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """An owner connection with the audit log's refusal triggers off for one transaction.
+
+    ALTER TABLE is transactional: no other session ever sees the triggers off, and if the
+    tampering fails the rollback turns them back on. `finally` checks that they are on.
+    """
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("ALTER TABLE audit_log DISABLE TRIGGER USER")
+            yield conn
+            await conn.execute("ALTER TABLE audit_log ENABLE TRIGGER USER")
+    finally:
+        enabled = await conn.fetchval(
+            "SELECT bool_and(tgenabled = 'O') FROM pg_trigger"
+            " WHERE tgrelid = 'audit_log'::regclass AND NOT tgisinternal"
+        )
+        await conn.close()
+        assert enabled is True, "audit_log triggers left disabled (or missing)"
+
+
+Tamper = Callable[[asyncpg.Connection, str], Awaitable[None]]
+
+
+async def row_at(conn: asyncpg.Connection, tenant: str, seq: int) -> dict[str, Any]:
+    row = await conn.fetchrow(
+        "SELECT * FROM audit_log WHERE tenant_id = $1 AND seq = $2", tenant, seq
+    )
+    assert row is not None
+    return dict(row)
+
+
+async def update_data(conn: asyncpg.Connection, tenant: str) -> None:
+    await conn.execute(
+        'UPDATE audit_log SET data = \'{"stage":"nothing happened"}\''
+        " WHERE tenant_id = $1 AND seq = 3",
+        tenant,
+    )
+
+
+async def update_and_rehash(conn: asyncpg.Connection, tenant: str) -> None:
+    row = await row_at(conn, tenant, 3)
+    row["data"] = '{"stage":"nothing happened"}'
+    await conn.execute(
+        "UPDATE audit_log SET data = $2, entry_hash = $3 WHERE tenant_id = $1 AND seq = 3",
+        tenant,
+        row["data"],
+        row_hash(row),
+    )
+
+
+async def delete_middle(conn: asyncpg.Connection, tenant: str) -> None:
+    await conn.execute("DELETE FROM audit_log WHERE tenant_id = $1 AND seq = 3", tenant)
+
+
+async def delete_and_renumber(conn: asyncpg.Connection, tenant: str) -> None:
+    await delete_middle(conn, tenant)
+    await shift(conn, tenant, after=3, by=-1)
+
+
+async def shift(conn: asyncpg.Connection, tenant: str, after: int, by: int) -> None:
+    # Through negative seqs: the primary key is checked row by row.
+    await conn.execute(
+        "UPDATE audit_log SET seq = -seq WHERE tenant_id = $1 AND seq > $2", tenant, after
+    )
+    await conn.execute(
+        "UPDATE audit_log SET seq = -seq + $2 WHERE tenant_id = $1 AND seq < 0", tenant, by
+    )
+
+
+def swap(a: int, b: int) -> Tamper:
+    async def tamper(conn: asyncpg.Connection, tenant: str) -> None:
+        for old, new in ((a, 0), (b, a), (0, b)):
+            await conn.execute(
+                "UPDATE audit_log SET seq = $3 WHERE tenant_id = $1 AND seq = $2", tenant, old, new
+            )
+
+    return tamper
+
+
+async def insert_forged(conn: asyncpg.Connection, tenant: str) -> None:
+    """A careful forger: the new entry at 3 is chained and hashed correctly."""
+    before = await row_at(conn, tenant, 2)
+    await shift(conn, tenant, after=2, by=1)
+    forged = {
+        **before,
+        "seq": 3,
+        "event_key": "forged",
+        "action": "approval.decided",
+        "actor": "mallory",
+        "data": '{"decision":"approve"}',
+        "private": None,
+        "prev_hash": before["entry_hash"],
+    }
+    forged["entry_hash"] = row_hash(forged)
+    await insert(conn, forged)
+
+
+async def insert_naive(conn: asyncpg.Connection, tenant: str) -> None:
+    """A careless forger: the new entry copies its neighbour's hashes."""
+    original = await row_at(conn, tenant, 3)
+    await shift(conn, tenant, after=2, by=1)
+    await insert(conn, {**original, "seq": 3, "event_key": "forged", "actor": "mallory"})
+
+
+async def insert(conn: asyncpg.Connection, row: dict[str, Any]) -> None:
+    columns = list(row)
+    await conn.execute(
+        f"INSERT INTO audit_log ({', '.join(columns)})"
+        f" VALUES ({', '.join(f'${i + 1}' for i in range(len(columns)))})",
+        *row.values(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("tamper", "seq", "problem"),
+    [
+        (update_data, 3, "altered"),
+        (update_and_rehash, 3, "altered"),
+        (delete_middle, 3, "deleted"),
+        (delete_and_renumber, 3, "deleted"),
+        (swap(3, 4), 3, "reordered"),
+        (swap(2, 5), 2, "reordered"),
+        (insert_forged, 3, "inserted"),
+        (insert_naive, 3, "inserted"),
+    ],
+    ids=[
+        "update",
+        "update-rehash",
+        "delete",
+        "delete-renumber",
+        "swap-adjacent",
+        "swap-apart",
+        "insert-forged",
+        "insert-naive",
+    ],
+)
+async def test_tampering_is_named_at_the_exact_entry(
+    pool: Pool,
+    database_url: str,
+    test_settings: Settings,
+    tamper: Tamper,
+    seq: int,
+    problem: str,
+) -> None:
+    tenant = f"t-tamper-{uuid.uuid4().hex[:8]}"
+    stages = ["model_call", "review", "completed", "x", "y", "z"]
+    writer = audit_writer(test_settings)
+    events = [event(tenant, "stage.entered", {"stage": s}, n=i) for i, s in enumerate(stages)]
+    await append(pool, writer, events)
+    async with pool.acquire() as conn:
+        intact = await verify(conn, tenant)
+    assert (intact.ok, intact.entries, intact.head_seq) == (True, 6, 6)
+
+    async with tampering(database_url) as owner:
+        await tamper(owner, tenant)
+
+    async with pool.acquire() as conn:
+        result = await verify(conn, tenant)
+    assert not result.ok
+    assert (result.first_bad_seq, result.problem) == (seq, problem), result.detail
+
+
+async def run_cli(database_url: str, *args: str) -> tuple[int, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STEAD_")}
+    env["DATABASE_URL"] = database_url
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "stead.cli",
+        *args,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+async def test_cli_verify_exit_codes(
+    pool: Pool, database_url: str, test_settings: Settings
+) -> None:
+    tenant = f"t-cli-{uuid.uuid4().hex[:8]}"
+    events = [event(tenant, "stage.entered", {"stage": str(i)}, n=i) for i in range(5)]
+    await append(pool, audit_writer(test_settings), events)
+
+    code, out = await run_cli(database_url, "audit", "verify", "--tenant", tenant)
+    assert code == 0, out
+    assert out.startswith(f"{tenant}: ok (5 entries, head 5 ")
+
+    async with tampering(database_url) as owner:
+        await swap(2, 4)(owner, tenant)
+    code, out = await run_cli(database_url, "audit", "verify", "--tenant", tenant)
+    assert code == 1, out
+    assert f"{tenant}: BROKEN at seq 2: reordered" in out
+
+    code, out = await run_cli(database_url, "audit", "verify", "--tenant", "t-no-such-tenant")
+    assert code == 2, out
+
+
+# --- idempotency ---------------------------------------------------------------------------
+
+
+async def test_the_same_events_twice_are_stored_once(pool: Pool, test_settings: Settings) -> None:
+    tenant = f"t-idem-{uuid.uuid4().hex[:8]}"
+    writer = audit_writer(test_settings)
+    events = [event(tenant, "stage.entered", {"stage": str(i)}, n=i) for i in range(4)]
+    assert await append(pool, writer, events) == 4
+    assert await append(pool, writer, events) == 0
+    # A partly new batch writes only what is new, and concurrent writers of one batch race
+    # for the tenant's lock: exactly one of them writes it.
+    more = [event(tenant, "stage.entered", {"stage": str(i)}, n=i) for i in range(4, 7)]
+    written = await asyncio.gather(*(append(pool, writer, events + more) for _ in range(3)))
+    assert sorted(written) == [0, 0, 3]
+
+    # A retried ledger activity: the same batch, a second attempt.
+    batch = FlushAudit(events=[event(tenant, "run.completed", {"outcome": "ok"}, n=9)])
+    ledger = LedgerActivities(pool, writer)
+    assert await ActivityEnvironment().run(ledger.flush, batch) == 1
+    assert await ActivityEnvironment().run(ledger.flush, batch) == 0
+
+    async with pool.acquire() as conn:
+        result = await verify(conn, tenant)
+        keys = await conn.fetchval(
+            "SELECT count(DISTINCT event_key) FROM audit_log WHERE tenant_id = $1", tenant
+        )
+    assert (result.ok, result.entries, keys) == (True, 8, 8)
+
+
+# --- redaction -----------------------------------------------------------------------------
+
+CARD = "4111 1111 1111 1111"  # passes the Luhn check
+OTHER_CARD = "4242424242424242"
+SECRET = "sk-ant-api03-Zx9_secretSECRET-0123456789"
+
+
+async def test_redaction_happens_before_storage(
+    pool: Pool, database_url: str, test_settings: Settings
+) -> None:
+    tenant = f"t-redact-{uuid.uuid4().hex[:8]}"
+    data = {
+        "note": f"card {CARD} on file",
+        "hint": f"call with {SECRET} please",
+        "contact": "reach bob@example.com today",
+        "comment": f"paid by {OTHER_CARD} using {SECRET}; cc alice@example.org",
+        "api_key": SECRET,
+        "line": "ok\nseq=99 action=run.completed actor=admin",
+    }
+    writer = audit_writer(test_settings)
+    await append(pool, writer, [event(tenant, "tool.executed", data, run_id=new_run_id())])
+    (row,) = await raw_rows(database_url, tenant)
+
+    private = (
+        Sealer(test_settings.encryption_keys)
+        .open(bytes(row["private"]), associated=f"{tenant}:{row['event_key']}".encode())
+        .decode()
+    )
+    stored = json.loads(row["data"])
+    for text in (row["data"], private):
+        assert CARD not in text
+        assert OTHER_CARD not in text
+        assert "sk-ant-" not in text
+    # Masked content is only in the sealed part, never in clear.
+    assert "bob@example.com" not in row["data"]
+    assert "alice@example.org" not in row["data"]
+    assert b"example." not in bytes(row["private"])
+    assert "bob@example.com" in private
+    assert "alice@example.org" in private
+    assert stored["note"] == "card [redacted:card_number] on file"
+    assert stored["hint"] == "call with [redacted:anthropic_key] please"
+    assert stored["contact"] == "reach [masked:email] today"
+    assert stored["comment"] == "[masked]"
+    assert stored["api_key"] == "[redacted]"
+    # The newline cannot forge a second line in an export or a terminal.
+    assert stored["line"] == "ok\\x0aseq=99 action=run.completed actor=admin"
+    assert "\n" not in row["data"]
+
+    revealed = writer.decode(row, reveal_private=True)
+    assert revealed.revealed
+    assert revealed.data["contact"] == "reach bob@example.com today"
+    assert revealed.data["comment"].endswith("cc alice@example.org")
+    assert "[redacted:card_number]" in revealed.data["comment"]
+
+
+async def test_tenant_declared_fields_are_redacted(
+    api: httpx.AsyncClient, tenant: Tenant, pool: Pool, database_url: str, test_settings: Settings
+) -> None:
+    url = "/v1/admin/redaction"
+    body = {"mask": ["Ticket_Note"], "drop": ["internal_code"]}
+    refused = await api.put(url, json=body, headers=tenant.auth("requester"))
+    assert refused.status_code == 403
+    for bad in (
+        {"mask": ["x"], "drop": ["X"]},
+        {"mask": ["call_id"]},
+        {"mask": ["two words"]},
+        {"mask": [], "tenant": "other"},
+    ):
+        invalid = await api.put(url, json=bad, headers=tenant.auth("admin"))
+        assert invalid.status_code == 422, bad
+
+    saved = await api.put(url, json=body, headers=tenant.auth("admin"))
+    assert saved.status_code == 200, saved.text
+    assert (saved.json()["mask"], saved.json()["drop"]) == (["ticket_note"], ["internal_code"])
+    assert saved.json()["updated_by"] == "admin"
+    assert "email" in saved.json()["file_mask"]
+    assert (await api.get(url, headers=tenant.auth("admin"))).json()["mask"] == ["ticket_note"]
+
+    data = {"ticket_note": "customer is furious", "internal_code": "X-42", "other": "fine"}
+    await append(pool, audit_writer(test_settings), [event(tenant.id, "tool.executed", data)])
+    rows = await raw_rows(database_url, tenant.id)
+    assert [r["action"] for r in rows] == ["redaction.updated", "tool.executed"]
+    assert rows[0]["actor"] == "admin"
+    stored = json.loads(rows[1]["data"])
+    assert stored == {"ticket_note": "[masked]", "internal_code": "[redacted]", "other": "fine"}
+    private = Sealer(test_settings.encryption_keys).open(
+        bytes(rows[1]["private"]), associated=f"{tenant.id}:{rows[1]['event_key']}".encode()
+    )
+    assert b"customer is furious" in private
+    assert b"X-42" not in private
+
+
+# --- the run's views over the API ----------------------------------------------------------
+
+COMMENT = "accurate; questions to bob@example.com"
+
+
+@pytest.mark.usefixtures("worker")
+async def test_ledger_of_a_worker_driven_run(
+    api: httpx.AsyncClient, tenant: Tenant, make_tenant: TenantFactory, pool: Pool
+) -> None:
+    started = await api.post(
+        "/v1/runs",
+        json={"pipeline": "summarize", "input": {"text": "Revenue grew 12%. Costs fell 3%."}},
+        headers=tenant.auth("requester"),
+    )
+    assert started.status_code == 201, started.text
+    run_id = started.json()["run_id"]
+    review = await wait_json(
+        api, f"/v1/runs/{run_id}", tenant.auth("requester"), lambda b: b["stage"] == "review"
+    )
+    approval_id = review["pending_approvals"][0]["approval_id"]
+    decided = await api.post(
+        f"/v1/approvals/{approval_id}/decision",
+        json={"decision": "approve", "comment": COMMENT},
+        headers=tenant.auth("approver"),
+    )
+    assert decided.status_code == 200, decided.text
+    run = await wait_json(
+        api, f"/v1/runs/{run_id}", tenant.auth("requester"), lambda b: b["status"] == "completed"
+    )
+
+    ledger_url = f"/v1/runs/{run_id}/ledger"
+    # A run completes only after its last audit entries are flushed: no wait needed here.
+    ledger = (await api.get(ledger_url, headers=tenant.auth("requester"))).json()
+    assert ledger["status"] == "completed"
+    steps = [i["stage"] for i in ledger["items"] if i["kind"] == "step"]
+    assert steps == ["intake", "model_call", "review", "completed"]
+    (call,) = [i for i in ledger["items"] if i["kind"] == "model_call"]
+    assert call["model"]
+    assert min(call["input_tokens"], call["output_tokens"], call["cost_nusd"]) > 0
+    assert (call["cache_hit"], call["latency_ms"] >= 0) == (False, True)
+    assert ledger["total_cost_usd"] == run["usage"]["cost_usd"]
+    assert ledger["model_calls"] == run["usage"]["model_calls"] == 1
+    assert ledger["requested_by"] == "requester"
+    (approval,) = [i for i in ledger["items"] if i["kind"] == "approval"]
+    assert approval["status"] == "approved"
+    (decision,) = approval["decisions"]
+    assert (decision["by"], decision["decision"]) == ("approver", "approve")
+    assert decision["at"] >= approval["at"]
+    seqs = [i["seq"] for i in ledger["items"]]
+    assert seqs == sorted(seqs)
+
+    # Requester and approver see the comment and the proposal masked; the admin sees both.
+    for user in ("requester", "approver"):
+        seen = (await api.get(ledger_url, headers=tenant.auth(user))).json()
+        masked = next(i for i in seen["items"] if i["kind"] == "approval")
+        assert masked["decisions"][0]["comment"] == "[masked]"
+        assert masked["proposal"] == "[masked]"
+        assert seen["redacted"] is True
+        assert "bob@example.com" not in json.dumps(seen)
+    full = (await api.get(ledger_url, headers=tenant.auth("admin"))).json()
+    shown = next(i for i in full["items"] if i["kind"] == "approval")
+    assert shown["decisions"][0]["comment"] == COMMENT
+    assert shown["proposal"]["summary"] == run["result"]["summary"]
+    assert full["redacted"] is False
+
+    # Raw entries: one per key, chained in place; and the tenant's chain verifies.
+    entries = await api.get(f"/v1/runs/{run_id}/audit", headers=tenant.auth("requester"))
+    assert entries.status_code == 200
+    body = entries.json()
+    assert body["chain"] == {**body["chain"], "ok": True, "scope": "run"}
+    actions = [e["action"] for e in body["items"]]
+    assert actions.count("run.started") == actions.count("run.completed") == 1
+    assert actions.count("model.called") == 1
+    assert len({e["key"] for e in body["items"]}) == len(body["items"])
+    assert body["items"][0]["data"]["input_sha256"]
+    verified = await api.get("/v1/audit/verify", headers=tenant.auth("admin"))
+    assert verified.json()["ok"] is True
+    async with pool.acquire() as conn:
+        count = await conn.fetchval(
+            "SELECT count(*) FROM audit_log WHERE tenant_id = $1", tenant.id
+        )
+    assert verified.json()["entries"] == verified.json()["head_seq"] == count
+
+    # Another tenant's run is not found; search and verification are for admins.
+    other = await make_tenant()
+    for path in (ledger_url, f"/v1/runs/{run_id}/audit"):
+        assert (await api.get(path, headers=other.auth("admin"))).status_code == 404
+    assert (await api.get("/v1/audit", headers=tenant.auth("requester"))).status_code == 403
+    assert (await api.get("/v1/audit", headers=tenant.auth("approver"))).status_code == 403
+    assert (await api.get("/v1/audit/verify", headers=tenant.auth("approver"))).status_code == 403
+
+
+async def test_search_filters_pages_and_validates(
+    api: httpx.AsyncClient, tenant: Tenant, pool: Pool, test_settings: Settings
+) -> None:
+    run_id = new_run_id()
+    events = [
+        event(tenant.id, "approval.requested", {"approval_id": "a1"}, run_id=run_id, n=1),
+        event(
+            tenant.id,
+            "approval.decided",
+            {"approval_id": "a1"},
+            run_id=run_id,
+            actor="ann",
+            kind="user",
+            n=2,
+        ),
+        *[event(tenant.id, "stage.entered", {"stage": str(i)}, n=10 + i) for i in range(5)],
+    ]
+    await append(pool, audit_writer(test_settings), events)
+    admin = tenant.auth("admin")
+
+    async def items(query: str) -> list[dict[str, Any]]:
+        response = await api.get(f"/v1/audit?{query}", headers=admin)
+        assert response.status_code == 200, response.text
+        return list(response.json()["items"])
+
+    assert [e["actor"] for e in await items("action=approval.decided")] == ["ann"]
+    assert [e["action"] for e in await items("action=approval.*")] == [
+        "approval.requested",
+        "approval.decided",
+    ]
+    assert len(await items("actor=ann")) == 1
+    assert len(await items(f"run_id={run_id}")) == 2
+    window = "from=2026-03-01T12:00:10Z&to=2026-03-01T12:00:12%2B00:00"
+    assert [e["data"]["stage"] for e in await items(window)] == ["0", "1"]
+
+    seqs, cursor = [], None
+    while True:
+        page = await api.get(
+            "/v1/audit",
+            params={"limit": 3, **({"cursor": cursor} if cursor else {})},
+            headers=admin,
+        )
+        seqs += [e["seq"] for e in page.json()["items"]]
+        cursor = page.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert seqs == list(range(1, 8))
+
+    for bad in (
+        "from=2026-03-01T12:00:00",  # no UTC offset
+        "from=2026-03-02T00:00:00Z&to=2026-03-01T00:00:00Z",
+        "from=yesterday",
+        "action=DROP%20TABLE",
+        "limit=0",
+        "cursor=bm90LWEtY3Vyc29y",
+        "run_id=abc",
+    ):
+        response = await api.get(f"/v1/audit?{bad}", headers=admin)
+        assert response.status_code == 422, bad
+        assert response.json()["detail"], bad
+
+
+REFUND = {"amount": 80, "currency": "USD", "customer_email": "eve@example.com"}
+
+
+def tool_events(tenant: str, run_id: str) -> list[AuditEvent]:
+    """What the tool gateway writes for a refund that needs approval, then a denied call."""
+
+    def at_run(action: str, data: dict[str, Any], n: int, **who: Any) -> AuditEvent:
+        return event(tenant, action, data, run_id=run_id, n=n, **who)
+
+    agent = {"actor": "agent:support-agent", "kind": "agent"}
+    rule = "role:requester/execute:refund#4"
+    return [
+        at_run(
+            "run.started",
+            {"pipeline": "support-agent", "input_sha256": "ab"},
+            0,
+            actor="requester",
+            kind="user",
+        ),
+        at_run("stage.entered", {"stage": "tool_execution", "from": "intake"}, 1),
+        at_run(
+            "tool.decided",
+            {
+                "tool": "refund",
+                "call_id": "c1",
+                "arguments": REFUND,
+                "effect": "approval_required",
+                "rule": rule,
+                "reason": "requires approval",
+            },
+            2,
+            **agent,
+        ),
+        at_run(
+            "approval.requested",
+            {
+                "approval_id": "ap1",
+                "title": "Refund",
+                "kind": "tool_call",
+                "proposal": REFUND,
+                "roles": ["finance"],
+                "quorum": 1,
+            },
+            3,
+        ),
+        at_run(
+            "approval.decided",
+            {"approval_id": "ap1", "decision": "approve", "comment": "ok", "status": "approved"},
+            4,
+            actor="fin",
+            kind="user",
+        ),
+        at_run(
+            "tool.decided",
+            {
+                "tool": "refund",
+                "call_id": "c1",
+                "arguments": REFUND,
+                "effect": "allowed",
+                "rule": rule,
+                "reason": "",
+                "approval_id": "ap1",
+                "approved_by": ["fin"],
+            },
+            5,
+            **agent,
+        ),
+        at_run(
+            "tool.executed",
+            {"tool": "refund", "call_id": "c1", "status": "ok", "result": {"refund_id": "rf_1"}},
+            6,
+            **agent,
+        ),
+        at_run(
+            "tool.decided",
+            {
+                "tool": "delete_customer",
+                "call_id": "c2",
+                "arguments": {},
+                "effect": "denied",
+                "rule": "default-deny",
+                "reason": "no grant",
+            },
+            7,
+            **agent,
+        ),
+        at_run(
+            "model.called",
+            {
+                "step": "agent",
+                "model": "m",
+                "input_tokens": 10,
+                "output_tokens": 5,
+                "cache_read_tokens": 0,
+                "cache_write_tokens": 0,
+                "cost_nusd": 1234,
+                "cache_hit": False,
+                "fallbacks": 0,
+                "latency_ms": 12.5,
+                "attempt": 1,
+            },
+            8,
+        ),
+        at_run("run.completed", {"outcome": "completed", "output": {"reply": "done"}}, 9),
+    ]
+
+
+async def test_tool_calls_in_the_ledger_outlive_temporal(
+    api: httpx.AsyncClient,
+    tenant: Tenant,
+    make_tenant: TenantFactory,
+    pool: Pool,
+    test_settings: Settings,
+) -> None:
+    """Tool-gateway entries fold into one item per call. Temporal has never heard of this run
+    (as after retention deleted it), so the ledger comes from the audit log alone."""
+    run_id = new_run_id()
+    await append(pool, audit_writer(test_settings), tool_events(tenant.id, run_id))
+
+    url = f"/v1/runs/{run_id}/ledger"
+    ledger = (await api.get(url, headers=tenant.auth("requester"))).json()
+    assert (ledger["status"], ledger["pipeline"]) == ("completed", "support-agent")
+    assert (ledger["total_cost_nusd"], ledger["total_cost_usd"]) == (1234, 0.000001234)
+    assert [i["kind"] for i in ledger["items"]] == [
+        "event",
+        "step",
+        "step",
+        "tool_call",
+        "approval",
+        "tool_call",
+        "model_call",
+        "event",
+    ]
+    refund, denied = [i for i in ledger["items"] if i["kind"] == "tool_call"]
+    assert [d["effect"] for d in refund["decisions"]] == ["approval_required", "allowed"]
+    assert refund["decisions"][1]["approved_by"] == ["fin"]
+    assert (refund["effect"], refund["status"]) == ("allowed", "ok")
+    assert refund["result"] == "[masked]"  # tool results are customer data
+    assert refund["actor"] == "agent:support-agent"
+    assert refund["arguments"] == "[masked]"
+    assert (denied["effect"], denied["status"]) == ("denied", None)
+    assert denied["decisions"][0]["rule"] == "default-deny"
+    (approval,) = [i for i in ledger["items"] if i["kind"] == "approval"]
+    assert (approval["status"], approval["decisions"][0]["by"]) == ("approved", "fin")
+
+    full = (await api.get(url, headers=tenant.auth("admin"))).json()
+    revealed = next(i for i in full["items"] if i["kind"] == "tool_call")
+    assert revealed["arguments"] == REFUND
+    assert revealed["result"] == {"refund_id": "rf_1"}
+
+    other = await make_tenant()
+    assert (await api.get(url, headers=other.auth("requester"))).status_code == 404
+    unknown = f"/v1/runs/{new_run_id()}/ledger"
+    assert (await api.get(unknown, headers=tenant.auth("requester"))).status_code == 404
+    malformed = "/v1/runs/not-a-run/audit"
+    assert (await api.get(malformed, headers=tenant.auth("requester"))).status_code == 404
+
+
+async def test_run_view_names_tampering_next_to_the_run(
+    api: httpx.AsyncClient, tenant: Tenant, pool: Pool, database_url: str, test_settings: Settings
+) -> None:
+    run_id = new_run_id()
+    later = event(tenant.id, "redaction.updated", {"mask_fields": []}, n=20)
+    await append(pool, audit_writer(test_settings), [*tool_events(tenant.id, run_id), later])
+    url = f"/v1/runs/{run_id}/audit"
+    intact = (await api.get(url, headers=tenant.auth("requester"))).json()
+    assert intact["chain"]["ok"] is True
+    assert (intact["chain"]["scope"], intact["chain"]["entries"]) == ("run", 10)
+
+    # The run's last entry goes; what follows belongs to no run, so only the gap shows it.
+    async with tampering(database_url) as owner:
+        await owner.execute("DELETE FROM audit_log WHERE tenant_id = $1 AND seq = 10", tenant.id)
+    broken = (await api.get(url, headers=tenant.auth("requester"))).json()["chain"]
+    expected = {"scope": "tenant", "ok": False, "first_bad_seq": 10, "problem": "deleted"}
+    assert broken == {**broken, **expected}
+    whole = (await api.get("/v1/audit/verify", headers=tenant.auth("admin"))).json()
+    assert whole == {**whole, **expected}
+
+
+@pytest.mark.usefixtures("worker")
+async def test_a_resumed_run_records_what_it_does_after_the_reset(
+    api: httpx.AsyncClient, tenant: Tenant, sim: SimControl
+) -> None:
+    await sim.fault(400, model="claude-sonnet-5-5")  # the `draft` route's first model
+    started = await api.post(
+        "/v1/runs",
+        json={"pipeline": "summarize", "input": {"text": "Alpha beta. Gamma delta."}},
+        headers=tenant.auth("requester"),
+    )
+    run_id = started.json()["run_id"]
+    run_url = f"/v1/runs/{run_id}"
+    await wait_json(api, run_url, tenant.auth("requester"), lambda b: b["status"] == "failed")
+    resumed = await api.post(f"{run_url}/retry", headers=tenant.auth("requester"))
+    assert resumed.status_code == 202, resumed.text
+    # The inbox row and the audit entries of the request are written in one transaction.
+    await wait_json(
+        api,
+        "/v1/approvals",
+        tenant.auth("approver"),
+        lambda b: any(a["run_id"] == run_id for a in b["items"]),
+    )
+    ledger = (await api.get(f"{run_url}/ledger", headers=tenant.auth("requester"))).json()
+    steps = [i["stage"] for i in ledger["items"] if i["kind"] == "step"]
+    assert steps[-1] == "review"
+    assert any(i["kind"] == "approval" for i in ledger["items"])
