@@ -1,27 +1,23 @@
-"""What every Stead pipeline shares: explicit run state, approvals, the audit outbox.
+"""What every Stead pipeline builds on: model calls, tool calls and the run's end.
 
 A pipeline subclasses `PipelineWorkflow`, declares its `stages` and `input_model`, and writes
-its steps with `enter`, `call_model`, `request_approval` and `audit`. The base class gives it:
+its steps with `enter`, `call_model`, `use_tool`, `request_approval` and `audit`. Under it are
+`workflows.core` (run state, the `state` query, the audit outbox) and `workflows.approvals`
+(the `decide` update, deadlines, escalation, quorum). This module adds:
 
-- the `state` query (current stage, stage history, approvals, attempts, usage, last error);
-- the `decide` update, whose validator refuses a bad decision before anything is written to
-  history (not pending, already decided, self-approval, wrong role, invalid edits);
-- search attributes kept in step with the state (`Stage`, `PendingApproval`, ...);
-- an audit outbox: events are buffered in workflow state and written by the next ledger
-  activity, keyed by run and sequence number, so replays and retries never duplicate them;
-- a clean end: completed, failed (with its cause, for the dead-letter view) or cancelled
-  (pending approvals cancelled), after all update handlers have finished.
+- `call_model`: the model gateway activity on the rate-limited model queue, with a budget
+  that can park the run for an approval to raise it when the pipeline says so;
+- `use_tool`: every agent tool call through the tool gateway, waiting for approval when the
+  gateway asks for it and going through the gateway again after the wait;
+- `drive`: a clean end, completed, failed (with its cause, for the dead-letter view) or
+  cancelled (pending approvals cancelled), after all update handlers have finished.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
-from typing import Any, ClassVar
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
 from temporalio import workflow
 from temporalio.common import Priority
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
@@ -30,243 +26,186 @@ from temporalio.workflow import ActivityCancellationType
 with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
     from activities.model import ModelActivities
-    from activities.types import FlushAudit, ModelCall, ModelReply, PublishApproval
+    from activities.tools import ToolActivities
+    from activities.types import (
+        ApprovalGrant,
+        ModelCall,
+        ModelReply,
+        RaiseBudget,
+        ToolInvocation,
+        ToolOutcome,
+    )
     from policies import retries
+    from policies.tools import TOOLS
     from stead.errors import ErrorType
     from workflows import search
-    from workflows.proposals import InvalidEdits, apply_edits
     from workflows.state import (
-        ActorKind,
-        ApprovalOutcome,
-        ApprovalPolicy,
-        ApprovalState,
-        ApprovalStatus,
-        AuditEvent,
-        DecideInput,
-        DecideResult,
-        Decision,
         ErrorInfo,
-        OnDeadline,
         Proposal,
-        RunInput,
         RunResult,
         RunStatus,
-        RunView,
         Stage,
-        StageEntry,
-        Usage,
     )
 
+from workflows.approvals import ApprovalSteps
 
-class PipelineWorkflow:
+
+class PipelineWorkflow(ApprovalSteps):
     """Base of every pipeline workflow. Subclasses define `@workflow.run` and call `drive`."""
-
-    pipeline: ClassVar[str]
-    input_model: ClassVar[type[BaseModel]]
-    stages: ClassVar[tuple[Stage, ...]]
-
-    def __init__(self, run: RunInput) -> None:
-        self._ctx = run.context
-        self._raw_input = run.input
-        now = workflow.now()
-        self._stage = Stage.INTAKE
-        self._stages = [StageEntry(stage=Stage.INTAKE, entered_at=now)]
-        self._approvals: dict[str, ApprovalState] = {}
-        self._attempts: dict[str, int] = {}
-        self._usage = Usage()
-        self._error: ErrorInfo | None = None
-        self._result: dict[str, Any] | None = None
-        self._status = RunStatus.RUNNING
-        self._outbox: list[AuditEvent] = []
-        self._seq = 0
-        self._model_calls = 0
-        self._run_budget_nusd = (
-            round(run.context.budget_usd * 1e9) if run.context.budget_usd is not None else None
-        )
-        self._started_at = now
-        self._progress: dict[str, int] = {}
-        self.audit(
-            "run.started",
-            {"pipeline": run.context.pipeline, "input_sha256": _digest(run.input)},
-            actor=run.context.requested_by,
-        )
-
-    # --- queries and updates ---------------------------------------------------------------
-
-    @workflow.query
-    def state(self) -> RunView:
-        return RunView(
-            run_id=self._ctx.run_id,
-            pipeline=self._ctx.pipeline,
-            tenant=self._ctx.tenant,
-            requested_by=self._ctx.requested_by,
-            status=self._status,
-            stage=self._stage,
-            stages=list(self._stages),
-            approvals=list(self._approvals.values()),
-            attempts=dict(self._attempts),
-            usage=self._usage.model_copy(),
-            last_error=self._error,
-            result=self._result,
-            started_at=self._started_at,
-            progress=dict(self._progress),
-        )
-
-    @workflow.update
-    async def decide(self, decision: DecideInput) -> DecideResult:
-        approval = self._approvals[decision.approval_id]
-        if decision.decision == "approve" and decision.edits:
-            current = approval.final_data or approval.proposal.data
-            approval.final_data = apply_edits(approval.proposal, current, decision.edits)
-        approval.decisions.append(
-            Decision(
-                principal=decision.principal,
-                decision=decision.decision,
-                comment=decision.comment,
-                edits=decision.edits,
-                decided_at=workflow.now(),
-            )
-        )
-        if decision.decision == "reject":
-            approval.status = ApprovalStatus.REJECTED
-        elif approval.approve_count >= approval.policy.quorum:
-            approval.status = ApprovalStatus.APPROVED
-        approval.version += 1
-        self.audit(
-            "approval.decided",
-            {
-                "approval_id": approval.approval_id,
-                "decision": decision.decision,
-                "comment": decision.comment,
-                "edits": decision.edits,
-                "status": approval.status,
-                "approvals": approval.approve_count,
-                "quorum": approval.policy.quorum,
-            },
-            actor=decision.principal,
-        )
-        return DecideResult(
-            approval_id=approval.approval_id,
-            status=approval.status,
-            approvals=approval.approve_count,
-            quorum=approval.policy.quorum,
-        )
-
-    @decide.validator
-    def _validate_decide(self, decision: DecideInput) -> None:
-        approval = self._approvals.get(decision.approval_id)
-        if approval is None:
-            raise ApplicationError(
-                "no such approval in this run", type=ErrorType.APPROVAL_NOT_FOUND
-            )
-        if approval.status is not ApprovalStatus.PENDING:
-            raise ApplicationError(
-                f"approval is already {approval.status.value}", type=ErrorType.APPROVAL_NOT_PENDING
-            )
-        if decision.principal == approval.requested_by and decision.decision == "approve":
-            raise ApplicationError(
-                "the requester cannot approve their own request", type=ErrorType.SELF_APPROVAL
-            )
-        if any(d.principal == decision.principal for d in approval.decisions):
-            raise ApplicationError(
-                "this principal has already decided this approval", type=ErrorType.ALREADY_DECIDED
-            )
-        named = decision.principal in approval.policy.principals
-        if not named and not set(decision.roles) & set(approval.eligible_roles):
-            raise ApplicationError(
-                f"deciding needs one of the roles {', '.join(approval.eligible_roles)}",
-                type=ErrorType.NOT_ELIGIBLE,
-            )
-        if decision.edits:
-            if decision.decision != "approve":
-                raise ApplicationError("edits come only with approve", type=ErrorType.INVALID_EDITS)
-            try:
-                apply_edits(
-                    approval.proposal, approval.final_data or approval.proposal.data, decision.edits
-                )
-            except InvalidEdits as exc:
-                raise ApplicationError(str(exc), type=ErrorType.INVALID_EDITS) from None
-
-    # --- building blocks for pipelines ---------------------------------------------------
-
-    def parse_input(self) -> Any:
-        try:
-            return self.input_model.model_validate(self._raw_input)
-        except ValidationError as exc:
-            raise ApplicationError(
-                f"invalid input: {exc.errors()[0]['msg']}",
-                type=ErrorType.INVALID_INPUT,
-                non_retryable=True,
-            ) from None
-
-    def set_progress(self, **counters: int) -> None:
-        self._progress.update(counters)
-
-    def enter(self, stage: Stage) -> None:
-        """Move the run to `stage`: stage history, search attribute, audit event."""
-        if stage == self._stage:
-            return
-        now = workflow.now()
-        self._stages[-1].left_at = now
-        self._stages.append(StageEntry(stage=stage, entered_at=now))
-        previous, self._stage = self._stage, stage
-        workflow.upsert_search_attributes([search.STAGE.value_set(stage.value)])
-        self.audit("stage.entered", {"stage": stage.value, "from": previous.value})
-
-    def audit(
-        self,
-        action: str,
-        data: dict[str, Any],
-        *,
-        actor: str | None = None,
-        actor_kind: ActorKind | None = None,
-    ) -> None:
-        """Buffer an audit event; the next ledger write stores it (exactly once)."""
-        self._seq += 1
-        info = workflow.info()
-        kind: ActorKind
-        if actor is None:
-            actor, kind = f"workflow:{self._ctx.pipeline}", "system"
-        else:
-            kind = actor_kind or "user"
-        self._outbox.append(
-            AuditEvent(
-                key=f"{info.workflow_id}:{info.first_execution_run_id}:{self._seq}",
-                tenant=self._ctx.tenant,
-                actor=actor,
-                actor_kind=kind,
-                action=action,
-                run_id=self._ctx.run_id,
-                at=workflow.now(),
-                data=data,
-            )
-        )
-
-    def _take_outbox(self) -> list[AuditEvent]:
-        events, self._outbox = self._outbox, []
-        return events
-
-    async def flush_audit(self) -> None:
-        if not self._outbox:
-            return
-        events = self._take_outbox()
-        try:
-            await workflow.execute_local_activity_method(
-                LedgerActivities.flush,
-                FlushAudit(events=events),
-                start_to_close_timeout=retries.LEDGER.start_to_close,
-                retry_policy=retries.LEDGER.retry,
-            )
-        except BaseException:
-            self._outbox = events + self._outbox
-            raise
 
     async def call_model(self, call: ModelCall) -> ModelReply:
         """Run one model step through the gateway activity (routing, budget, cache, usage)."""
+        while True:
+            try:
+                return await self._call_model_once(call)
+            except ActivityError as exc:
+                if (
+                    self.on_budget_exhausted != "approval"
+                    or _error_type(exc) != ErrorType.BUDGET_EXHAUSTED
+                ):
+                    raise
+                if not await self._raise_budget(exc):
+                    raise
+
+    async def _raise_budget(self, exc: ActivityError) -> bool:
+        """Ask for a bigger budget; True when approved and applied."""
+        detail = _error_detail(exc)
+        scope, limit = str(detail.get("scope", "run")), int(detail.get("limit_nusd", 0))
+        current = limit / 1e9
+        outcome = await self.request_approval(
+            Proposal(
+                kind="budget",
+                title=f"Raise the {scope} budget",
+                schema_name="budget",
+                data={
+                    "scope": scope,
+                    "current_usd": current,
+                    "requested_usd": max(current * 2, 0.01),
+                },
+                editable=("requested_usd",),
+                context={"period": detail.get("period", "run")},
+            ),
+            self.approval_policy("budget"),
+        )
+        if not outcome.approved:
+            return False
+        new_limit = round(float(outcome.data["requested_usd"]) * 1e9)
+        if scope == "run":
+            self._run_budget_nusd = new_limit
+        else:
+            await workflow.execute_local_activity_method(
+                LedgerActivities.raise_budget,
+                RaiseBudget(
+                    tenant=self._ctx.tenant,
+                    scope=scope,
+                    subject=self._ctx.requested_by if scope == "user" else "",
+                    period=str(detail.get("period", "day")),
+                    limit_nusd=new_limit,
+                    approval_id=outcome.approval_id,
+                    approved_by=outcome.decided_by,
+                ),
+                start_to_close_timeout=retries.LEDGER.start_to_close,
+                retry_policy=retries.LEDGER.retry,
+            )
+        self.audit(
+            "budget.raised",
+            {"scope": scope, "limit_nusd": new_limit, "approval_id": outcome.approval_id},
+        )
+        return True
+
+    async def use_tool(self, tool_use: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
+        """One tool call through the gateway; returns the `tool_result` block for the model.
+
+        A call that needs approval waits for it here (several may wait at once), then goes
+        through the gateway again: permissions are re-checked after the wait.
+        """
+        self.enter(Stage.TOOL_EXECUTION)
+        self._tool_calls += 1
+        info = workflow.info()
+        invocation = ToolInvocation(
+            context=self._ctx,
+            agent=self.pipeline,
+            call_id=str(tool_use.get("id", "")),
+            tool=str(tool_use.get("name", "")),
+            arguments=dict(tool_use.get("input") or {}),
+            # The Temporal run id: stable across this run's retries and replays, new after a
+            # re-drive (a reset starts a new run), so a re-driven step is a new operation.
+            op_key=f"{info.workflow_id}:{info.run_id}:tool:{self._tool_calls}",
+            facts=facts,
+        )
+        outcome = await self._invoke_tool(invocation)
+        if outcome.status == "needs_approval":
+            outcome = await self._approve_tool(invocation, outcome)
+        self._actions.append(
+            {
+                "tool": invocation.tool,
+                "status": outcome.status,
+                "rule": outcome.rule,
+                "arguments": outcome.arguments,
+            }
+        )
+        return {
+            "type": "tool_result",
+            "tool_use_id": invocation.call_id,
+            "content": outcome.content,
+            "is_error": outcome.is_error,
+        }
+
+    async def _approve_tool(self, invocation: ToolInvocation, pending: ToolOutcome) -> ToolOutcome:
+        spec = TOOLS[invocation.tool]
+        step = self.approval_policy("tool_call")
+        policy = step.model_copy(update={"roles": pending.approver_roles or step.roles})
+        decision = await self.request_approval(
+            Proposal(
+                kind="tool_call",
+                title=f"{invocation.tool} for {self._ctx.requested_by}",
+                schema_name=f"tool:{invocation.tool}",
+                data=pending.arguments,
+                editable=spec.editable,
+                context={**pending.facts, "rule": pending.rule},
+            ),
+            policy,
+        )
+        if not decision.approved:
+            why = f"a reviewer {decision.status.value} this call" + (
+                f": {decision.comment}" if decision.comment else ""
+            )
+            return pending.model_copy(update={"status": "denied", "content": why, "is_error": True})
+        grant = ApprovalGrant(
+            approval_id=decision.approval_id,
+            decided_by=decision.decided_by,
+            arguments=decision.data,
+        )
+        self.enter(Stage.TOOL_EXECUTION)
+        return await self._invoke_tool(invocation.model_copy(update={"approval": grant}))
+
+    async def _invoke_tool(self, invocation: ToolInvocation) -> ToolOutcome:
+        events = self._take_outbox()
+        policy = retries.TOOL
+        try:
+            return await workflow.execute_activity_method(
+                ToolActivities.invoke,
+                invocation.model_copy(update={"events": events}),
+                start_to_close_timeout=policy.start_to_close,
+                heartbeat_timeout=policy.heartbeat,
+                retry_policy=policy.retry,
+                priority=Priority(fairness_key=self._ctx.tenant[:64]),
+                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            )
+        except ActivityError as exc:
+            self._outbox = events + self._outbox
+            # The tool is broken, not the run: tell the model and let it carry on.
+            return ToolOutcome(
+                status="failed", content=f"the tool failed: {_message(exc)}", is_error=True
+            )
+
+    async def _call_model_once(self, call: ModelCall) -> ModelReply:
         self.enter(Stage.MODEL_CALL)
         self._model_calls += 1
         info = workflow.info()
-        call_key = f"{info.workflow_id}:{info.first_execution_run_id}:model:{self._model_calls}"
+        # Stable across retries and replays of this run; new after a re-drive, so the re-driven
+        # call is reserved, charged and recorded as the new attempt it is.
+        call_key = f"{info.workflow_id}:{info.run_id}:model:{self._model_calls}"
         events = self._take_outbox()
         policy = retries.MODEL
         try:
@@ -299,114 +238,6 @@ class PipelineWorkflow:
     def model_task_queue(self) -> str:
         # Model calls run on their own rate-limited queue: `<workflow queue>-model`.
         return f"{workflow.info().task_queue}-model"
-
-    def approval_policy(self, step: str) -> ApprovalPolicy:
-        return self._ctx.approvals.get(step) or ApprovalPolicy()
-
-    async def request_approval(self, proposal: Proposal, policy: ApprovalPolicy) -> ApprovalOutcome:
-        """Ask humans to decide; wait through deadlines (escalate, remind or expire)."""
-        self.enter(Stage.REVIEW)
-        now = workflow.now()
-        approval = ApprovalState(
-            approval_id=f"ap_{workflow.uuid4().hex[:24]}",
-            proposal=proposal,
-            policy=policy,
-            requested_by=self._ctx.requested_by,
-            created_at=now,
-            deadline_at=now + timedelta(seconds=policy.timeout_seconds),
-        )
-        self._approvals[approval.approval_id] = approval
-        self._sync_approval_attributes()
-        self.audit(
-            "approval.requested",
-            {
-                "approval_id": approval.approval_id,
-                "kind": proposal.kind,
-                "title": proposal.title,
-                "proposal": proposal.data,
-                "roles": list(approval.eligible_roles),
-                "principals": list(policy.principals),
-                "quorum": policy.quorum,
-                "deadline_at": approval.deadline_at.isoformat(),
-            },
-        )
-        await self._publish(approval)
-        # No try/finally around workflow APIs here: on eviction the SDK destroys this
-        # coroutine outside the workflow's event loop. Cancellation is handled in `drive`.
-        await self._wait_for_decision(approval)
-        self._sync_approval_attributes()
-        await self._publish(approval)
-        last = approval.decisions[-1] if approval.decisions else None
-        return ApprovalOutcome(
-            approval_id=approval.approval_id,
-            status=approval.status,
-            data=approval.final_data or proposal.data,
-            decided_by=tuple(d.principal for d in approval.decisions),
-            comment=last.comment if last else "",
-        )
-
-    async def _wait_for_decision(self, approval: ApprovalState) -> None:
-        while approval.status is ApprovalStatus.PENDING:
-            remaining = (approval.deadline_at - workflow.now()).total_seconds()
-            try:
-                await workflow.wait_condition(
-                    lambda: approval.status is not ApprovalStatus.PENDING,
-                    timeout=max(remaining, 0.001),
-                    timeout_summary=f"approval {approval.approval_id} deadline",
-                )
-            except TimeoutError:
-                self._on_deadline(approval)
-                if approval.status is ApprovalStatus.PENDING:
-                    await self._publish(approval)
-
-    def _on_deadline(self, approval: ApprovalState) -> None:
-        policy = approval.policy
-        now = workflow.now()
-        can_escalate = approval.level + 1 < len(policy.roles)
-        can_remind = approval.reminders < policy.max_reminders
-        data: dict[str, Any]
-        if policy.on_deadline is OnDeadline.ESCALATE and can_escalate:
-            approval.level += 1
-            approval.deadline_at = now + timedelta(seconds=policy.timeout_seconds)
-            action, data = "approval.escalated", {"roles": list(approval.eligible_roles)}
-        elif policy.on_deadline is OnDeadline.REMIND and can_remind:
-            approval.reminders += 1
-            approval.deadline_at = now + timedelta(seconds=policy.timeout_seconds)
-            action, data = "approval.reminded", {"reminder": approval.reminders}
-        else:
-            approval.status = ApprovalStatus.EXPIRED
-            action, data = "approval.expired", {"policy": policy.on_deadline.value}
-        approval.version += 1
-        self._sync_approval_attributes()
-        self.audit(action, {"approval_id": approval.approval_id, **data})
-
-    def _sync_approval_attributes(self) -> None:
-        pending = [a for a in self._approvals.values() if a.status is ApprovalStatus.PENDING]
-        roles = sorted({r for a in pending for r in a.eligible_roles})
-        workflow.upsert_search_attributes(
-            [
-                search.PENDING_APPROVAL.value_set(bool(pending)),
-                search.APPROVAL_ROLES.value_set(roles),
-            ]
-        )
-
-    async def _publish(self, approval: ApprovalState) -> None:
-        events = self._take_outbox()
-        try:
-            await workflow.execute_local_activity_method(
-                LedgerActivities.publish_approval,
-                PublishApproval(
-                    context=self._ctx,
-                    workflow_id=workflow.info().workflow_id,
-                    approval=approval.model_copy(deep=True),
-                    events=events,
-                ),
-                start_to_close_timeout=retries.LEDGER.start_to_close,
-                retry_policy=retries.LEDGER.retry,
-            )
-        except BaseException:
-            self._outbox = events + self._outbox
-            raise
 
     # --- the run's lifecycle -------------------------------------------------------------
 
@@ -463,17 +294,6 @@ class PipelineWorkflow:
             await self._publish(approval)
         await self.flush_audit()
 
-    def _cancel_pending_approvals(self) -> list[ApprovalState]:
-        cancelled = []
-        for approval in self._approvals.values():
-            if approval.status is ApprovalStatus.PENDING:
-                approval.status = ApprovalStatus.CANCELLED
-                approval.version += 1
-                cancelled.append(approval)
-        if cancelled:
-            self._sync_approval_attributes()
-        return cancelled
-
 
 def _failure(exc: ActivityError | ApplicationError) -> ApplicationError:
     """The workflow's own failure: the cause's type and message, never retried as a whole."""
@@ -493,7 +313,16 @@ def _attempt_of(exc: BaseException) -> int:
     return 0
 
 
-def _digest(value: Any) -> str:
-    """Input fingerprint for the audit log: the input itself may be sensitive."""
-    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+def _error_type(exc: ActivityError) -> str | None:
+    return exc.cause.type if isinstance(exc.cause, ApplicationError) else None
+
+
+def _error_detail(exc: ActivityError) -> dict[str, Any]:
+    cause = exc.cause
+    if isinstance(cause, ApplicationError) and cause.details and isinstance(cause.details[0], dict):
+        return dict(cause.details[0])
+    return {}
+
+
+def _message(exc: ActivityError) -> str:
+    return exc.cause.message if isinstance(exc.cause, ApplicationError) else str(exc)

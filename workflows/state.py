@@ -137,6 +137,9 @@ class Proposal(Frozen):
     schema_name: str
     data: dict[str, Any]
     editable: tuple[str, ...] = ()
+    # Facts the decision depends on that are not editable (e.g. the ticket's customer email,
+    # against which an email recipient is checked).
+    context: dict[str, Any] = Field(default_factory=dict)
 
 
 class Decision(Frozen):

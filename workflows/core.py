@@ -1,0 +1,180 @@
+"""The run's own record: stages, state query, progress and the audit outbox.
+
+`RunCore` is the bottom of every pipeline workflow (see `workflows.base`). It owns what the
+`state` query shows and how the run's audit events are buffered: events wait in workflow
+state and the next ledger write stores them, keyed by run and sequence number, so replays and
+retries never duplicate them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ValidationError
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.ledger import LedgerActivities
+    from activities.types import (
+        FlushAudit,
+    )
+    from policies import retries
+    from stead.errors import ErrorType
+    from workflows import search
+    from workflows.state import (
+        ActorKind,
+        ApprovalState,
+        AuditEvent,
+        ErrorInfo,
+        RunInput,
+        RunStatus,
+        RunView,
+        Stage,
+        StageEntry,
+        Usage,
+    )
+
+
+class RunCore:
+    """Explicit run state. Subclasses add approvals (`workflows.approvals`) and steps."""
+
+    pipeline: ClassVar[str]
+    input_model: ClassVar[type[BaseModel]]
+    stages: ClassVar[tuple[Stage, ...]]
+    # What a model call refused by a budget does: fail the run (non-retryable), or park for an
+    # approval to raise the budget and then try again.
+    on_budget_exhausted: ClassVar[Literal["fail", "approval"]] = "fail"
+
+    def __init__(self, run: RunInput) -> None:
+        self._ctx = run.context
+        self._raw_input = run.input
+        now = workflow.now()
+        self._stage = Stage.INTAKE
+        self._stages = [StageEntry(stage=Stage.INTAKE, entered_at=now)]
+        self._approvals: dict[str, ApprovalState] = {}
+        self._attempts: dict[str, int] = {}
+        self._usage = Usage()
+        self._error: ErrorInfo | None = None
+        self._result: dict[str, Any] | None = None
+        self._status = RunStatus.RUNNING
+        self._outbox: list[AuditEvent] = []
+        self._seq = 0
+        self._model_calls = 0
+        self._tool_calls = 0
+        self._actions: list[dict[str, Any]] = []
+        self._run_budget_nusd = (
+            round(run.context.budget_usd * 1e9) if run.context.budget_usd is not None else None
+        )
+        self._started_at = now
+        self._progress: dict[str, int] = {}
+        self.audit(
+            "run.started",
+            {"pipeline": run.context.pipeline, "input_sha256": _digest(run.input)},
+            actor=run.context.requested_by,
+        )
+
+    # --- queries and updates ---------------------------------------------------------------
+
+    @workflow.query
+    def state(self) -> RunView:
+        return RunView(
+            run_id=self._ctx.run_id,
+            pipeline=self._ctx.pipeline,
+            tenant=self._ctx.tenant,
+            requested_by=self._ctx.requested_by,
+            status=self._status,
+            stage=self._stage,
+            stages=list(self._stages),
+            approvals=list(self._approvals.values()),
+            attempts=dict(self._attempts),
+            usage=self._usage.model_copy(),
+            last_error=self._error,
+            result=self._result,
+            started_at=self._started_at,
+            progress=dict(self._progress),
+        )
+
+    def parse_input(self) -> Any:
+        try:
+            return self.input_model.model_validate(self._raw_input)
+        except ValidationError as exc:
+            raise ApplicationError(
+                f"invalid input: {exc.errors()[0]['msg']}",
+                type=ErrorType.INVALID_INPUT,
+                non_retryable=True,
+            ) from None
+
+    def set_progress(self, **counters: int) -> None:
+        self._progress.update(counters)
+
+    def enter(self, stage: Stage) -> None:
+        """Move the run to `stage`: stage history, search attribute, audit event."""
+        if stage == self._stage:
+            return
+        now = workflow.now()
+        self._stages[-1].left_at = now
+        self._stages.append(StageEntry(stage=stage, entered_at=now))
+        previous, self._stage = self._stage, stage
+        workflow.upsert_search_attributes([search.STAGE.value_set(stage.value)])
+        self.audit("stage.entered", {"stage": stage.value, "previous": previous.value})
+
+    def audit(
+        self,
+        action: str,
+        data: dict[str, Any],
+        *,
+        actor: str | None = None,
+        actor_kind: ActorKind | None = None,
+    ) -> None:
+        """Buffer an audit event; the next ledger write stores it (exactly once)."""
+        self._seq += 1
+        info = workflow.info()
+        kind: ActorKind
+        if actor is None:
+            actor, kind = f"workflow:{self._ctx.pipeline}", "system"
+        else:
+            kind = actor_kind or "user"
+        self._outbox.append(
+            AuditEvent(
+                # Replays rebuild the same key (same sequence, same workflow time), so an event is
+                # stored once; after a re-drive the sequence repeats but the time does not, so
+                # what the run does after the reset is recorded rather than taken for a duplicate.
+                key=f"{info.workflow_id}:{info.first_execution_run_id}:{self._seq}"
+                f":{int(workflow.now().timestamp() * 1000)}",
+                tenant=self._ctx.tenant,
+                actor=actor,
+                actor_kind=kind,
+                action=action,
+                run_id=self._ctx.run_id,
+                at=workflow.now(),
+                data=data,
+            )
+        )
+
+    def _take_outbox(self) -> list[AuditEvent]:
+        events, self._outbox = self._outbox, []
+        return events
+
+    async def flush_audit(self) -> None:
+        if not self._outbox:
+            return
+        events = self._take_outbox()
+        try:
+            await workflow.execute_local_activity_method(
+                LedgerActivities.flush,
+                FlushAudit(events=events),
+                start_to_close_timeout=retries.LEDGER.start_to_close,
+                retry_policy=retries.LEDGER.retry,
+            )
+        except BaseException:
+            self._outbox = events + self._outbox
+            raise
+
+
+def _digest(value: Any) -> str:
+    """Input fingerprint for the audit log: the input itself may be sensitive."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
