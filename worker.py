@@ -17,24 +17,37 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import anthropic
+import httpx
 import httpx2
+from pydantic import SecretStr
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.ledger import LedgerActivities
 from activities.model import ModelActivities
+from activities.retrieval import RetrievalActivities
+from activities.tools import HttpIntegration, Integrations, ToolActivities
 from policies.models import load_prices, load_routing
+from policies.permissions import load_policy
 from stead.config import Settings, load_settings
 from stead.temporal import connect
 from store import budgets
 from store.audit import audit_writer
 from store.db import Pool, pool_from_settings
 from workflows.base import PipelineWorkflow
+from workflows.doc_qa import DocQaWorkflow
+from workflows.ingest import IngestWorkflow
 from workflows.summarize import SummarizeWorkflow
+from workflows.support_agent import SupportAgentWorkflow
 
 log = logging.getLogger("stead.worker")
 
-WORKFLOWS: Sequence[type[PipelineWorkflow]] = (SummarizeWorkflow,)
+WORKFLOWS: Sequence[type[PipelineWorkflow]] = (
+    SummarizeWorkflow,
+    SupportAgentWorkflow,
+    IngestWorkflow,
+    DocQaWorkflow,
+)
 
 
 def model_client(settings: Settings) -> anthropic.AsyncAnthropic:
@@ -59,6 +72,30 @@ def model_client(settings: Settings) -> anthropic.AsyncAnthropic:
 class Deps:
     pool: Pool
     model: anthropic.AsyncAnthropic
+    http: httpx.AsyncClient
+
+    async def close(self) -> None:
+        await self.model.close()
+        await self.http.aclose()
+
+
+def make_deps(pool: Pool, settings: Settings) -> Deps:
+    return Deps(pool=pool, model=model_client(settings), http=httpx.AsyncClient(timeout=20))
+
+
+def integrations(settings: Settings, http: httpx.AsyncClient) -> Integrations:
+    """Each integration with its own credentials; none of them ever reaches a prompt."""
+
+    def secret(value: SecretStr | None) -> str | None:
+        return value.get_secret_value() if value is not None else None
+
+    return Integrations(
+        payments=HttpIntegration(
+            "payments", settings.payments_url, secret(settings.payments_token)
+        ),
+        email=HttpIntegration("email", settings.email_url, secret(settings.email_token)),
+        http=http,
+    )
 
 
 def build_workers(
@@ -75,12 +112,28 @@ def build_workers(
         audit,
         heartbeat_every=settings.heartbeat_seconds,
     )
+    tools = ToolActivities(
+        deps.pool,
+        load_policy(),
+        audit,
+        integrations(settings, deps.http),
+        heartbeat_every=settings.heartbeat_seconds,
+    )
+    retrieval = RetrievalActivities(deps.pool)
     throttle = timedelta(seconds=settings.heartbeat_seconds)
     main = Worker(
         client,
         task_queue=queue,
         workflows=list(WORKFLOWS),
-        activities=[ledger.flush, ledger.publish_approval],
+        activities=[
+            ledger.flush,
+            ledger.publish_approval,
+            ledger.raise_budget,
+            tools.invoke,
+            retrieval.chunk_document,
+            retrieval.search,
+            retrieval.mark_document,
+        ],
         max_heartbeat_throttle_interval=throttle,
         default_heartbeat_throttle_interval=throttle,
     )
@@ -111,7 +164,7 @@ async def sweep_forever(pool: Pool, every: timedelta = timedelta(minutes=1)) -> 
 async def run(settings: Settings) -> None:
     pool = await pool_from_settings(settings, "worker")
     client = await connect(settings)
-    deps = Deps(pool=pool, model=model_client(settings))
+    deps = make_deps(pool, settings)
     workers = build_workers(client, settings, deps)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -124,7 +177,7 @@ async def run(settings: Settings) -> None:
     sweeper.cancel()
     await asyncio.gather(*(w.shutdown() for w in workers))
     await asyncio.gather(*tasks, return_exceptions=True)
-    await deps.model.close()
+    await deps.close()
     await pool.close()
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from temporalio import activity
 
-from activities.types import FlushAudit, PublishApproval
-from store import approvals
+from activities.types import FlushAudit, PublishApproval, RaiseBudget
+from store import approvals, budgets
 from store.audit import AuditWriter
 from store.db import Pool
 
@@ -29,3 +29,15 @@ class LedgerActivities:
         async with self._pool.acquire() as conn, conn.transaction():
             await approvals.upsert(conn, change.context, change.workflow_id, change.approval)
             await self._audit.append(conn, change.events)
+
+    @activity.defn(name="ledger.raise_budget")
+    async def raise_budget(self, change: RaiseBudget) -> None:
+        async with self._pool.acquire() as conn:
+            await budgets.set_budget(
+                conn,
+                change.tenant,
+                change.scope,
+                change.subject,
+                change.period,
+                change.limit_nusd / 1e9,
+            )

@@ -30,6 +30,18 @@ class PublishApproval(Frozen):
     events: list[AuditEvent] = Field(default_factory=list)
 
 
+class RaiseBudget(Frozen):
+    """An approved budget increase (customer or user scope) to apply."""
+
+    tenant: str
+    scope: Literal["customer", "user"]
+    subject: str
+    period: str
+    limit_nusd: int
+    approval_id: str
+    approved_by: tuple[str, ...]
+
+
 class ModelCall(Frozen):
     """One model step. `step` names it in the run (for the ledger); `task` picks the route."""
 
@@ -66,3 +78,94 @@ class ModelReply(Frozen):
     @property
     def tool_uses(self) -> list[dict[str, Any]]:
         return [b for b in self.content if b.get("type") == "tool_use"]
+
+
+class ApprovalGrant(Frozen):
+    """Proof that humans approved a tool call, with the (possibly edited) arguments."""
+
+    approval_id: str
+    decided_by: tuple[str, ...]
+    arguments: dict[str, Any]
+
+
+class ToolInvocation(Frozen):
+    """One tool call by an agent acting for the run's requester.
+
+    `facts` are trusted values from the run itself (e.g. the ticket's customer id), never from
+    the model; constraints such as "email only the customer's own domain" are checked
+    against them. `op_key` is the side effect's idempotency key.
+    """
+
+    context: RunContext
+    agent: str
+    call_id: str
+    tool: str
+    arguments: dict[str, Any]
+    op_key: str
+    facts: dict[str, Any] = Field(default_factory=dict)
+    approval: ApprovalGrant | None = None
+    events: list[AuditEvent] = Field(default_factory=list)
+
+
+ToolStatus = Literal["executed", "denied", "needs_approval", "failed"]
+
+
+class ToolOutcome(Frozen):
+    status: ToolStatus
+    content: str
+    is_error: bool = False
+    rule: str = ""
+    reason: str = ""
+    approver_roles: tuple[str, ...] = ()
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    facts: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+# --- Retrieval (doc-qa) ------------------------------------------------------------------------
+
+
+class ChunkDocument(Frozen):
+    """Chunk a stored document and store chunks `first_chunk` up to `first_chunk + max_chunks`.
+
+    Only the id travels: the activity reads the text from PostgreSQL. Chunking is a pure
+    function of the text and the sizes, so every batch (and every retry) sees the same chunks.
+    """
+
+    tenant: str
+    document_id: str
+    first_chunk: int = Field(0, ge=0)
+    max_chunks: int = Field(256, ge=1, le=10_000)
+    chunk_words: int = Field(200, ge=20, le=2_000)
+    overlap_words: int = Field(40, ge=0, le=500)
+
+
+class ChunkedDocument(Frozen):
+    document_id: str
+    total: int  # the document's chunk count
+    done: int  # chunks stored so far (`first_chunk` of the next batch)
+    written: int  # chunks this call stored that were not stored before
+
+
+class SearchPassages(Frozen):
+    tenant: str
+    query: str
+    limit: int = Field(5, ge=1, le=50)
+
+
+class Passage(Frozen):
+    document_id: str
+    chunk_no: int
+    title: str
+    text: str
+    rank: float
+
+
+class FoundPassages(Frozen):
+    passages: list[Passage]
+
+
+class MarkDocument(Frozen):
+    tenant: str
+    document_id: str
+    status: Literal["indexing", "ready", "failed"]

@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request, Response
 
 from api import errors
 from api.deps import Services
-from api.routes import approvals, health, runs
+from api.routes import admin, approvals, audit, documents, health, runs, usage
 from policies.permissions import load_policy
 from stead import metrics
 from stead.config import Settings, load_settings
@@ -49,6 +49,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     errors.install(app)
     app.include_router(runs.router)
     app.include_router(approvals.router)
+    app.include_router(audit.router)
+    app.include_router(documents.router)
+    app.include_router(admin.router)
+    app.include_router(usage.router)
     app.include_router(health.router)
     app.middleware("http")(_measure)
     return app

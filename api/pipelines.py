@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from workflows.base import PipelineWorkflow
+from workflows.doc_qa import DocQaWorkflow
+from workflows.ingest import IngestWorkflow
 from workflows.summarize import SummarizeWorkflow
+from workflows.support_agent import SupportAgentWorkflow
 
 PIPELINES: dict[str, type[PipelineWorkflow]] = {
     SummarizeWorkflow.pipeline: SummarizeWorkflow,
+    SupportAgentWorkflow.pipeline: SupportAgentWorkflow,
+    IngestWorkflow.pipeline: IngestWorkflow,
+    DocQaWorkflow.pipeline: DocQaWorkflow,
 }
+
+# Pipelines that only their own route starts (it prepares what the run needs first), with
+# that route: `POST /v1/runs` refuses them.
+STARTED_BY_ROUTE: dict[str, str] = {IngestWorkflow.pipeline: "POST /v1/documents"}

@@ -126,6 +126,7 @@ class RunOut(BaseModel):
     usage: UsageOut | None = None
     last_error: ErrorInfo | None = None
     result: dict[str, Any] | None = None
+    progress: dict[str, int] = Field(default_factory=dict)
     state_available: bool = Field(
         True,
         description="false when no worker answered the state query; facts then come "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from functools import cache
 from pathlib import Path
@@ -41,6 +42,8 @@ class Constraint(_Strict):
     # The argument is an email address whose domain must equal the domain of the email held
     # in this context key (e.g. only write to the customer's own domain).
     domain_of: str | None = None
+    # The value must equal this exactly (e.g. `restricted: false` on a record's attributes).
+    equals: bool | int | str | None = None
 
     @field_validator("pattern")
     @classmethod
@@ -63,6 +66,8 @@ class Constraint(_Strict):
                 return f"{self.field} {number} exceeds the limit {self.max}"
             if self.min is not None and number < self.min:
                 return f"{self.field} {number} is below the minimum {self.min}"
+        if self.equals is not None and value != self.equals:
+            return f"{self.field} must be {self.equals!r}"
         if self.in_ is not None and str(value) not in self.in_:
             return f"{self.field} must be one of {', '.join(self.in_)}"
         if self.pattern is not None and not re.fullmatch(self.pattern, str(value)):
@@ -108,12 +113,16 @@ class Verdict(_Strict):
 
 
 class Override(_Strict):
-    """A tenant's change to the file policy, stored in PostgreSQL. A deny always wins."""
+    """A tenant's change to the file policy, stored in PostgreSQL.
+
+    `allow` adds a grant; `deny` removes a capability and always wins; `approve` keeps the
+    capability but requires approval by `requires_approval` roles.
+    """
 
     id: int
     subject_kind: Literal["role", "agent", "principal"]
     subject: str
-    effect: Literal["allow", "deny"]
+    effect: Literal["allow", "deny", "approve"]
     action: Action
     resource: str
     constraints: tuple[Constraint, ...] = ()
@@ -127,6 +136,15 @@ class Override(_Strict):
             requires_approval=self.requires_approval,
             rule=f"override:{self.id}",
         )
+
+
+@dataclass(frozen=True)
+class Grants:
+    """What one subject (a user with roles, or an agent) holds after the tenant's overrides."""
+
+    allows: tuple[Grant, ...]
+    denies: tuple[Override, ...] = ()
+    gates: tuple[Override, ...] = ()
 
 
 class PermissionPolicy(_Strict):
@@ -155,7 +173,7 @@ class PermissionPolicy(_Strict):
 
     def user_grants(
         self, roles: Iterable[str], principal: str, overrides: Sequence[Override] = ()
-    ) -> tuple[list[Grant], list[Override]]:
+    ) -> Grants:
         roles = list(roles)
         grants = [g for r in roles for g in (self.roles[r].grants if r in self.roles else ())]
         mine = [
@@ -163,16 +181,19 @@ class PermissionPolicy(_Strict):
             for o in overrides
             if _applies(o, "role", roles) or _applies(o, "principal", [principal])
         ]
-        grants += [o.as_grant() for o in mine if o.effect == "allow"]
-        return grants, [o for o in mine if o.effect == "deny"]
+        return _with_overrides(grants, mine)
 
-    def agent_grants(
-        self, agent: str, overrides: Sequence[Override] = ()
-    ) -> tuple[list[Grant], list[Override]]:
+    def agent_grants(self, agent: str, overrides: Sequence[Override] = ()) -> Grants:
         grants = list(self.agents[agent].grants) if agent in self.agents else []
-        mine = [o for o in overrides if _applies(o, "agent", [agent])]
-        grants += [o.as_grant() for o in mine if o.effect == "allow"]
-        return grants, [o for o in mine if o.effect == "deny"]
+        return _with_overrides(grants, [o for o in overrides if _applies(o, "agent", [agent])])
+
+
+def _with_overrides(grants: list[Grant], overrides: list[Override]) -> Grants:
+    return Grants(
+        allows=(*grants, *(o.as_grant() for o in overrides if o.effect == "allow")),
+        denies=tuple(o for o in overrides if o.effect == "deny"),
+        gates=tuple(o for o in overrides if o.effect == "approve"),
+    )
 
 
 def _applies(override: Override, kind: str, subjects: Iterable[str]) -> bool:
@@ -187,16 +208,34 @@ def _named(grants: Iterable[Grant], prefix: str) -> tuple[Grant, ...]:
 
 
 def evaluate(
-    grants: Sequence[Grant],
-    denies: Sequence[Override],
+    grants: Grants,
     action: str,
     resource: str,
     args: Mapping[str, Any],
     context: Mapping[str, Any],
 ) -> Verdict:
-    for deny in denies:
+    for deny in grants.denies:
         if deny.as_grant().matches(action, resource):
             return Verdict(effect="deny", rule=f"override:{deny.id}", reason="denied by override")
+    verdict = _from_grants(grants.allows, action, resource, args, context)
+    gate = next((g for g in grants.gates if g.as_grant().matches(action, resource)), None)
+    if verdict.effect == "allow" and gate is not None:
+        return Verdict(
+            effect="approval",
+            rule=f"override:{gate.id}",
+            reason="the tenant requires approval",
+            approver_roles=gate.requires_approval,
+        )
+    return verdict
+
+
+def _from_grants(
+    grants: Sequence[Grant],
+    action: str,
+    resource: str,
+    args: Mapping[str, Any],
+    context: Mapping[str, Any],
+) -> Verdict:
     matching = [g for g in grants if g.matches(action, resource)]
     if not matching:
         return Verdict(

@@ -48,7 +48,9 @@ TOOL = ActivityPolicy(
         non_retryable_error_types=_NON_RETRYABLE,
     ),
     start_to_close=timedelta(seconds=60),
-    heartbeat=timedelta(seconds=20),
+    # Tools heartbeat every STEAD_HEARTBEAT_SECONDS while waiting on an integration: a worker
+    # that dies mid-call is noticed within this, and the call is retried with the same key.
+    heartbeat=timedelta(seconds=10),
 )
 
 RETRIEVAL = ActivityPolicy(

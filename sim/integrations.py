@@ -16,10 +16,12 @@ Contract shared by both services (one generic `IdempotentService`, two thin apps
   - Only successful effects are remembered: after a 4xx the key is still free.
 - `GET <resource>` lists the effects in creation order; `GET /v1/calls` lists every POST to the
   resource in the order it was answered, replays and rejections included.
-- `POST /_control/faults {"status", "count", "after_commit"}` makes the next `count` resource
-  POSTs that pass authentication and the key check answer `status`. With `after_commit` the
-  request is processed first (the effect is recorded), then the error is returned: a crash after
-  the side effect, which the caller's retry must resolve through the idempotent replay.
+- `POST /_control/faults {"status", "count", "after_commit", "hold_seconds"}` makes the next
+  `count` resource POSTs that pass authentication and the key check answer `status`. With
+  `after_commit` the request is processed first (the effect is recorded), then the error is
+  returned: a crash after the side effect, which the caller's retry must resolve through the
+  idempotent replay. `hold_seconds` delays that answer, so a drill can kill the caller while its
+  effect is done but unacknowledged.
 - `POST /_control/reset` forgets effects, keys, calls and faults, and empties the state file.
 
 With a `state_file`, each effect and its ledger entry are one JSON line, flushed and fsynced before
@@ -86,6 +88,8 @@ class RefundRequest(BaseModel):
     amount: str
     currency: str = Field(pattern=r"^[A-Z]{3}$")
     reason: str = Field(min_length=1, max_length=1000)
+    # Caller's references (like a payment provider's metadata), echoed back untouched.
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=20)
 
     @field_validator("amount")
     @classmethod
@@ -107,6 +111,7 @@ class MessageRequest(BaseModel):
     to: str = Field(max_length=254)
     subject: str = Field(min_length=1, max_length=998)
     body: str = Field(max_length=100_000)
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=20)
 
     @field_validator("to")
     @classmethod
@@ -132,6 +137,9 @@ class FaultSpec(BaseModel):
     status: int = Field(ge=400, le=599)
     count: int = Field(ge=0, le=10_000)
     after_commit: bool = False
+    # With after_commit: hold the answer this long after committing, so a drill can kill the
+    # caller while its side effect is done but unacknowledged.
+    hold_seconds: float = Field(0.0, ge=0, le=3600)
 
 
 class _LedgerEntry(BaseModel):
@@ -149,6 +157,7 @@ class _ArmedFault:
     status: int
     remaining: int
     after_commit: bool
+    hold_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -217,7 +226,7 @@ class IdempotentService(Generic[RequestT]):
 
     def arm_fault(self, spec: FaultSpec) -> None:
         """Make the next `spec.count` authenticated, keyed resource POSTs answer `spec.status`."""
-        self._fault = _ArmedFault(spec.status, spec.count, spec.after_commit)
+        self._fault = _ArmedFault(spec.status, spec.count, spec.after_commit, spec.hold_seconds)
 
     async def reset(self) -> None:
         """Forget everything, including the state file's contents."""
@@ -260,6 +269,8 @@ class IdempotentService(Generic[RequestT]):
         else:
             response = await asyncio.shield(self._apply(key, payload))
         if fault is not None:
+            if fault.hold_seconds:
+                await asyncio.sleep(fault.hold_seconds)
             return _injected(fault.status)
         return response
 

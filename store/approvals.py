@@ -39,6 +39,7 @@ async def upsert(
             "data": approval.final_data or approval.proposal.data,
             "schema": approval.proposal.schema_name,
             "editable": list(approval.proposal.editable),
+            "context": approval.proposal.context,
         },
         approval.requested_by,
         list(approval.eligible_roles),

@@ -141,3 +141,15 @@ async def get_principal(conn: Conn, tenant: str, principal: str) -> Principal | 
 async def tenant_plan(conn: Conn, tenant: str) -> str | None:
     plan = await conn.fetchval("SELECT plan FROM tenants WHERE id = $1", tenant)
     return str(plan) if plan is not None else None
+
+
+async def list_principals(conn: Conn, tenant: str) -> list[dict[str, object]]:
+    rows = await conn.fetch(
+        "SELECT p.id, p.kind, p.display_name, p.roles, p.created_at, p.disabled_at,"
+        " coalesce(array_agg(k.id) FILTER (WHERE k.id IS NOT NULL AND k.revoked_at IS NULL),"
+        " '{}') AS keys FROM principals p LEFT JOIN api_keys k ON k.tenant_id = p.tenant_id"
+        " AND k.principal_id = p.id WHERE p.tenant_id = $1"
+        " GROUP BY p.tenant_id, p.id ORDER BY p.id",
+        tenant,
+    )
+    return [dict(r) for r in rows]

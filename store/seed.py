@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from store import principals
+from store import crm, principals
 from store.db import Conn
 
 DEMO_TENANTS = {"acme": ("Acme Corp", "standard"), "globex": ("Globex", "enterprise")}
@@ -34,4 +34,16 @@ async def seed_demo(conn: Conn, existing: dict[str, str] | None = None) -> dict[
                     keys[label] = old  # type: ignore[assignment]  # old is a str when found
                 else:
                     keys[label] = await principals.create_key(conn, tenant, user, label="demo")
+    async with conn.transaction():
+        await crm.upsert_customer(conn, "acme", "cus_100", "Jane Doe", "jane@initech.example")
+        await crm.upsert_customer(
+            conn,
+            "acme",
+            "cus_900",
+            "Vera Important",
+            "vera@bigco.example",
+            restricted=True,
+            notes="VIP: restricted to approvers and admins",
+        )
+        await crm.upsert_customer(conn, "globex", "cus_100", "Hank Scorpio", "hank@globex.example")
     return keys

@@ -7,7 +7,9 @@ a fresh tenant (every table is tenant-scoped), a fresh task queue, its own worke
 from __future__ import annotations
 
 import base64
+import os
 import secrets
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -37,7 +39,7 @@ from store.db import Pool, create_pool
 from store.embedded import EmbeddedPostgres
 from store.migrate import migrate
 from tests.servers import serve_app
-from worker import Deps, build_workers, model_client
+from worker import build_workers, make_deps
 from workflows import search
 
 BIN = Path(sys.executable).parent
@@ -189,13 +191,13 @@ def test_settings(settings: Settings, task_queue: str) -> Settings:
 async def running_workers(
     client: Client, settings: Settings, pool: Pool
 ) -> AsyncIterator[list[Worker]]:
-    deps = Deps(pool=pool, model=model_client(settings))
+    deps = make_deps(pool, settings)
     workers = build_workers(client, settings, deps)
     async with AsyncExitStack() as stack:
         for w in workers:
             await stack.enter_async_context(w)
         yield workers
-    await deps.model.close()
+    await deps.close()
 
 
 @pytest.fixture
@@ -282,3 +284,30 @@ async def api_for(
     yield make
     for http in opened:
         await http.aclose()
+
+
+def spawn_worker(client: Client, settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    """A real worker process (`python worker.py`) on the test's Temporal, store and queue,
+    for tests that kill it with SIGKILL."""
+    secret = {
+        "STEAD_DATABASE_URL": settings.database_url,
+        "STEAD_PAYMENTS_TOKEN": settings.payments_token,
+        "STEAD_EMAIL_TOKEN": settings.email_token,
+    }
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("STEAD_")},
+        **{k: v.get_secret_value() for k, v in secret.items() if v is not None},
+        "STEAD_TEMPORAL_ADDRESS": client.service_client.config.target_host,
+        "STEAD_TASK_QUEUE": settings.task_queue,
+        "STEAD_MODEL_BASE_URL": settings.model_base_url or "",
+        "STEAD_PAYMENTS_URL": settings.payments_url or "",
+        "STEAD_EMAIL_URL": settings.email_url or "",
+        "STEAD_PAYLOAD_KEYS": PAYLOAD_KEYS,
+        "STEAD_WORKER_METRICS_PORT": "0",
+    }
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent.parent / "worker.py")],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from temporalio.client import Client
 from api.routes.runs import workflow_id
 from stead.config import Settings
 from store.db import Pool
-from tests.conftest import PAYLOAD_KEYS, SimControl, Tenant, TenantFactory, running_workers
+from tests.conftest import SimControl, Tenant, TenantFactory, running_workers, spawn_worker
 from tests.helpers import eventually, record_history, wait_json
 
 TEXT = {"pipeline": "summarize", "input": {"text": "Alpha beta gamma. Delta epsilon zeta."}}
@@ -76,6 +74,23 @@ async def test_refused_request_fails_then_resumes(
     assert actions.count("model.called") == 1
     assert actions.count("run.redriven") == 1
     assert actions.count("run.failed") == 1
+    # What the run did after the reset is recorded, not mistaken for the failed attempt's.
+    assert actions.count("approval.requested") == 1
+    async with pool.acquire() as conn:
+        charged = await conn.fetchval(
+            "SELECT count(*) FROM model_usage WHERE tenant_id = $1 AND run_id = $2",
+            tenant.id,
+            run_id,
+        )
+        reservations = await conn.fetch(
+            "SELECT status, charged_nusd FROM budget_reservations WHERE tenant_id = $1"
+            " ORDER BY created_at",
+            tenant.id,
+        )
+    assert charged == 1  # the re-driven call is billed as the new operation it is
+    assert [r["status"] for r in reservations] == ["settled", "settled"]
+    assert reservations[0]["charged_nusd"] == 0  # the refused attempt cost nothing
+    assert reservations[1]["charged_nusd"] > 0
     await record_history(
         client.get_workflow_handle(workflow_id(tenant.id, run_id)), "summarize_redriven"
     )
@@ -188,25 +203,8 @@ async def test_one_busy_tenant_does_not_starve_another(
 async def test_parked_runs_survive_a_killed_worker(
     client: Client, test_settings: Settings, api: httpx.AsyncClient, tenant: Tenant, tmp_path: Path
 ) -> None:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("STEAD_")},
-        "STEAD_TEMPORAL_ADDRESS": client.service_client.config.target_host,
-        "STEAD_DATABASE_URL": test_settings.database_url.get_secret_value()
-        if test_settings.database_url
-        else "",
-        "STEAD_TASK_QUEUE": test_settings.task_queue,
-        "STEAD_MODEL_BASE_URL": test_settings.model_base_url or "",
-        "STEAD_PAYLOAD_KEYS": PAYLOAD_KEYS,
-        "STEAD_WORKER_METRICS_PORT": "0",
-    }
-
     def spawn() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "worker.py"],
-            env=env,
-            stdout=(tmp_path / "worker.log").open("ab"),
-            stderr=subprocess.STDOUT,
-        )
+        return spawn_worker(client, test_settings, tmp_path / "worker.log")
 
     first = spawn()
     try:

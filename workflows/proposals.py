@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from policies.tools import TOOLS
 from workflows.state import Proposal
 
 
@@ -62,6 +63,14 @@ SCHEMAS: dict[str, type[_Schema]] = {
 }
 
 
+def schema_for(name: str) -> type[BaseModel] | None:
+    """A proposal schema by name; `tool:<name>` is that tool's input model."""
+    if name.startswith("tool:"):
+        spec = TOOLS.get(name.removeprefix("tool:"))
+        return spec.input_model if spec else None
+    return SCHEMAS.get(name)
+
+
 class InvalidEdits(ValueError):
     """Edits touch a field that is not editable, or make the proposal invalid."""
 
@@ -74,7 +83,7 @@ def apply_edits(
     if forbidden:
         allowed = ", ".join(proposal.editable) or "none"
         raise InvalidEdits(f"fields not editable: {', '.join(forbidden)} (editable: {allowed})")
-    schema = SCHEMAS.get(proposal.schema_name)
+    schema = schema_for(proposal.schema_name)
     if schema is None:
         raise InvalidEdits(f"unknown proposal schema {proposal.schema_name!r}")
     try:

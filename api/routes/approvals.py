@@ -10,18 +10,25 @@ from __future__ import annotations
 
 import base64
 import binascii
+from dataclasses import replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from fastapi import APIRouter, Query
 from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import CurrentPrincipal, ServicesDep, require
+from api.deps import CurrentPrincipal, Services, ServicesDep, require
 from api.errors import ApiError, Conflict, Forbidden, Invalid, NotFound, Unavailable
 from api.schemas import ApprovalOut, DecisionIn, DecisionOut, Page
+from policies.permissions import evaluate
+from policies.tools import TOOLS
+from stead import metrics
 from stead.errors import ErrorType
 from store import approvals as approvals_store
+from store import policy as policy_store
+from store.principals import Principal
 from workflows.base import PipelineWorkflow
 from workflows.proposals import InvalidEdits, apply_edits
 from workflows.state import DecideInput, Proposal
@@ -102,18 +109,22 @@ async def decide(
         raise NotFound("no such approval")
     if not approvals_store.is_open(row):
         raise Conflict(f"approval is already {row['status']}")
+    proposal = Proposal(
+        kind=row["kind"],
+        title=row["title"],
+        schema_name=row["proposal"]["schema"],
+        data=row["proposal"]["data"],
+        editable=tuple(row["proposal"].get("editable", ())),
+        context=row["proposal"].get("context", {}),
+    )
+    final = proposal.data
     if body.edits:
-        proposal = Proposal(
-            kind=row["kind"],
-            title=row["title"],
-            schema_name=row["proposal"]["schema"],
-            data=row["proposal"]["data"],
-            editable=tuple(row["proposal"].get("editable", ())),
-        )
         try:
-            apply_edits(proposal, proposal.data, body.edits)
+            final = apply_edits(proposal, proposal.data, body.edits)
         except InvalidEdits as exc:
             raise Invalid(str(exc)) from None
+    if proposal.kind == "tool_call" and body.decision == "approve":
+        await _approver_holds_the_right(svc, principal, proposal, final)
     handle = svc.temporal.get_workflow_handle(row["workflow_id"])
     try:
         result = await handle.execute_update(
@@ -140,3 +151,26 @@ async def decide(
             raise Conflict("the run is no longer running") from None
         raise
     return DecisionOut(**result.model_dump(exclude={"approval_id"}), approval_id=approval_id)
+
+
+async def _approver_holds_the_right(
+    svc: Services, principal: Principal, proposal: Proposal, arguments: dict[str, Any]
+) -> None:
+    """Approving a tool call needs the right to make that exact call yourself, now: e.g. only
+    a user who may refund this amount may approve an agent's refund."""
+    spec = TOOLS.get(proposal.schema_name.removeprefix("tool:"))
+    if spec is None:
+        raise Conflict("this approval names a tool that no longer exists")
+    async with svc.pool.acquire() as conn:
+        overrides = await policy_store.overrides(conn, principal.tenant)
+    grants = svc.permissions.user_grants(principal.roles, principal.id, overrides)
+    # A tenant's approval gate applies to the agent's call, not to the approver deciding it.
+    verdict = evaluate(
+        replace(grants, gates=()), spec.action, spec.resource, arguments, proposal.context
+    )
+    if not verdict.allowed:
+        metrics.PERMISSION_DENIALS.labels("approval", spec.name).inc()
+        raise Forbidden(
+            f"approving needs the right to {spec.action} {spec.resource} yourself"
+            f" ({verdict.reason or verdict.effect})"
+        )

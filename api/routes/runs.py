@@ -39,7 +39,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import CurrentPrincipal, Services, ServicesDep, require
 from api.errors import Conflict, Forbidden, Invalid, NotFound
-from api.pipelines import PIPELINES
+from api.pipelines import PIPELINES, STARTED_BY_ROUTE
 from api.schemas import (
     ApprovalOut,
     Page,
@@ -122,6 +122,8 @@ async def start_run(
     workflow_cls = PIPELINES.get(body.pipeline)
     if workflow_cls is None:
         raise Invalid(f"unknown pipeline {body.pipeline!r}; known: {', '.join(sorted(PIPELINES))}")
+    if body.pipeline in STARTED_BY_ROUTE:
+        raise Invalid(f"pipeline {body.pipeline!r} is started by {STARTED_BY_ROUTE[body.pipeline]}")
     try:
         workflow_cls.input_model.model_validate(body.input)
     except ValidationError as exc:
@@ -318,6 +320,7 @@ async def get_run(run_id: str, svc: ServicesDep, principal: CurrentPrincipal) ->
         usage=UsageOut.of(view.usage),
         last_error=view.last_error,
         result=view.result,
+        progress=view.progress,
     )
 
 

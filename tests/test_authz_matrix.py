@@ -1,0 +1,191 @@
+"""The authorization matrix: every API route, called without credentials, with a bad key,
+with a principal that holds no rights, and as another tenant with a forged id.
+
+Routes are enumerated from the app itself, so a new route fails this test until it has an
+entry in `CASES` (a path-parameter sample and a valid body): nothing ships unexamined.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from api.app import create_app
+from store import crm
+from store import policy as policy_store
+from store.db import Pool
+from tests.conftest import Tenant, TenantFactory
+from tests.helpers import wait_json
+
+# Routes open to anyone by design.
+PUBLIC = {("GET", "/healthz"), ("GET", "/metrics")}
+# Path parameters that name a tenant's object (others, like a pipeline name, do not).
+OBJECTS = ("{run_id}", "{approval_id}", "{document_id}", "{user_id}", "{key_id}", "{grant_id}")
+
+
+@dataclass
+class World:
+    """Tenant A's real objects, which tenant B will try to reach by id."""
+
+    tenant: Tenant
+    ids: dict[str, str]
+
+
+@pytest.fixture
+async def world(api: httpx.AsyncClient, make_tenant: TenantFactory, pool: Pool) -> World:
+    unique_user = f"alice-{uuid.uuid4().hex[:8]}"
+    tenant = await make_tenant(
+        {
+            "requester": ["requester"],
+            "approver": ["approver"],
+            "admin": ["admin"],
+            unique_user: ["requester"],
+        }
+    )
+    auth = tenant.auth("requester")
+    async with pool.acquire() as conn:
+        await crm.upsert_customer(conn, tenant.id, "cus_1", "Jane", "jane@a.test")
+        grant = await policy_store.add_override(
+            conn,
+            tenant.id,
+            {
+                "subject_kind": "role",
+                "subject": "requester",
+                "effect": "deny",
+                "action": "read",
+                "resource": "document",
+            },
+            by="admin",
+        )
+    started = await api.post(
+        "/v1/runs",
+        json={"pipeline": "summarize", "input": {"text": "secret plans of A"}},
+        headers=auth,
+    )
+    run_id = started.json()["run_id"]
+    run = await wait_json(api, f"/v1/runs/{run_id}", auth, lambda b: bool(b["pending_approvals"]))
+    approval_id = run["pending_approvals"][0]["approval_id"]
+    document = await api.post(
+        "/v1/documents",
+        json={"title": "A handbook", "text": "A's confidential text."},
+        headers=tenant.auth("admin"),
+    )
+    assert document.status_code == 201, document.text
+    return World(
+        tenant,
+        {
+            "run_id": run_id,
+            "approval_id": approval_id,
+            "document_id": document.json()["document_id"],
+            "user_id": unique_user,
+            "key_id": tenant.keys[unique_user].split("_")[1],
+            "grant_id": str(grant),
+            "pipeline": "summarize",
+            "step": "review",
+        },
+    )
+
+
+# A valid body per route, so that a refusal is about authorization, never validation.
+BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("POST", "/v1/runs"): {"pipeline": "summarize", "input": {"text": "hello"}},
+    ("POST", "/v1/runs/{run_id}/retry"): {"mode": "restart"},
+    ("POST", "/v1/approvals/{approval_id}/decision"): {"decision": "approve"},
+    ("POST", "/v1/documents"): {"title": "t", "text": "x"},
+    ("POST", "/v1/admin/users"): {"id": "mallory", "roles": ["admin"]},
+    ("PUT", "/v1/admin/users/{user_id}/roles"): {"roles": ["admin"]},
+    ("POST", "/v1/admin/users/{user_id}/keys"): {"label": "x"},
+    ("POST", "/v1/admin/grants"): {
+        "subject_kind": "role",
+        "subject": "requester",
+        "effect": "allow",
+        "action": "*",
+        "resource": "*",
+    },
+    ("PUT", "/v1/admin/budgets"): {"scope": "customer", "period": "day", "limit_usd": 1000},
+    ("PUT", "/v1/admin/approval-policies/{pipeline}/{step}"): {"roles": ["requester"]},
+    ("PUT", "/v1/admin/redaction"): {"drop": [], "mask": ["notes"]},
+}
+
+
+def routes() -> list[tuple[str, str]]:
+    """Every documented operation: the API's public contract."""
+    paths = create_app().openapi()["paths"]
+    return sorted((method.upper(), path) for path, ops in paths.items() for method in ops)
+
+
+ROUTES = [r for r in routes() if r not in PUBLIC and not r[1].startswith("/codec")]
+
+
+def fill(path: str, ids: dict[str, str]) -> str:
+    for name, value in ids.items():
+        path = path.replace("{" + name + "}", value)
+    assert "{" not in path, f"no sample id for a parameter of {path}: add it to World.ids"
+    return path
+
+
+async def call(
+    api: httpx.AsyncClient, method: str, path: str, ids: dict[str, str], headers: dict[str, str]
+) -> httpx.Response:
+    body = BODIES.get((method, path))
+    return await api.request(method, fill(path, ids), json=body, headers=headers)
+
+
+@pytest.mark.usefixtures("worker")
+@pytest.mark.parametrize(("method", "path"), ROUTES, ids=[f"{m} {p}" for m, p in ROUTES])
+async def test_route_refuses_strangers(
+    api: httpx.AsyncClient, world: World, make_tenant: TenantFactory, method: str, path: str
+) -> None:
+    a = world.tenant
+    nobody = await make_tenant({"nobody": [], "admin": ["admin"], "requester": ["requester"]})
+    a_text = json.dumps(world.ids)
+
+    for headers in (
+        {},
+        {"Authorization": "Bearer stead_000000000000_" + "x" * 43},
+        {"Authorization": "Token abc"},
+    ):
+        response = await call(api, method, path, world.ids, headers)
+        assert response.status_code == 401, (headers, response.text)
+
+    # No rights at all: refused, and with a 403 (or 404 where the object is not theirs).
+    response = await call(api, method, path, world.ids, nobody.auth("nobody"))
+    assert response.status_code in (403, 404), response.text
+
+    # Another tenant's admin, with A's ids: A's objects do not exist for them.
+    response = await call(api, method, path, world.ids, nobody.auth("admin"))
+    if any(param in path for param in OBJECTS):
+        assert response.status_code == 404, response.text
+        missing = await call(
+            api, method, path, {k: _forged(v) for k, v in world.ids.items()}, nobody.auth("admin")
+        )
+        assert missing.status_code == 404
+        assert response.json() == missing.json()  # indistinguishable from a missing object
+    for value in world.ids.values():
+        if len(value) > 12:  # ids, not common words like "review"
+            assert value not in response.text, f"{value} leaked to another tenant"
+    assert a.id not in response.text
+    assert "secret plans" not in response.text
+    assert a_text  # the world was built
+
+
+def _forged(value: str) -> str:
+    """An id of the same shape that names nothing."""
+    if value.isdigit():
+        return str(int(value) + 10**9)
+    return value[:-3] + "zzz" if len(value) > 4 else value + "zz"
+
+
+def test_every_route_is_in_the_matrix() -> None:
+    with_body = {(m, p) for m, p in ROUTES if m in ("POST", "PUT")}
+    bodyless = {
+        ("POST", "/v1/runs/{run_id}/cancel"),
+        ("POST", "/v1/runs/{run_id}/retry"),
+    }
+    missing = sorted(r for r in with_body if r not in BODIES and r not in bodyless)
+    assert not missing, f"add a valid body for {missing}"
