@@ -6,12 +6,16 @@ idempotent: audit entries are keyed, approval projections are versioned.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from temporalio import activity
 
 from activities.types import FlushAudit, PublishApproval, RaiseBudget
+from stead import metrics
 from store import approvals, budgets
 from store.audit import AuditWriter
 from store.db import Pool
+from workflows.state import ApprovalStatus
 
 
 class LedgerActivities:
@@ -22,13 +26,23 @@ class LedgerActivities:
     @activity.defn(name="ledger.flush")
     async def flush(self, batch: FlushAudit) -> int:
         async with self._pool.acquire() as conn, conn.transaction():
-            return await self._audit.append(conn, batch.events)
+            new = await self._audit.append_new(conn, batch.events)
+        metrics.observe_events(new)
+        return len(new)
 
     @activity.defn(name="ledger.publish_approval")
     async def publish_approval(self, change: PublishApproval) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
-            await approvals.upsert(conn, change.context, change.workflow_id, change.approval)
-            await self._audit.append(conn, change.events)
+            changed = await approvals.upsert(
+                conn, change.context, change.workflow_id, change.approval
+            )
+            new = await self._audit.append_new(conn, change.events)
+        metrics.observe_events(new)
+        approval = change.approval
+        if changed and approval.status is not ApprovalStatus.PENDING:
+            metrics.APPROVALS_DECIDED.labels(change.context.pipeline, approval.status.value).inc()
+            waited = (datetime.now(UTC) - approval.created_at).total_seconds()
+            metrics.APPROVAL_SECONDS.labels(change.context.pipeline).observe(max(waited, 0.0))
 
     @activity.defn(name="ledger.raise_budget")
     async def raise_budget(self, change: RaiseBudget) -> None:

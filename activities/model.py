@@ -28,6 +28,7 @@ from activities.types import ModelCall, ModelReply
 from policies.models import PriceTable, RoutingPolicy, TokenCounts
 from stead import metrics
 from stead.errors import ErrorType
+from stead.telemetry import set_attributes, span
 from store import budgets, usage
 from store.audit import AuditWriter
 from store.db import Pool
@@ -117,11 +118,28 @@ class ModelActivities:
         settled = False
         try:
             started = time.perf_counter()
-            model, message, fallbacks = await heartbeating(
-                self._call_route(models, request), self._heartbeat_every
-            )
-            latency_ms = (time.perf_counter() - started) * 1000
-            reply = self._reply(model, message, fallbacks, attempt, latency_ms)
+            with span(
+                "model.call",
+                tenant=call.context.tenant,
+                pipeline=call.context.pipeline,
+                step=call.step,
+                task=call.task,
+                attempt=attempt,
+            ) as current:
+                model, message, fallbacks = await heartbeating(
+                    self._call_route(models, request), self._heartbeat_every
+                )
+                latency_ms = (time.perf_counter() - started) * 1000
+                reply = self._reply(model, message, fallbacks, attempt, latency_ms)
+                set_attributes(
+                    current,
+                    model=model,
+                    fallbacks=fallbacks,
+                    input_tokens=reply.usage.input_tokens,
+                    output_tokens=reply.usage.output_tokens,
+                    cost_usd=reply.usage.cost_usd,
+                    cache_hit=False,
+                )
             await self._finish(call, key, attempt, reply, digest)
             settled = True
             return reply
@@ -160,8 +178,15 @@ class ModelActivities:
     async def _from_cache(
         self, call: ModelCall, key: str, attempt: int, models: tuple[str, ...], digest: bytes
     ) -> ModelReply | None:
-        async with self._pool.acquire() as conn:
-            hit = await usage.cache_get(conn, call.context.tenant, models, digest)
+        with span(
+            "model.cache_lookup",
+            tenant=call.context.tenant,
+            pipeline=call.context.pipeline,
+            step=call.step,
+        ) as current:
+            async with self._pool.acquire() as conn:
+                hit = await usage.cache_get(conn, call.context.tenant, models, digest)
+            set_attributes(current, cache_hit=hit is not None, model=hit[0] if hit else "")
         metrics.MODEL_CACHE.labels("hit" if hit else "miss").inc()
         if hit is None:
             return None
@@ -334,7 +359,8 @@ class ModelActivities:
                     {"content": reply.content, "stop_reason": reply.stop_reason},
                     self._cache_ttl,
                 )
-            await self._audit.append(conn, [*call.events, called])
+            new = await self._audit.append_new(conn, [*call.events, called])
+        metrics.observe_events(new)
         for kind, tokens in (
             ("input", used.input_tokens),
             ("output", used.output_tokens),
@@ -361,7 +387,8 @@ class ModelActivities:
         )
         async with self._pool.acquire() as conn, conn.transaction():
             await budgets.settle(conn, key, attempt, charged)
-            await self._audit.append(conn, [*call.events, failed])
+            new = await self._audit.append_new(conn, [*call.events, failed])
+        metrics.observe_events(new)
 
     async def _release_quietly(self, key: str, attempt: int, charged: int) -> None:
         try:
@@ -373,7 +400,8 @@ class ModelActivities:
     async def _write_events(self, events: list[AuditEvent]) -> None:
         if events:
             async with self._pool.acquire() as conn, conn.transaction():
-                await self._audit.append(conn, events)
+                new = await self._audit.append_new(conn, events)
+            metrics.observe_events(new)
 
 
 def _request_body(call: ModelCall) -> dict[str, Any]:
@@ -404,6 +432,7 @@ def _event(call: ModelCall, key: str, action: str, data: dict[str, Any]) -> Audi
         run_id=call.context.run_id,
         at=datetime.now(UTC),
         data=data,
+        pipeline=call.context.pipeline,
     )
 
 

@@ -31,6 +31,7 @@ from policies.permissions import PermissionPolicy, Verdict, combine, evaluate
 from policies.tools import INTEGRATION_SCOPES, TOOLS, ToolSpec
 from stead import metrics
 from stead.errors import ErrorType
+from stead.telemetry import set_attributes, span
 from store import crm, principals
 from store import policy as policy_store
 from store.audit import AuditWriter
@@ -115,6 +116,18 @@ class ToolActivities:
 
     @activity.defn(name="tools.invoke")
     async def invoke(self, call: ToolInvocation) -> ToolOutcome:
+        with span(
+            "tool.call",
+            tool=call.tool,
+            tenant=call.context.tenant,
+            pipeline=call.context.pipeline,
+            approved=call.approval is not None,
+        ) as current:
+            outcome = await self._invoke(call)
+            set_attributes(current, status=outcome.status, rule=outcome.rule)
+            return outcome
+
+    async def _invoke(self, call: ToolInvocation) -> ToolOutcome:
         spec = TOOLS.get(call.tool)
         async with self._pool.acquire() as conn:
             decision = await self._decide(conn, call, spec)
@@ -285,7 +298,8 @@ class ToolActivities:
 
     async def _record(self, events: list[AuditEvent]) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
-            await self._audit.append(conn, events)
+            new = await self._audit.append_new(conn, events)
+        metrics.observe_events(new)
 
     @staticmethod
     def _event(call: ToolInvocation, key: str, action: str, data: dict[str, Any]) -> AuditEvent:
@@ -298,6 +312,7 @@ class ToolActivities:
             run_id=call.context.run_id,
             at=datetime.now(UTC),
             data=data,
+            pipeline=call.context.pipeline,
         )
 
 

@@ -6,6 +6,8 @@ shares them through `app.state.services`. Tests pass ready-made services instead
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -14,13 +16,17 @@ from fastapi import FastAPI, Request, Response
 
 from api import errors
 from api.deps import Services
-from api.routes import admin, approvals, audit, documents, health, runs, usage
+from api.routes import admin, approvals, audit, codec, documents, health, runs, usage
 from policies.permissions import load_policy
 from stead import metrics
 from stead.config import Settings, load_settings
+from stead.telemetry import setup_tracing, tracing_interceptor
 from stead.temporal import connect
+from store import approvals as approvals_store
 from store.audit import audit_writer
-from store.db import pool_from_settings
+from store.db import Pool, pool_from_settings
+
+log = logging.getLogger("stead.api")
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
@@ -30,12 +36,15 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             yield
             return
         config = settings or load_settings()
+        setup_tracing(config, "stead-api")
         pool = await pool_from_settings(config, "API")
-        client = await connect(config)
+        client = await connect(config, interceptors=[tracing_interceptor()])
         app.state.services = Services(config, client, pool, load_policy(), audit_writer(config))
+        gauges = asyncio.create_task(refresh_gauges(pool))
         try:
             yield
         finally:
+            gauges.cancel()
             await pool.close()
 
     app = FastAPI(
@@ -54,6 +63,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(admin.router)
     app.include_router(usage.router)
     app.include_router(health.router)
+    app.include_router(codec.router)
     app.middleware("http")(_measure)
     return app
 
@@ -61,11 +71,24 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 async def _measure(
     request: Request, call_next: Callable[[Request], Awaitable[Response]]
 ) -> Response:
+    """Request metrics, labelled by the route template, never the raw path: it carries ids,
+    which would make the label set unbounded. (FastAPI itself opens the request's server
+    span, the root of the trace that Temporal's interceptor carries into the workflow.)"""
     started = time.perf_counter()
     response = await call_next(request)
-    # The router records the matched route in the scope: label by its template, never by
-    # the raw path (which carries ids and would make the label set unbounded).
     route = getattr(request.scope.get("route"), "path", "unmatched")
     metrics.HTTP_REQUESTS.labels(route, request.method, f"{response.status_code // 100}xx").inc()
     metrics.HTTP_LATENCY.labels(route, request.method).observe(time.perf_counter() - started)
     return response
+
+
+async def refresh_gauges(pool: Pool, every: float = 15.0) -> None:
+    """Keep fleet-wide gauges current. They are facts about the store, not about one
+    process, so every API replica reports the same value (aggregate with max, not sum)."""
+    while True:
+        try:
+            async with pool.acquire() as conn:
+                metrics.APPROVALS_PENDING.set(await approvals_store.pending_count(conn))
+        except Exception:  # a failed refresh keeps the last value; retried
+            log.warning("could not refresh gauges")
+        await asyncio.sleep(every)

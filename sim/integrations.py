@@ -32,7 +32,6 @@ old keys. Without one, state lives in memory. All state lives on `app.state`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -40,8 +39,7 @@ import logging
 import os
 import re
 import signal
-import socket
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -52,6 +50,8 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from stead.serving import EmbeddedServer
 
 __all__ = [
     "MAX_IDEMPOTENCY_KEY_LENGTH",
@@ -478,34 +478,12 @@ def create_email_app(token: str, state_file: Path | None = None) -> FastAPI:
     return _create_app("Stead email simulator", "/v1/messages", service)
 
 
-class _Server(uvicorn.Server):
-    """A uvicorn server that signals readiness and leaves signal handling to its owner."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = asyncio.Event()
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        self.ready.set()
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        # uvicorn's own handling lets only the last-started server see a signal; the owner
-        # stops all of them at once instead.
-        yield
-
-    def url(self) -> str:
-        host, port = self.servers[0].sockets[0].getsockname()[:2]
-        return f"http://{host}:{port}"
-
-
-async def _all_ready(servers: Sequence[_Server]) -> None:
+async def _all_ready(servers: Sequence[EmbeddedServer]) -> None:
     for server in servers:
         await server.ready.wait()
 
 
-async def _serve_until_stopped(servers: Sequence[_Server]) -> None:
+async def _serve_until_stopped(servers: Sequence[EmbeddedServer]) -> None:
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -547,7 +525,9 @@ def run_integrations(
         (create_email_app(token, data_dir / "email.jsonl"), email_port),
     ]
     servers = [
-        _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+        EmbeddedServer(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+        )
         for app, port in apps
     ]
     asyncio.run(_serve_until_stopped(servers))

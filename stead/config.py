@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -20,6 +21,9 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Environment = Literal["dev", "test", "production"]
+# The codec token travels in a URL path, so it must be path-safe; 16+ characters keeps it
+# unguessable.
+_CODEC_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,256}")
 
 
 class ConfigError(Exception):
@@ -79,6 +83,14 @@ class Settings(BaseSettings):
     email_url: str | None = None
     email_token: SecretStr | None = None
 
+    # Traces go to this OTLP/HTTP endpoint when set; nothing is exported otherwise.
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "STEAD_OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"
+        ),
+    )
+
     # HTTP API and metrics.
     api_port: int = Field(8000, ge=1, le=65535)
     worker_metrics_port: int = Field(9464, ge=0, le=65535)
@@ -88,6 +100,16 @@ class Settings(BaseSettings):
     payload_keys: SecretStr | None = None
     # Origin allowed to call the codec endpoints (the Temporal Web UI).
     ui_origin: str | None = None
+    # Capability token for `/codec/{token}/...`: the Web UI of the dev server sends neither a
+    # bearer token nor cookies to a codec, so its endpoint URL carries the credential.
+    codec_token: SecretStr | None = None
+
+    @field_validator("codec_token")
+    @classmethod
+    def _check_codec_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _CODEC_TOKEN.fullmatch(value.get_secret_value()):
+            raise ValueError("must be 16-256 URL-safe characters (A-Z a-z 0-9 _ -)")
+        return value
 
     @field_validator("payload_keys")
     @classmethod

@@ -7,7 +7,11 @@ per-customer figures live in the usage ledger (`GET /v1/usage`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from workflows.state import AuditEvent
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -94,3 +98,22 @@ HTTP_LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
     registry=REGISTRY,
 )
+
+
+def observe_events(events: Iterable[AuditEvent]) -> None:
+    """Count what newly stored audit events say happened (each event is stored once, so each
+    is counted once, however often the activity that carried it was retried)."""
+    for event in events:
+        pipeline = event.pipeline or "unknown"
+        data = event.data
+        if event.action == "stage.entered" and "previous_seconds" in data:
+            STAGE_SECONDS.labels(pipeline, str(data["previous"])).observe(
+                float(data["previous_seconds"])
+            )
+        elif event.action in _FINISHED:
+            RUNS_FINISHED.labels(pipeline, _FINISHED[event.action]).inc()
+        elif event.action == "approval.requested":
+            APPROVALS_REQUESTED.labels(pipeline, str(data.get("kind", "unknown"))).inc()
+
+
+_FINISHED = {"run.completed": "completed", "run.failed": "failed", "run.cancelled": "cancelled"}

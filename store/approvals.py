@@ -12,9 +12,9 @@ from workflows.state import ApprovalPolicy, ApprovalState, ApprovalStatus, RunCo
 
 async def upsert(
     conn: Conn, context: RunContext, workflow_id: str, approval: ApprovalState
-) -> None:
-    """Write the approval's state unless a newer version is already stored."""
-    await conn.execute(
+) -> bool:
+    """Write the approval's state unless a newer version is already stored; True if written."""
+    done = await conn.execute(
         """
         INSERT INTO approvals (id, tenant_id, run_id, workflow_id, pipeline, kind, title, proposal,
             requested_by, eligible_roles, eligible_principals, quorum, approvals, decided_by,
@@ -52,6 +52,7 @@ async def upsert(
         approval.created_at,
         approval.version,
     )
+    return done.endswith(" 1")
 
 
 async def inbox(
@@ -123,3 +124,8 @@ async def set_override(
         policy.model_dump(mode="json"),
         by,
     )
+
+
+async def pending_count(conn: Conn) -> int:
+    """Pending approvals across all tenants (for the fleet-wide gauge; no tenant label)."""
+    return int(await conn.fetchval("SELECT count(*) FROM approvals WHERE status = 'pending'"))

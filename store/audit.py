@@ -97,7 +97,11 @@ class AuditWriter:
 
     async def append(self, conn: Conn, events: Sequence[AuditEvent]) -> int:
         """Append events (any tenants) inside the caller's transaction; return how many were new."""
-        written = 0
+        return len(await self.append_new(conn, events))
+
+    async def append_new(self, conn: Conn, events: Sequence[AuditEvent]) -> list[AuditEvent]:
+        """Append events; return those that were not stored before (what a retry adds: none)."""
+        written: list[AuditEvent] = []
         by_tenant: dict[str, list[AuditEvent]] = {}
         for event in events:
             by_tenant.setdefault(event.tenant, []).append(event)
@@ -115,7 +119,9 @@ class AuditWriter:
         """A stored entry for a reader; masked originals only with `reveal_private`."""
         return decode_entry(row, self._sealer, reveal_private)
 
-    async def _append_tenant(self, conn: Conn, tenant: str, events: list[AuditEvent]) -> int:
+    async def _append_tenant(
+        self, conn: Conn, tenant: str, events: list[AuditEvent]
+    ) -> list[AuditEvent]:
         await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))", tenant)
         keys = [e.key for e in events]
         present = {
@@ -127,7 +133,7 @@ class AuditWriter:
             )
         }
         if all(key in present for key in keys):
-            return 0  # a retried write: nothing new, not even a redaction-policy read
+            return []  # a retried write: nothing new, not even a redaction-policy read
         redactor = await self._redactor_for(conn, tenant)
         last = await conn.fetchrow(
             "SELECT seq, entry_hash FROM audit_log WHERE tenant_id = $1 ORDER BY seq DESC LIMIT 1",
@@ -135,10 +141,12 @@ class AuditWriter:
         )
         seq, prev = (last["seq"], bytes(last["entry_hash"])) if last else (0, GENESIS)
         rows = []
+        new: list[AuditEvent] = []
         for event in events:
             if event.key in present:
                 continue
             present.add(event.key)
+            new.append(event)
             seq += 1
             visible, private = redactor.apply(event.data)
             data = canonical_json(visible)
@@ -166,7 +174,7 @@ class AuditWriter:
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 rows,
             )
-        return len(rows)
+        return new
 
     async def _redactor_for(self, conn: Conn, tenant: str) -> Redactor:
         # The tenant's additions are read in the append's own transaction rather than cached:

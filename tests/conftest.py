@@ -21,6 +21,10 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -32,6 +36,7 @@ from sim.integrations import create_email_app, create_payments_app
 from sim.messages import SimConfig
 from sim.messages import create_app as create_sim
 from stead.config import Settings
+from stead.telemetry import tracing_interceptor
 from stead.temporal import data_converter, dev_server_args, ensure_search_attributes
 from store import principals
 from store.audit import audit_writer
@@ -41,6 +46,12 @@ from store.migrate import migrate
 from tests.servers import serve_app
 from worker import build_workers, make_deps
 from workflows import search
+
+# Spans from every test land here (one process-wide provider, as in production).
+SPANS = InMemorySpanExporter()
+_provider = TracerProvider()
+_provider.add_span_processor(SimpleSpanProcessor(SPANS))
+trace.set_tracer_provider(_provider)
 
 BIN = Path(sys.executable).parent
 TEMPORAL = BIN / "temporal"
@@ -116,6 +127,7 @@ def settings(
         email_url=integrations.email,
         email_token=integrations.token,
         model_timeout_seconds=5,
+        worker_metrics_port=0,  # tests that want a worker's /metrics pick a free port
     )
 
 
@@ -126,6 +138,7 @@ async def temporal(settings: Settings) -> AsyncIterator[WorkflowEnvironment]:
         data_converter=data_converter(settings),
         search_attributes=search.KEYS,
         dev_server_extra_args=dev_server_args(),
+        interceptors=[tracing_interceptor()],
     )
     yield env
     await env.shutdown()
@@ -303,7 +316,7 @@ def spawn_worker(client: Client, settings: Settings, log: Path) -> subprocess.Po
         "STEAD_PAYMENTS_URL": settings.payments_url or "",
         "STEAD_EMAIL_URL": settings.email_url or "",
         "STEAD_PAYLOAD_KEYS": PAYLOAD_KEYS,
-        "STEAD_WORKER_METRICS_PORT": "0",
+        "STEAD_WORKER_METRICS_PORT": str(settings.worker_metrics_port),
     }
     return subprocess.Popen(
         [sys.executable, str(Path(__file__).parent.parent / "worker.py")],

@@ -119,7 +119,11 @@ class RunCore:
         self._stages.append(StageEntry(stage=stage, entered_at=now))
         previous, self._stage = self._stage, stage
         workflow.upsert_search_attributes([search.STAGE.value_set(stage.value)])
-        self.audit("stage.entered", {"stage": stage.value, "previous": previous.value})
+        seconds = (now - self._stages[-2].entered_at).total_seconds()
+        self.audit(
+            "stage.entered",
+            {"stage": stage.value, "previous": previous.value, "previous_seconds": seconds},
+        )
 
     def audit(
         self,
@@ -151,6 +155,7 @@ class RunCore:
                 run_id=self._ctx.run_id,
                 at=workflow.now(),
                 data=data,
+                pipeline=self._ctx.pipeline,
             )
         )
 

@@ -253,3 +253,5 @@ class AuditEvent(Frozen):
     run_id: str | None = None
     at: datetime
     data: dict[str, Any] = Field(default_factory=dict)
+    # The run's pipeline, for metrics (not stored in the log: the run id already names it).
+    pipeline: str | None = None

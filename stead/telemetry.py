@@ -1,0 +1,104 @@
+"""Traces and worker metrics.
+
+Tracing: one OpenTelemetry trace per request runs API → StartWorkflow → RunWorkflow →
+StartActivity → RunActivity → Stead's own `stead.model.call` / `stead.tool.call` spans.
+Spans carry model, tokens, cost, tenant and pipeline; never prompts, replies or customer
+content. Spans are exported over OTLP/HTTP only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set;
+otherwise they are created (so trace ids still propagate) and dropped.
+
+Worker metrics: the Temporal SDK serves its own Prometheus metrics on a private loopback
+port; the worker's `/metrics` serves Stead's metrics followed by the SDK's, so one scrape
+target per worker holds both.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+from fastapi import FastAPI, Response
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from temporalio.contrib.opentelemetry import TracingInterceptor
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+
+from stead.config import Settings
+from stead.metrics import REGISTRY
+
+TRACER_NAME = "stead"
+
+
+def setup_tracing(settings: Settings, service: str) -> None:
+    """Install the process's tracer provider (once; a provider already set is kept)."""
+    if isinstance(trace.get_tracer_provider(), TracerProvider):
+        return
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    if settings.otel_exporter_otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
+            OTLPSpanExporter,
+        )
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+
+
+def tracing_interceptor() -> TracingInterceptor:
+    return TracingInterceptor(trace.get_tracer(TRACER_NAME))
+
+
+@contextmanager
+def span(name: str, **attributes: str | int | float | bool) -> Iterator[trace.Span]:
+    """A Stead span. Attributes are facts about the call, never its content."""
+    tracer = trace.get_tracer(TRACER_NAME)
+    with tracer.start_as_current_span(
+        name, attributes={f"stead.{k}": v for k, v in attributes.items()}
+    ) as current:
+        yield current
+
+
+def set_attributes(current: trace.Span, **attributes: str | int | float | bool) -> None:
+    current.set_attributes({f"stead.{k}": v for k, v in attributes.items()})
+
+
+# --- worker metrics -------------------------------------------------------------------------
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def metrics_runtime() -> tuple[Runtime, str]:
+    """A Temporal runtime whose SDK metrics are served on a private loopback port."""
+    address = f"127.0.0.1:{free_loopback_port()}"
+    # Prometheus conventions (`_total` counters, seconds), so the exposition passes promtool.
+    config = PrometheusConfig(
+        bind_address=address, counters_total_suffix=True, durations_as_seconds=True
+    )
+    runtime = Runtime(telemetry=TelemetryConfig(metrics=config))
+    return runtime, f"http://{address}/metrics"
+
+
+def metrics_app(sdk_metrics_url: str | None) -> FastAPI:
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    client = httpx.AsyncClient(timeout=5)
+
+    @app.get("/metrics")
+    async def exposition() -> Response:
+        body = generate_latest(REGISTRY)
+        if sdk_metrics_url:
+            try:
+                sdk = await client.get(sdk_metrics_url)
+                body += b"\n" + sdk.content
+            except httpx.HTTPError:
+                pass  # Stead's own metrics are still worth serving
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    return app
