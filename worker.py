@@ -38,6 +38,7 @@ from stead.temporal import connect
 from store import budgets
 from store.audit import audit_writer
 from store.db import Pool, pool_from_settings
+from store.payloads import PostgresPayloadStore
 from workflows.base import PipelineWorkflow
 from workflows.doc_qa import DocQaWorkflow
 from workflows.ingest import IngestWorkflow
@@ -169,7 +170,12 @@ async def run(settings: Settings) -> None:
     setup_tracing(settings, "stead-worker")
     runtime, sdk_metrics = metrics_runtime() if settings.worker_metrics_port else (None, None)
     pool = await pool_from_settings(settings, "worker")
-    client = await connect(settings, interceptors=[tracing_interceptor()], runtime=runtime)
+    client = await connect(
+        settings,
+        interceptors=[tracing_interceptor()],
+        runtime=runtime,
+        payload_store=PostgresPayloadStore(pool),
+    )
     deps = make_deps(pool, settings)
     workers = build_workers(client, settings, deps)
     stop = asyncio.Event()

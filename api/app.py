@@ -25,6 +25,7 @@ from stead.temporal import connect
 from store import approvals as approvals_store
 from store.audit import audit_writer
 from store.db import Pool, pool_from_settings
+from store.payloads import PostgresPayloadStore
 
 log = logging.getLogger("stead.api")
 
@@ -38,7 +39,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         config = settings or load_settings()
         setup_tracing(config, "stead-api")
         pool = await pool_from_settings(config, "API")
-        client = await connect(config, interceptors=[tracing_interceptor()])
+        client = await connect(
+            config, interceptors=[tracing_interceptor()], payload_store=PostgresPayloadStore(pool)
+        )
         app.state.services = Services(config, client, pool, load_policy(), audit_writer(config))
         gauges = asyncio.create_task(refresh_gauges(pool))
         try:

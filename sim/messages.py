@@ -15,8 +15,10 @@ Endpoints (all require a key in `x-api-key` or `Authorization: Bearer KEY`):
 Behaviour is steered from inside the prompt by *hints*: lines `key: value` or `key=value` in
 the system prompt or user turns (tool results included); the latest occurrence of a key wins.
 `sim_reply` forces the final text, `sim_skip_tools: a,b` keeps tools from being called,
-`sim_parallel_tools: true` calls every remaining tool in one response, and any other key names
-a tool input property (`city: Paris`, or `get_weather.city: Paris` for one tool only).
+`sim_parallel_tools: true` calls every remaining tool in one response,
+`sim_tool_turns: N` keeps calling tools (cycling through the allowed ones) until the
+conversation has N tool-calling turns (long agent loops for benchmarks), and any other key
+names a tool input property (`city: Paris`, or `get_weather.city: Paris` for one tool only).
 
 Errors always use Anthropic's body shape: `{"type": "error", "error": {"type", "message"}}`.
 """
@@ -760,6 +762,22 @@ def _called_tools(messages: list[dict[str, Any]]) -> set[str]:
     }
 
 
+def _tool_turns(messages: list[dict[str, Any]]) -> int:
+    return sum(
+        1
+        for message in messages
+        if message.get("role") == "assistant"
+        and any(b.get("type") == "tool_use" for b in _content_blocks(message.get("content")))
+    )
+
+
+def _parse_int(value: str) -> int | None:
+    try:
+        return int(value.strip())
+    except ValueError:
+        return None
+
+
 def _tools_to_call(body: dict[str, Any], hints: dict[str, str]) -> list[dict[str, Any]]:
     """The offered tools this response calls, in offered order; empty for a text reply."""
     tools = _dicts(body.get("tools"))
@@ -768,8 +786,14 @@ def _tools_to_call(body: dict[str, Any], hints: dict[str, str]) -> list[dict[str
         return []
     if choice["type"] == "tool":
         return [tool for tool in tools if tool["name"] == choice["name"]]
-    uncalled = [tool for tool in tools if tool["name"] not in _called_tools(body["messages"])]
     skipped = {name.strip() for name in hints.get("sim_skip_tools", "").split(",")}
+    turns = _tool_turns(body["messages"])
+    wanted = _parse_int(hints.get("sim_tool_turns", ""))
+    if wanted is not None and turns < wanted:
+        allowed = [tool for tool in tools if tool["name"] not in skipped]
+        if allowed:
+            return [allowed[turns % len(allowed)]]
+    uncalled = [tool for tool in tools if tool["name"] not in _called_tools(body["messages"])]
     remaining = [tool for tool in uncalled if tool["name"] not in skipped]
     if choice["type"] == "any" and not remaining:
         remaining = uncalled  # `any` obliges a call, so skip hints yield to it

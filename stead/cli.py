@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from datetime import timedelta
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -198,6 +199,25 @@ def cmd_admin(args: argparse.Namespace) -> int:
     return _run(go)
 
 
+def cmd_payloads_gc(args: argparse.Namespace) -> int:
+    import asyncpg  # noqa: PLC0415
+
+    from store.payloads import collect  # noqa: PLC0415
+
+    url = _database_url(_settings())
+
+    async def go() -> int:
+        conn = await asyncpg.connect(url)
+        try:
+            removed = await collect(conn, timedelta(days=args.older_than_days))
+        finally:
+            await conn.close()
+        print(f"removed {removed} stored payload(s) older than {args.older_than_days} days")
+        return 0
+
+    return _run(go)
+
+
 def _admin_parser(sub: Any) -> None:
     admin = sub.add_parser("admin", help="tenants, users, keys, budgets (platform operator)")
     admin.set_defaults(func=cmd_admin)
@@ -246,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--tenant", default=None)
     verify.set_defaults(func=cmd_audit_verify)
     _admin_parser(sub)
+    payloads = sub.add_parser("payloads", help="the claim-check store of large payloads")
+    payloads_sub = payloads.add_subparsers(dest="payloads_command", required=True)
+    gc = payloads_sub.add_parser(
+        "gc", help="delete payloads older than the namespace retention (no history needs them)"
+    )
+    gc.add_argument("--older-than-days", type=int, required=True)
+    gc.set_defaults(func=cmd_payloads_gc)
     return parser
 
 

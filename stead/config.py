@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(9464, ge=0, le=65535)
     public_api_url: str | None = None
 
+    # Payloads larger than this (bytes, after encryption) are kept in PostgreSQL and referenced
+    # by hash from the workflow history; 0 keeps everything inline.
+    payload_offload_bytes: int = Field(2048, ge=0)
+
     # Payload encryption: comma-separated `key_id:base64key`, the first one encrypts.
     payload_keys: SecretStr | None = None
     # Origin allowed to call the codec endpoints (the Temporal Web UI).

@@ -14,7 +14,12 @@ from typing import Any
 
 from temporalio.client import Client, Interceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
+from temporalio.converter import (
+    DataConverter,
+    DefaultFailureConverterWithEncodedAttributes,
+    ExternalStorage,
+    StorageDriver,
+)
 from temporalio.envconfig import ClientConfig
 from temporalio.runtime import Runtime
 from temporalio.service import TLSConfig
@@ -22,18 +27,29 @@ from temporalio.service import TLSConfig
 from stead.config import Settings
 
 
-def data_converter(settings: Settings) -> DataConverter:
+def data_converter(settings: Settings, payload_store: StorageDriver | None = None) -> DataConverter:
+    """Pydantic payloads, encrypted by the codec when keys are set, and those above
+    `STEAD_PAYLOAD_OFFLOAD_BYTES` kept in `payload_store` (after encryption) with only a
+    hash in the history."""
+    converter = pydantic_data_converter
     keys = settings.encryption_keys
-    if not keys:
-        return pydantic_data_converter
-    from stead.codec import EncryptionCodec  # noqa: PLC0415  # optional dependency path
+    if keys:
+        from stead.codec import EncryptionCodec  # noqa: PLC0415  # optional dependency path
 
-    return dataclasses.replace(
-        pydantic_data_converter,
-        payload_codec=EncryptionCodec(keys),
-        # Failure messages and stack traces become encoded payloads too.
-        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
-    )
+        converter = dataclasses.replace(
+            converter,
+            payload_codec=EncryptionCodec(keys),
+            # Failure messages and stack traces become encoded payloads too.
+            failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+        )
+    if payload_store is not None and settings.payload_offload_bytes:
+        converter = dataclasses.replace(
+            converter,
+            external_storage=ExternalStorage(
+                drivers=[payload_store], payload_size_threshold=settings.payload_offload_bytes
+            ),
+        )
+    return converter
 
 
 def connect_options(settings: Settings) -> dict[str, Any]:
@@ -85,11 +101,12 @@ async def connect(
     *,
     interceptors: list[Interceptor] | None = None,
     runtime: Runtime | None = None,
+    payload_store: StorageDriver | None = None,
 ) -> Client:
     options = connect_options(settings)
     return await Client.connect(
         options.pop("target_host"),
-        data_converter=data_converter(settings),
+        data_converter=data_converter(settings, payload_store),
         interceptors=interceptors or [],
         runtime=runtime,
         **options,

@@ -43,6 +43,7 @@ from store.audit import audit_writer
 from store.db import Pool, create_pool
 from store.embedded import EmbeddedPostgres
 from store.migrate import migrate
+from store.payloads import PostgresPayloadStore
 from tests.servers import serve_app
 from worker import build_workers, make_deps
 from workflows import search
@@ -127,15 +128,17 @@ def settings(
         email_url=integrations.email,
         email_token=integrations.token,
         model_timeout_seconds=5,
+        # Committed histories must replay without this database: record them inline.
+        payload_offload_bytes=0 if os.environ.get("STEAD_RECORD_HISTORIES") == "1" else 2048,
         worker_metrics_port=0,  # tests that want a worker's /metrics pick a free port
     )
 
 
 @pytest.fixture(scope="session")
-async def temporal(settings: Settings) -> AsyncIterator[WorkflowEnvironment]:
+async def temporal(settings: Settings, pool: Pool) -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(TEMPORAL),
-        data_converter=data_converter(settings),
+        data_converter=data_converter(settings, PostgresPayloadStore(pool)),
         search_attributes=search.KEYS,
         dev_server_extra_args=dev_server_args(),
         interceptors=[tracing_interceptor()],
@@ -237,10 +240,11 @@ def random_key() -> str:
 
 
 @pytest.fixture(scope="session")
-async def time_env(settings: Settings) -> AsyncIterator[WorkflowEnvironment]:
+async def time_env(settings: Settings, pool: Pool) -> AsyncIterator[WorkflowEnvironment]:
     """The time-skipping test server: deadlines of hours pass in milliseconds."""
     env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=str(TEST_SERVER), data_converter=data_converter(settings)
+        test_server_existing_path=str(TEST_SERVER),
+        data_converter=data_converter(settings, PostgresPayloadStore(pool)),
     )
     await ensure_search_attributes(env.client)
     yield env
@@ -317,6 +321,7 @@ def spawn_worker(client: Client, settings: Settings, log: Path) -> subprocess.Po
         "STEAD_EMAIL_URL": settings.email_url or "",
         "STEAD_PAYLOAD_KEYS": PAYLOAD_KEYS,
         "STEAD_WORKER_METRICS_PORT": str(settings.worker_metrics_port),
+        "STEAD_PAYLOAD_OFFLOAD_BYTES": str(settings.payload_offload_bytes),
     }
     return subprocess.Popen(
         [sys.executable, str(Path(__file__).parent.parent / "worker.py")],

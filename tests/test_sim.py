@@ -652,3 +652,28 @@ async def test_apps_do_not_share_state(sim: Sim) -> None:
 
     assert len(sim.state.faults) == 1
     assert len(other.state.sim.faults) == 0
+
+
+async def test_tool_turns_hint_keeps_an_agent_looping(sim: Sim) -> None:
+    messages: list[MessageParam] = [user("Keep working.\nsim_tool_turns: 5")]
+    called: list[str] = []
+    for _ in range(10):
+        reply = await sim.client.messages.create(
+            model=MODEL, max_tokens=300, tools=[CUSTOMER_TOOL, EMAIL_TOOL], messages=messages
+        )
+        uses = tool_uses(reply)
+        if not uses:
+            break
+        called += [use.name for use in uses]
+        messages.append({"role": "assistant", "content": reply.content})
+        messages.append(
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": use.id, "content": "ok"} for use in uses
+                ],
+            }
+        )
+    # Five tool turns, cycling through the offered tools, then a final text reply.
+    assert called == ["lookup_customer", "send_email"] * 2 + ["lookup_customer"]
+    assert reply.stop_reason == "end_turn"

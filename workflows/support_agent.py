@@ -32,7 +32,7 @@ class SupportTicket(BaseModel):
     customer_id: str = Field(min_length=1, max_length=128)
     subject: str = Field(min_length=1, max_length=300)
     body: str = Field(min_length=1, max_length=20_000)
-    max_turns: int = Field(8, ge=1, le=30)
+    max_turns: int = Field(8, ge=1, le=200)
 
 
 SYSTEM = (

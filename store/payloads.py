@@ -1,0 +1,78 @@
+"""Claim-check for Temporal payloads: large ones live in PostgreSQL, histories hold a hash.
+
+A storage driver for the Temporal SDK's external storage. The SDK calls it after the payload
+codec, so what is stored is already encrypted; the history keeps a small reference with the
+payload's SHA-256. An agent conversation whose every turn re-sends the whole transcript would
+otherwise grow its history quadratically toward Temporal's limits; with the claim-check each
+turn adds a small, constant amount, and identical payloads are stored once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from datetime import timedelta
+
+from temporalio.api.common.v1 import Payload
+from temporalio.converter import (
+    StorageDriver,
+    StorageDriverClaim,
+    StorageDriverRetrieveContext,
+    StorageDriverStoreContext,
+)
+
+from store.db import Conn, Pool
+
+
+class PayloadMissing(Exception):
+    """A referenced payload is not in the store (collected too early, or another database)."""
+
+
+class PostgresPayloadStore(StorageDriver):
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+
+    def name(self) -> str:
+        return "stead-postgres"
+
+    async def store(
+        self, context: StorageDriverStoreContext, payloads: Sequence[Payload]
+    ) -> list[StorageDriverClaim]:
+        blobs = [p.SerializeToString() for p in payloads]
+        digests = [hashlib.sha256(b).digest() for b in blobs]
+        async with self._pool.acquire() as conn:
+            await conn.executemany(
+                "INSERT INTO payload_store (sha256, data, size) VALUES ($1, $2, $3)"
+                " ON CONFLICT (sha256) DO NOTHING",
+                [(d, b, len(b)) for d, b in zip(digests, blobs, strict=True)],
+            )
+        return [StorageDriverClaim({"sha256": d.hex()}) for d in digests]
+
+    async def retrieve(
+        self, context: StorageDriverRetrieveContext, claims: Sequence[StorageDriverClaim]
+    ) -> list[Payload]:
+        digests = [bytes.fromhex(c.claim_data["sha256"]) for c in claims]
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT sha256, data FROM payload_store WHERE sha256 = ANY($1)", digests
+            )
+        found = {bytes(r["sha256"]): bytes(r["data"]) for r in rows}
+        payloads = []
+        for digest in digests:
+            blob = found.get(digest)
+            # The hash is the address and the integrity check: a changed row is refused.
+            if blob is None or hashlib.sha256(blob).digest() != digest:
+                raise PayloadMissing(f"payload {digest.hex()[:16]}... is missing or altered")
+            payload = Payload()
+            payload.ParseFromString(blob)
+            payloads.append(payload)
+        return payloads
+
+
+async def collect(conn: Conn, older_than: timedelta) -> int:
+    """Delete stored payloads older than `older_than` (set it above the namespace's
+    retention: no history can still reference them)."""
+    done = await conn.execute(
+        "DELETE FROM payload_store WHERE created_at < now() - $1::interval", older_than
+    )
+    return int(done.split()[-1])
