@@ -13,8 +13,8 @@ import argparse
 import asyncio
 import logging
 import sys
-from datetime import timedelta
 from collections.abc import Callable, Coroutine
+from datetime import timedelta
 from typing import Any
 
 from stead.config import ConfigError, Settings, load_settings
