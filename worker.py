@@ -29,6 +29,7 @@ from activities.ledger import LedgerActivities
 from activities.model import ModelActivities
 from activities.retrieval import RetrievalActivities
 from activities.tools import HttpIntegration, Integrations, ToolActivities
+from api.pipelines import PIPELINES
 from policies.models import load_prices, load_routing
 from policies.permissions import load_policy
 from stead.config import Settings, load_settings
@@ -40,19 +41,10 @@ from store.audit import audit_writer
 from store.db import Pool, pool_from_settings
 from store.payloads import PostgresPayloadStore
 from workflows.base import PipelineWorkflow
-from workflows.doc_qa import DocQaWorkflow
-from workflows.ingest import IngestWorkflow
-from workflows.summarize import SummarizeWorkflow
-from workflows.support_agent import SupportAgentWorkflow
 
 log = logging.getLogger("stead.worker")
 
-WORKFLOWS: Sequence[type[PipelineWorkflow]] = (
-    SummarizeWorkflow,
-    SupportAgentWorkflow,
-    IngestWorkflow,
-    DocQaWorkflow,
-)
+WORKFLOWS: Sequence[type[PipelineWorkflow]] = tuple(PIPELINES.values())
 
 
 def model_client(settings: Settings) -> anthropic.AsyncAnthropic:

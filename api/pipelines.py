@@ -7,12 +7,14 @@ from workflows.doc_qa import DocQaWorkflow
 from workflows.ingest import IngestWorkflow
 from workflows.summarize import SummarizeWorkflow
 from workflows.support_agent import SupportAgentWorkflow
+from workflows.triage import TriageWorkflow
 
 PIPELINES: dict[str, type[PipelineWorkflow]] = {
     SummarizeWorkflow.pipeline: SummarizeWorkflow,
     SupportAgentWorkflow.pipeline: SupportAgentWorkflow,
     IngestWorkflow.pipeline: IngestWorkflow,
     DocQaWorkflow.pipeline: DocQaWorkflow,
+    TriageWorkflow.pipeline: TriageWorkflow,
 }
 
 # Pipelines that only their own route starts (it prepares what the run needs first), with

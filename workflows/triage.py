@@ -1,0 +1,73 @@
+"""`triage`: classify an incoming message, draft a reply, check the draft: three model steps.
+
+The cheap model classifies and checks; the drafting model writes. If the check finds the
+draft unfit (its verdict does not start with "ok"), the draft is rewritten once by the
+route's stronger model (a declared escalation condition). Stages: intake → model_call →
+completed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from activities.types import ModelCall, TaskClass
+    from workflows.base import PipelineWorkflow
+    from workflows.state import RunInput, RunResult, Stage
+
+
+class TriageInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: str = Field(min_length=1, max_length=20_000)
+
+
+CLASSIFY = (
+    "Classify the customer message as one of: billing, bug, question, other. Answer with the label."
+)
+DRAFT = "Draft a short, polite reply to the customer message. Do not promise refunds."
+CHECK = "Check the draft reply against the message. Answer 'ok' if it is fit to send, else say why."
+
+
+@workflow.defn(name="triage")
+class TriageWorkflow(PipelineWorkflow):
+    pipeline = "triage"
+    input_model = TriageInput
+    stages = (Stage.INTAKE, Stage.MODEL_CALL, Stage.COMPLETED)
+
+    @workflow.init
+    def __init__(self, run: RunInput) -> None:
+        super().__init__(run)
+
+    @workflow.run
+    async def run(self, run: RunInput) -> RunResult:
+        return await self.drive(self._steps)
+
+    async def _steps(self) -> tuple[str, dict[str, Any]]:
+        params: TriageInput = self.parse_input()
+        label = await self._ask("classify", "classify", CLASSIFY, params.message)
+        draft = await self._ask("draft", "draft", DRAFT, params.message)
+        verdict = await self._ask("check", "classify", CHECK, f"{params.message}\n\n---\n{draft}")
+        if not verdict.strip().lower().startswith("ok"):
+            self.audit("model.escalated", {"step": "draft", "reason": "the check rejected it"})
+            draft = await self._ask("redraft", "draft", DRAFT, params.message, escalate=True)
+        return "completed", {"label": label, "draft": draft, "check": verdict}
+
+    async def _ask(
+        self, step: str, task: TaskClass, system: str, text: str, *, escalate: bool = False
+    ) -> str:
+        reply = await self.call_model(
+            ModelCall(
+                context=self._ctx,
+                step=step,
+                task=task,
+                system=system,
+                messages=[{"role": "user", "content": text}],
+                max_tokens=400,
+                escalate=escalate,
+            )
+        )
+        return reply.text
