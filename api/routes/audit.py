@@ -16,17 +16,22 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, Field, StringConstraints
 from temporalio.client import WorkflowExecutionDescription
 from temporalio.service import RPCError
 
 from api.deps import CurrentPrincipal, Services, ServicesDep, require
 from api.errors import Invalid, NotFound
+from api.ledger import (
+    Ledger,
+    LedgerOut,
+    masked,
+    text_of,
+)
 from api.routes.runs import RUN_ID, describe_run, run_status
 from api.schemas import Page, Request
 from store import audit, redaction
@@ -130,110 +135,6 @@ class RunAuditOut(BaseModel):
     chain: ChainOut
 
 
-class _Item(BaseModel):
-    seq: int = Field(description="the audit entry this item starts at")
-    at: datetime
-
-
-class LedgerStep(_Item):
-    kind: Literal["step"] = "step"
-    stage: str
-    previous: str | None
-
-
-class LedgerModelCall(_Item):
-    kind: Literal["model_call"] = "model_call"
-    step: str
-    model: str
-    attempt: int
-    input_tokens: int
-    output_tokens: int
-    cache_read_tokens: int
-    cache_write_tokens: int
-    cost_nusd: int
-    cost_usd: float
-    cache_hit: bool
-    latency_ms: float
-    fallbacks: int
-
-
-class ToolDecisionOut(BaseModel):
-    at: datetime
-    effect: str = Field(description="allowed, denied or approval_required")
-    rule: str
-    reason: str
-    approval_id: str | None = None
-    approved_by: list[str] = []
-
-
-class LedgerToolCall(_Item):
-    kind: Literal["tool_call"] = "tool_call"
-    call_id: str
-    tool: str
-    actor: str
-    arguments: Any
-    effect: str = Field(description="the last permission decision")
-    decisions: list[ToolDecisionOut]
-    status: str | None = Field(None, description="ok or error once executed; null if never run")
-    result: Any = None
-    executed_at: datetime | None = None
-
-
-class ApprovalDecisionOut(BaseModel):
-    by: str
-    at: datetime
-    decision: str
-    comment: Any
-    edits: Any = None
-
-
-class ApprovalChangeOut(BaseModel):
-    action: str = Field(description="approval.escalated, approval.reminded or approval.expired")
-    at: datetime
-    detail: dict[str, Any]
-
-
-class LedgerApproval(_Item):
-    kind: Literal["approval"] = "approval"
-    approval_id: str
-    title: str
-    approval_kind: str
-    proposal: Any
-    roles: list[str]
-    quorum: int
-    deadline_at: str | None
-    status: str
-    decisions: list[ApprovalDecisionOut] = []
-    changes: list[ApprovalChangeOut] = []
-
-
-class LedgerEvent(_Item):
-    kind: Literal["event"] = "event"
-    action: str
-    actor: str
-    data: dict[str, Any]
-
-
-LedgerItem = Annotated[
-    LedgerStep | LedgerModelCall | LedgerToolCall | LedgerApproval | LedgerEvent,
-    Field(discriminator="kind"),
-]
-
-
-class LedgerOut(BaseModel):
-    run_id: str
-    pipeline: str | None
-    status: str
-    requested_by: str | None
-    items: list[LedgerItem] = Field(description="in time order, by the entry each starts at")
-    model_calls: int
-    total_cost_nusd: int = Field(description="sum of the run's model calls, in nano-USD")
-    total_cost_usd: float
-    redacted: bool = Field(
-        description="some content is masked for this viewer (or its original was not kept)"
-    )
-
-
 FieldName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
 
 
@@ -261,13 +162,13 @@ async def run_ledger(run_id: str, svc: ServicesDep, principal: CurrentPrincipal)
     with the run's total model cost. Redacted for the caller."""
     require(svc, principal, "audit:read")
     described, entries = await _run_entries(svc, principal, run_id)
-    ledger = _Ledger()
+    ledger = Ledger()
     for entry in entries:
         ledger.add(entry)
     started = next((e for e in entries if e.action == "run.started"), None)
     pipeline = described.typed_search_attributes.get(search.PIPELINE) if described else None
     if pipeline is None and started is not None:
-        pipeline = _str(started.data.get("pipeline")) or None
+        pipeline = text_of(started.data.get("pipeline")) or None
     return LedgerOut(
         run_id=run_id,
         pipeline=pipeline,
@@ -277,7 +178,7 @@ async def run_ledger(run_id: str, svc: ServicesDep, principal: CurrentPrincipal)
         model_calls=ledger.model_calls,
         total_cost_nusd=ledger.cost_nusd,
         total_cost_usd=round(ledger.cost_nusd / 1e9, 9),
-        redacted=any(not e.revealed and _masked(e.data) for e in entries),
+        redacted=any(not e.revealed and masked(e.data) for e in entries),
     )
 
 
@@ -323,180 +224,6 @@ def _status(entries: list[AuditEntry]) -> str:
         elif entry.action == "run.redriven":
             status = "running"
     return status
-
-
-class _Ledger:
-    """Folds a run's entries into ledger items. Tool calls and approvals span several entries
-    and become one item each, at the entry that opened them. An entry whose data is not
-    shaped as expected (an older or newer writer) is shown as a plain event, never an error."""
-
-    def __init__(self) -> None:
-        self.items: list[LedgerItem] = []
-        self.model_calls = 0
-        self.cost_nusd = 0
-        self._stage: str | None = None
-        self._tools: dict[str, LedgerToolCall] = {}
-        self._approvals: dict[str, LedgerApproval] = {}
-        self._fold: dict[str, Callable[[AuditEntry], None]] = {
-            "run.started": self._run_started,
-            "stage.entered": self._stage_entered,
-            "model.called": self._model_called,
-            "tool.decided": self._tool_decided,
-            "tool.executed": self._tool_executed,
-            "approval.requested": self._approval_requested,
-            "approval.decided": self._approval_decided,
-            "approval.escalated": self._approval_changed,
-            "approval.reminded": self._approval_changed,
-            "approval.expired": self._approval_changed,
-            "run.cancelled": self._run_cancelled,
-        }
-
-    def add(self, entry: AuditEntry) -> None:
-        fold = self._fold.get(entry.action)
-        try:
-            if fold is not None:
-                fold(entry)
-                return
-        except (ValidationError, KeyError, TypeError, ValueError):
-            pass
-        self._event(entry)
-
-    def _event(self, entry: AuditEntry) -> None:
-        self.items.append(
-            LedgerEvent(
-                seq=entry.seq, at=entry.at, action=entry.action, actor=entry.actor, data=entry.data
-            )
-        )
-
-    def _run_started(self, entry: AuditEntry) -> None:
-        # Every run starts in intake; no stage.entered entry records it.
-        self._event(entry)
-        self._step(entry, "intake")
-
-    def _stage_entered(self, entry: AuditEntry) -> None:
-        # The previous stage comes from the ledger itself: the entry's own `from` key is
-        # masked by the email rule of the same name.
-        self._step(entry, _required_str(entry.data, "stage"))
-
-    def _step(self, entry: AuditEntry, stage: str) -> None:
-        self.items.append(LedgerStep(seq=entry.seq, at=entry.at, stage=stage, previous=self._stage))
-        self._stage = stage
-
-    def _model_called(self, entry: AuditEntry) -> None:
-        call = LedgerModelCall.model_validate(
-            {
-                **entry.data,
-                "seq": entry.seq,
-                "at": entry.at,
-                "cost_usd": round(int(entry.data["cost_nusd"]) / 1e9, 9),
-            }
-        )
-        self.items.append(call)
-        self.model_calls += 1
-        self.cost_nusd += call.cost_nusd
-
-    def _tool_decided(self, entry: AuditEntry) -> None:
-        data = entry.data
-        decision = ToolDecisionOut(
-            at=entry.at,
-            effect=_required_str(data, "effect"),
-            rule=_str(data.get("rule")),
-            reason=_str(data.get("reason")),
-            approval_id=data.get("approval_id"),
-            approved_by=data.get("approved_by") or [],
-        )
-        call_id = _required_str(data, "call_id")
-        call = self._tools.get(call_id)
-        if call is None:
-            call = LedgerToolCall(
-                seq=entry.seq,
-                at=entry.at,
-                call_id=call_id,
-                tool=_required_str(data, "tool"),
-                actor=entry.actor,
-                arguments=data.get("arguments"),
-                effect=decision.effect,
-                decisions=[],
-            )
-            self._tools[call_id] = call
-            self.items.append(call)
-        call.decisions.append(decision)
-        call.effect = decision.effect
-        if "arguments" in data:
-            # A decision after an approval judges the approved (possibly edited) arguments.
-            call.arguments = data["arguments"]
-
-    def _tool_executed(self, entry: AuditEntry) -> None:
-        call = self._tools[_required_str(entry.data, "call_id")]
-        call.status = _required_str(entry.data, "status")
-        call.result = entry.data.get("result")
-        call.executed_at = entry.at
-
-    def _approval_requested(self, entry: AuditEntry) -> None:
-        data = entry.data
-        approval = LedgerApproval(
-            seq=entry.seq,
-            at=entry.at,
-            approval_id=_required_str(data, "approval_id"),
-            title=_str(data.get("title")),
-            approval_kind=_str(data.get("kind")),
-            proposal=data.get("proposal"),
-            roles=list(data.get("roles") or []),
-            quorum=int(data.get("quorum") or 1),
-            deadline_at=data.get("deadline_at"),
-            status="pending",
-        )
-        self._approvals[approval.approval_id] = approval
-        self.items.append(approval)
-
-    def _approval_decided(self, entry: AuditEntry) -> None:
-        data = entry.data
-        approval = self._approvals[_required_str(data, "approval_id")]
-        approval.decisions.append(
-            ApprovalDecisionOut(
-                by=entry.actor,
-                at=entry.at,
-                decision=_required_str(data, "decision"),
-                comment=data.get("comment", ""),
-                edits=data.get("edits"),
-            )
-        )
-        approval.status = _str(data.get("status")) or approval.status
-
-    def _approval_changed(self, entry: AuditEntry) -> None:
-        approval = self._approvals[_required_str(entry.data, "approval_id")]
-        detail = {k: v for k, v in entry.data.items() if k != "approval_id"}
-        approval.changes.append(ApprovalChangeOut(action=entry.action, at=entry.at, detail=detail))
-        if entry.action == "approval.expired":
-            approval.status = "expired"
-
-    def _run_cancelled(self, entry: AuditEntry) -> None:
-        for approval_id in entry.data.get("approvals_cancelled") or []:
-            if approval_id in self._approvals:
-                self._approvals[approval_id].status = "cancelled"
-        self._event(entry)
-
-
-def _masked(value: Any) -> bool:
-    """Whether redacted data shows a mask marker anywhere (`[masked]`, `[masked:email]`)."""
-    if isinstance(value, str):
-        return value == "[masked]" or "[masked:" in value
-    if isinstance(value, dict):
-        return any(_masked(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_masked(v) for v in value)
-    return False
-
-
-def _str(value: Any) -> str:
-    return value if isinstance(value, str) else ""
-
-
-def _required_str(data: dict[str, Any], key: str) -> str:
-    value = data[key]
-    if not isinstance(value, str):
-        raise TypeError(f"{key} is not text")
-    return value
 
 
 # --- the tenant's log ------------------------------------------------------------------------
