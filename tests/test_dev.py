@@ -10,12 +10,14 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+from temporalio.client import Client
 
 BIN = Path(sys.executable).parent
 
@@ -195,3 +197,40 @@ def test_busy_port_is_one_line(dev_env: dict[str, str]) -> None:
     port = dev_env["STEAD_API_PORT"]
     expected = f"stead dev: port {port} (the API) is busy: set STEAD_API_PORT to move it"
     assert done.stderr.strip() == expected
+
+
+def test_external_temporal_and_postgres_are_used_instead(
+    dev_env: dict[str, str], tmp_path: Path, database_url: str, client: Client
+) -> None:
+    """With STEAD_TEMPORAL_ADDRESS and DATABASE_URL set, stead dev starts neither server."""
+    env = {
+        **dev_env,
+        "STEAD_TEMPORAL_ADDRESS": client.service_client.config.target_host,
+        "DATABASE_URL": database_url,
+        "STEAD_TASK_QUEUE": f"dev-external-{uuid.uuid4().hex[:8]}",
+    }
+    data_dir = Path(env["STEAD_DATA_DIR"])
+    process = start_dev(env, tmp_path / "dev.log")
+    try:
+        names = sorted(p.stem for p in (data_dir / "run").glob("*.pid"))
+        assert names == ["api", "integrations", "sim", "worker"]  # no temporal child
+        assert not (data_dir / "pg").exists()  # no embedded PostgreSQL
+        info = json.loads((data_dir / "dev.json").read_text())
+        with httpx.Client(base_url=info["api"], timeout=10) as http:
+            assert http.get("/healthz").json() == {
+                "status": "ok",
+                "temporal": "ok",
+                "postgres": "ok",
+            }
+            started = http.post(
+                "/v1/runs",
+                headers={"Authorization": f"Bearer {info['keys']['acme/requester']}"},
+                json={
+                    "pipeline": "summarize",
+                    "input": {"text": "External parts.", "review": False},
+                },
+            )
+            assert started.status_code == 201, started.text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
