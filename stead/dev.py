@@ -145,6 +145,18 @@ class DevStack:
             token_file.chmod(0o600)
         return token_file.read_text().strip()
 
+    def codec_token(self) -> str:
+        """The codec's path token: the Web UI's only credential (see api/routes/codec.py)."""
+        if self.settings.codec_token is not None:
+            return self.settings.codec_token.get_secret_value()
+        token_file = self.data_dir / "codec.token"
+        if not token_file.exists():
+            # Created 0600 from the start: the token decrypts every payload.
+            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32))
+        return token_file.read_text().strip()
+
     # --- services ----------------------------------------------------------------------------
 
     def spawn(self, name: str, args: list[str], env: dict[str, str]) -> Child:
@@ -194,7 +206,7 @@ class DevStack:
             "--sqlite-pragma",
             "synchronous=NORMAL",
             "--ui-codec-endpoint",
-            f"{s.api_url}/codec",
+            f"{s.api_url}/codec/{self.codec_token()}",
             *dev_server_args(),
         ]
         for name, kind in SEARCH_ATTRIBUTES.items():
@@ -212,6 +224,7 @@ class DevStack:
                 "STEAD_DATA_DIR": str(self.data_dir),
                 "STEAD_PAYLOAD_KEYS": self.payload_keys(),
                 "STEAD_UI_ORIGIN": s.ui_url,
+                "STEAD_CODEC_TOKEN": self.codec_token(),
             }
         )
         token = self.integration_token()
