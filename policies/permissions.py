@@ -164,10 +164,13 @@ class PermissionPolicy(_Strict):
         return PermissionPolicy(roles=roles, agents=agents)
 
     def has_right(self, roles: Iterable[str], right: str) -> bool:
+        """Whether any role grants `right`. Platform rights reach across tenants, so no
+        wildcard covers them: they must be granted by name."""
         area = right.split(":", 1)[0] + ":*"
+        wanted = {right} if right.startswith("platform:") else {"*", right, area}
         for role in roles:
             policy = self.roles.get(role)
-            if policy and ({"*", right, area} & set(policy.rights)):
+            if policy and (wanted & set(policy.rights)):
                 return True
         return False
 

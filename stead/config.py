@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     # Payload encryption: comma-separated `key_id:base64key`, the first one encrypts.
     payload_keys: SecretStr | None = None
     # Origin allowed to call the codec endpoints (the Temporal Web UI).
-    ui_origin: str | None = None
+    ui_origin: str | None = None  # comma-separated when the UI is reached under several names
     # Capability token for `/codec/{token}/...`: the Web UI of the dev server sends neither a
     # bearer token nor cookies to a codec, so its endpoint URL carries the credential.
     codec_token: SecretStr | None = None
@@ -133,6 +133,11 @@ class Settings(BaseSettings):
     @property
     def temporal_target(self) -> str:
         return self.temporal_address or f"{self.host}:{self.temporal_port}"
+
+    @property
+    def ui_origins(self) -> frozenset[str]:
+        raw = self.ui_origin or ""
+        return frozenset(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
 
     @property
     def api_url(self) -> str:

@@ -223,7 +223,8 @@ class DevStack:
             {
                 "STEAD_DATA_DIR": str(self.data_dir),
                 "STEAD_PAYLOAD_KEYS": self.payload_keys(),
-                "STEAD_UI_ORIGIN": s.ui_url,
+                # The browser may open the UI as 127.0.0.1 or as localhost: two origins.
+                "STEAD_UI_ORIGIN": f"{s.ui_url},http://localhost:{s.temporal_ui_port}",
                 "STEAD_CODEC_TOKEN": self.codec_token(),
             }
         )

@@ -173,6 +173,7 @@ async def make_tenant(database_url: str) -> TenantFactory:
             "approver": ["approver"],
             "finance": ["approver", "finance"],
             "admin": ["admin"],
+            "operator": ["operator"],
         }
         conn = await asyncpg.connect(database_url)
         try:

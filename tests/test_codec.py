@@ -174,7 +174,7 @@ async def test_codec_routes_round_trip_with_the_workers_codec(
 ) -> None:
     originals = [payload({"tool": "refund", "amount": 42}), payload("a model's reply")]
     encoded = await codec_api.post(
-        "/codec/encode", json=wire(originals), headers=tenant.auth("admin")
+        "/codec/encode", json=wire(originals), headers=tenant.auth("operator")
     )
     assert encoded.status_code == 200, encoded.text
     sealed = unwire(encoded.json())
@@ -229,13 +229,14 @@ async def test_codec_refuses_without_the_right_credentials(
     for case, response in refused.items():
         assert response.status_code == 401, (case, response.text)
         assert response.json()["code"] == "unauthorized", case
-    # A valid key whose roles do not hold codec:use is known but not allowed.
-    for user in ("requester", "approver"):
+    # A valid key whose roles do not hold platform:codec is known but not allowed: a tenant's
+    # admin included, since the payload keys are not theirs but the platform's.
+    for user in ("requester", "approver", "admin"):
         response = await codec_api.post("/codec/decode", json=body, headers=tenant.auth(user))
         assert response.status_code == 403, (user, response.text)
-        assert "codec:use" in response.json()["detail"]
-    admin = await codec_api.post("/codec/decode", json=body, headers=tenant.auth("admin"))
-    assert admin.status_code == 200
+        assert "platform:codec" in response.json()["detail"]
+    operator = await codec_api.post("/codec/decode", json=body, headers=tenant.auth("operator"))
+    assert operator.status_code == 200
 
 
 async def test_codec_bad_requests(
@@ -275,7 +276,7 @@ async def test_codec_without_keys_is_unavailable(
     http = api_for(keyless)
     for path, headers in (
         (f"/codec/{CODEC_TOKEN}/decode", {}),
-        ("/codec/encode", tenant.auth("admin")),
+        ("/codec/encode", tenant.auth("operator")),
     ):
         response = await http.post(path, json=wire([payload("x")]), headers=headers)
         assert response.status_code == 503, response.text
@@ -539,14 +540,14 @@ async def test_temporal_stores_no_plaintext_and_the_cli_shows_none(
             assert wid.encode() in output or b"binary/encrypted" in output, (name, output[:300])
             assert not reveals(output, canary), f"`temporal workflow {name}` shows the canary"
 
-    # The control: the same CLI through the codec server, with an admin's key, reads it.
+    # The control: the same CLI through the codec server, with an operator's key, reads it.
     app = create_app(test_settings, svc)
     async with serve_app(app) as url:
         for wid in (completed, failed):
             through_codec = await temporal_cli(
                 "workflow", "show", "--address", address, "-w", wid, "-o", "json",
                 "--codec-endpoint", f"{url}/codec",
-                "--codec-auth", f"Bearer {tenant.keys['admin']}",
+                "--codec-auth", f"Bearer {tenant.keys['operator']}",
             )  # fmt: skip
             assert reveals(through_codec, canary), wid
 

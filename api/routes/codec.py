@@ -9,7 +9,7 @@ references (large payloads kept in PostgreSQL, see store/payloads.py), so those 
 Two ways in, because codec clients authenticate so differently:
 
 - `/codec/encode|decode` with `Authorization: Bearer <Stead API key>` of a principal holding
-  `codec:use`: the Temporal CLI (`--codec-auth`), scripts, a UI configured to pass a token.
+  `platform:codec`: the Temporal CLI (`--codec-auth`), scripts, a UI configured to pass a token.
 - `/codec/{token}/encode|decode` with `STEAD_CODEC_TOKEN` in the path: the Web UI, which sends
   no credentials to a codec unless configured for OIDC. The token is then as secret as the UI's
   own settings (which serve the endpoint to every browser that loads the UI): reachable only
@@ -77,9 +77,9 @@ router = APIRouter(prefix="/codec", tags=["codec"], route_class=_CodecRoute)
 
 def _cors_headers(request: Request) -> dict[str, str]:
     origin = request.headers.get("origin")
-    allowed = services(request).settings.ui_origin
+    allowed = services(request).settings.ui_origins
     headers = {"Vary": "Origin"}
-    if origin is None or allowed is None or origin != allowed.rstrip("/"):
+    if origin is None or origin not in allowed:
         return headers
     headers |= {
         "Access-Control-Allow-Origin": origin,
@@ -197,15 +197,15 @@ def _reply(payloads: list[Payload]) -> JSONResponse:
     return JSONResponse(json_format.MessageToDict(Payloads(payloads=payloads)))
 
 
-@router.post("/encode", summary="Encode payloads (Bearer API key with codec:use)")
+@router.post("/encode", summary="Encode payloads (Bearer API key with platform:codec)")
 async def encode(request: Request, svc: ServicesDep, principal: CurrentPrincipal) -> JSONResponse:
-    require(svc, principal, "codec:use")
+    require(svc, principal, "platform:codec")
     return await _encode(request)
 
 
-@router.post("/decode", summary="Decode payloads (Bearer API key with codec:use)")
+@router.post("/decode", summary="Decode payloads (Bearer API key with platform:codec)")
 async def decode(request: Request, svc: ServicesDep, principal: CurrentPrincipal) -> JSONResponse:
-    require(svc, principal, "codec:use")
+    require(svc, principal, "platform:codec")
     return await _decode(request)
 
 
