@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
@@ -24,6 +23,7 @@ import anthropic
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeat import heartbeating
 from activities.types import ModelCall, ModelReply
 from policies.models import PriceTable, RoutingPolicy, TokenCounts
 from stead import metrics
@@ -58,19 +58,6 @@ def _retry_after(exc: anthropic.APIStatusError) -> float | None:
         return max((parsedate_to_datetime(raw) - datetime.now(UTC)).total_seconds(), 0.0)
     except (TypeError, ValueError):
         return None
-
-
-async def heartbeating(awaitable: Awaitable[T], every: float = 5.0) -> T:
-    """Await while heartbeating, so cancellation reaches a long provider call."""
-    task = asyncio.ensure_future(awaitable)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=every)
-            if done:
-                return task.result()
-            activity.heartbeat()
-    finally:
-        task.cancel()
 
 
 class ModelActivities:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.model import heartbeating
+from activities.heartbeat import heartbeating
 from activities.types import ToolInvocation, ToolOutcome
 from policies.permissions import PermissionPolicy, Verdict, combine, evaluate
 from policies.tools import INTEGRATION_SCOPES, TOOLS, ToolSpec
