@@ -34,7 +34,7 @@ from policies.models import load_prices, load_routing
 from policies.permissions import load_policy
 from stead.config import Settings, load_settings
 from stead.serving import serving
-from stead.telemetry import metrics_app, metrics_runtime, setup_tracing, tracing_interceptor
+from stead.telemetry import interceptors, metrics_app, metrics_runtime, setup_tracing
 from stead.temporal import connect
 from store import budgets
 from store.audit import audit_writer
@@ -164,7 +164,7 @@ async def run(settings: Settings) -> None:
     pool = await pool_from_settings(settings, "worker")
     client = await connect(
         settings,
-        interceptors=[tracing_interceptor()],
+        interceptors=list(interceptors(settings)),
         runtime=runtime,
         payload_store=PostgresPayloadStore(pool),
     )

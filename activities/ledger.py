@@ -26,6 +26,9 @@ class LedgerActivities:
     @activity.defn(name="ledger.flush")
     async def flush(self, batch: FlushAudit) -> int:
         async with self._pool.acquire() as conn, conn.transaction():
+            if batch.context is not None:
+                for approval in batch.approvals:
+                    await approvals.upsert(conn, batch.context, batch.workflow_id, approval)
             new = await self._audit.append_new(conn, batch.events)
         metrics.observe_events(new)
         return len(new)

@@ -84,23 +84,36 @@ class ModelActivities:
     async def call_model(self, call: ModelCall) -> ModelReply:
         attempt = activity.info().attempt
         key = call.call_key or _fallback_key()
-        async with self._pool.acquire() as conn:
-            memo = await usage.memo_get(conn, key)
-        if memo is not None:
-            await self._write_events(call.events)
-            return ModelReply.model_validate(memo)
-
         route = self._routing.route(call.task, call.context.plan)
         models = route.candidates(call.escalate)
         request = _request_body(call)
         digest = usage.request_hash(request)
+        async with self._pool.acquire() as conn:
+            ready = await usage.prepare(
+                conn,
+                tenant=call.context.tenant,
+                principal=call.context.requested_by,
+                call_key=key,
+                models=models,
+                digest=digest if call.cache else None,
+            )
+        if ready.memo is not None:
+            await self._write_events(call.events)
+            return ModelReply.model_validate(ready.memo)
         if call.cache:
-            hit = await self._from_cache(call, key, attempt, models, digest)
-            if hit is not None:
-                return hit
-        input_tokens = await self._count_tokens(models[0], request)
-        worst = max(self._prices.worst_case_nusd(m, input_tokens, call.max_tokens) for m in models)
-        await self._reserve(call, key, attempt, worst)
+            metrics.MODEL_CACHE.labels("hit" if ready.cached else "miss").inc()
+            if ready.cached is not None:
+                return await self._serve_cached(call, key, attempt, *ready.cached)
+        # Without a budget to enforce there is nothing to reserve, and no reason to spend a
+        # provider round trip counting tokens.
+        budgeted = ready.budgeted or call.run_budget_nusd is not None
+        worst = 0
+        if budgeted:
+            input_tokens = await self._count_tokens(models[0], request)
+            worst = max(
+                self._prices.worst_case_nusd(m, input_tokens, call.max_tokens) for m in models
+            )
+            await self._reserve(call, key, attempt, worst)
 
         settled = False
         try:
@@ -155,38 +168,33 @@ class ModelActivities:
                 non_retryable=True,
             ) from None
         finally:
-            if not settled:
+            if not settled and budgeted:
                 # Cancelled or crashed mid-call: the provider may bill what it generated, so
                 # the reservation is charged in full.
                 await asyncio.shield(self._release_quietly(key, attempt, worst))
 
     # --- steps -------------------------------------------------------------------------------
 
-    async def _from_cache(
-        self, call: ModelCall, key: str, attempt: int, models: tuple[str, ...], digest: bytes
-    ) -> ModelReply | None:
+    async def _serve_cached(
+        self, call: ModelCall, key: str, attempt: int, model: str, stored: dict[str, Any]
+    ) -> ModelReply:
+        """A cache hit is the activity's result (replay stays deterministic) and costs nothing."""
         with span(
-            "model.cache_lookup",
+            "model.cache_hit",
             tenant=call.context.tenant,
             pipeline=call.context.pipeline,
             step=call.step,
-        ) as current:
-            async with self._pool.acquire() as conn:
-                hit = await usage.cache_get(conn, call.context.tenant, models, digest)
-            set_attributes(current, cache_hit=hit is not None, model=hit[0] if hit else "")
-        metrics.MODEL_CACHE.labels("hit" if hit else "miss").inc()
-        if hit is None:
-            return None
-        model, stored = hit
-        reply = ModelReply(
             model=model,
-            content=stored["content"],
-            stop_reason=stored["stop_reason"],
-            usage=Usage(model_calls=1, cache_hits=1),
-            cache_hit=True,
-            attempt=attempt,
-        )
-        await self._finish(call, key, attempt, reply, None)
+        ):
+            reply = ModelReply(
+                model=model,
+                content=stored["content"],
+                stop_reason=stored["stop_reason"],
+                usage=Usage(model_calls=1, cache_hits=1),
+                cache_hit=True,
+                attempt=attempt,
+            )
+            await self._finish(call, key, attempt, reply, None)
         return reply
 
     async def _count_tokens(self, model: str, request: dict[str, Any]) -> int:

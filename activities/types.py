@@ -18,7 +18,13 @@ TaskClass = Literal["classify", "draft", "reason", "answer", "agent"]
 
 
 class FlushAudit(Frozen):
+    """Audit events to store; with them, approvals whose projection is behind (the API wrote
+    the decision to the inbox already; this makes the workflow's own version durable)."""
+
     events: list[AuditEvent]
+    approvals: list[ApprovalState] = Field(default_factory=list)
+    context: RunContext | None = None
+    workflow_id: str = ""
 
 
 class PublishApproval(Frozen):

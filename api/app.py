@@ -20,7 +20,7 @@ from api.routes import admin, approvals, audit, codec, documents, health, runs, 
 from policies.permissions import load_policy
 from stead import metrics
 from stead.config import Settings, load_settings
-from stead.telemetry import setup_tracing, tracing_interceptor
+from stead.telemetry import interceptors, setup_tracing
 from stead.temporal import connect
 from store import approvals as approvals_store
 from store.audit import audit_writer
@@ -40,7 +40,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         setup_tracing(config, "stead-api")
         pool = await pool_from_settings(config, "API")
         client = await connect(
-            config, interceptors=[tracing_interceptor()], payload_store=PostgresPayloadStore(pool)
+            config,
+            interceptors=list(interceptors(config)),
+            payload_store=PostgresPayloadStore(pool),
         )
         app.state.services = Services(config, client, pool, load_policy(), audit_writer(config))
         gauges = asyncio.create_task(refresh_gauges(pool))
@@ -59,14 +61,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     if services is not None:
         app.state.services = services
     errors.install(app)
-    app.include_router(runs.router)
-    app.include_router(approvals.router)
-    app.include_router(audit.router)
-    app.include_router(documents.router)
-    app.include_router(admin.router)
-    app.include_router(usage.router)
+    for router in (runs, approvals, audit, documents, admin, usage):
+        app.include_router(router.router, responses=errors.RESPONSES)
     app.include_router(health.router)
-    app.include_router(codec.router)
+    app.include_router(codec.router, responses=errors.RESPONSES)
     app.middleware("http")(_measure)
     return app
 

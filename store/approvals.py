@@ -7,7 +7,13 @@ from datetime import datetime
 from typing import Any
 
 from store.db import Conn
-from workflows.state import ApprovalPolicy, ApprovalState, ApprovalStatus, RunContext
+from workflows.state import (
+    ApprovalPolicy,
+    ApprovalState,
+    ApprovalStatus,
+    DecideResult,
+    RunContext,
+)
 
 
 async def upsert(
@@ -53,6 +59,20 @@ async def upsert(
         approval.version,
     )
     return done.endswith(" 1")
+
+
+async def record_decision(conn: Conn, tenant: str, approval_id: str, result: DecideResult) -> None:
+    """Bring the inbox in step with a decision the run accepted (unless it moved on already)."""
+    await conn.execute(
+        "UPDATE approvals SET status = $3, approvals = $4, decided_by = $5, version = $6,"
+        " updated_at = now() WHERE tenant_id = $1 AND id = $2 AND version < $6",
+        tenant,
+        approval_id,
+        result.status.value,
+        result.approvals,
+        list(result.decided_by),
+        result.version,
+    )
 
 
 async def inbox(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -36,9 +37,52 @@ def request_hash(model_input: dict[str, Any]) -> bytes:
     return hashlib.sha256(canonical.encode()).digest()
 
 
-async def memo_get(conn: Conn, call_key: str) -> dict[str, Any] | None:
-    reply = await conn.fetchval("SELECT reply FROM model_calls WHERE call_key = $1", call_key)
-    return dict(reply) if reply is not None else None
+@dataclass(frozen=True)
+class Prepared:
+    """What a model call needs to know before it may call a provider, in one round trip."""
+
+    memo: dict[str, Any] | None
+    cached: tuple[str, dict[str, Any]] | None
+    budgeted: bool
+
+
+async def prepare(
+    conn: Conn,
+    *,
+    tenant: str,
+    principal: str,
+    call_key: str,
+    models: tuple[str, ...],
+    digest: bytes | None,
+) -> Prepared:
+    """The call's memo (an earlier attempt finished), a fresh cache hit from the first route
+    model that has one (counted as a hit), and whether any customer or user budget applies."""
+    row = await conn.fetchrow(
+        """
+        WITH hit AS (
+            UPDATE response_cache SET hits = hits + 1
+            WHERE $5::bytea IS NOT NULL AND tenant_id = $2 AND model = ANY($4)
+              AND request_hash = $5 AND expires_at > now()
+            RETURNING model, reply
+        )
+        SELECT (SELECT reply FROM model_calls WHERE call_key = $1) AS memo,
+               (SELECT json_agg(json_build_object('model', model, 'reply', reply)) FROM hit)
+                   AS hits,
+               EXISTS (SELECT 1 FROM budgets WHERE tenant_id = $2 AND (
+                   (scope = 'customer' AND subject = '') OR (scope = 'user' AND subject = $3)
+               )) AS budgeted
+        """,
+        call_key,
+        tenant,
+        principal,
+        list(models),
+        digest,
+    )
+    assert row is not None
+    by_model = {h["model"]: dict(h["reply"]) for h in row["hits"] or []}
+    cached = next(((m, by_model[m]) for m in models if m in by_model), None)
+    memo = dict(row["memo"]) if row["memo"] is not None else None
+    return Prepared(memo=memo, cached=cached, budgeted=bool(row["budgeted"]))
 
 
 async def memo_put(conn: Conn, call_key: str, tenant: str, reply: dict[str, Any]) -> None:
@@ -49,24 +93,6 @@ async def memo_put(conn: Conn, call_key: str, tenant: str, reply: dict[str, Any]
         tenant,
         reply,
     )
-
-
-async def cache_get(
-    conn: Conn, tenant: str, models: tuple[str, ...], digest: bytes
-) -> tuple[str, dict[str, Any]] | None:
-    """The freshest cached reply from the first route model that has one."""
-    rows = await conn.fetch(
-        "UPDATE response_cache SET hits = hits + 1 WHERE tenant_id = $1 AND model = ANY($2)"
-        " AND request_hash = $3 AND expires_at > now() RETURNING model, reply",
-        tenant,
-        list(models),
-        digest,
-    )
-    by_model = {r["model"]: dict(r["reply"]) for r in rows}
-    for model in models:
-        if model in by_model:
-            return model, by_model[model]
-    return None
 
 
 async def cache_put(

@@ -377,7 +377,13 @@ def messages(message: Message, path: str = "") -> Iterator[tuple[str, Message]]:
 # puts only stage, pipeline, tenant, requester, approval roles, error type and cost there),
 # headers carry trace context, and the Core SDK writes the local-activity marker's own
 # bookkeeping (activity id, type, attempt, times) itself; that marker's result is encoded.
-_UNENCODED = (".search_attributes", ".header", ".marker_recorded_event_attributes.details[data]")
+_UNENCODED = (
+    ".search_attributes",
+    ".header",
+    ".marker_recorded_event_attributes.details[data]",
+    # The SDK's patch markers (`workflow.patched`): the patch id, a constant from our code.
+    ".marker_recorded_event_attributes.details[patch-data]",
+)
 _REFERENCE_TYPE = ExternalStorageReference.DESCRIPTOR.full_name.encode()
 
 

@@ -16,6 +16,7 @@ from temporalio.client import Client
 
 from api.routes.runs import workflow_id
 from stead.config import Settings
+from store import budgets
 from store.db import Pool
 from tests.conftest import SimControl, Tenant, TenantFactory, running_workers, spawn_worker
 from tests.helpers import eventually, record_history, wait_json
@@ -48,6 +49,8 @@ async def audit_actions(pool: Pool, tenant: Tenant, run_id: str) -> list[str]:
 async def test_refused_request_fails_then_resumes(
     api: httpx.AsyncClient, tenant: Tenant, sim: SimControl, pool: Pool, client: Client
 ) -> None:
+    async with pool.acquire() as conn:  # a budget, so the calls are reserved and charged
+        await budgets.set_budget(conn, tenant.id, "customer", "", "day", 10.0)
     await sim.fault(400, model=PRIMARY)
     run_id = await start(api, tenant)
     failed = await run_state(api, tenant, run_id, lambda b: b["status"] == "failed")

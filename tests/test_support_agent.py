@@ -4,6 +4,7 @@ exactly-once side effects. The simulator plays the model; hints in the ticket sc
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,10 @@ async def pending_refund(api: httpx.AsyncClient, tenant: Tenant, run_id: str) ->
         lambda b: any(a["run_id"] == run_id and a["kind"] == "tool_call" for a in b["items"]),
     )
     return next(a for a in inbox["items"] if a["run_id"] == run_id)
+
+
+def in_inbox(approval: dict[str, Any]) -> Callable[[dict[str, Any]], bool]:
+    return lambda inbox: any(a["approval_id"] == approval["approval_id"] for a in inbox["items"])
 
 
 def actions(run: dict[str, Any]) -> dict[str, str]:
@@ -281,6 +286,9 @@ async def test_parallel_calls_wait_on_two_approvals_each_by_its_own_id(
     )
     by_kind = {a["title"].split()[0]: a for a in run["pending_approvals"]}
     assert set(by_kind) == {"issue_refund", "send_email"}
+    # Decisions go through the inbox, which the run writes just after its state shows them.
+    for user, kind in (("approver", "send_email"), ("finance", "issue_refund")):
+        await wait_json(api, "/v1/approvals", tenant.auth(user), in_inbox(by_kind[kind]))
     first = await api.post(
         f"/v1/approvals/{by_kind['send_email']['approval_id']}/decision",
         json={"decision": "approve"},

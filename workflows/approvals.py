@@ -80,6 +80,8 @@ class ApprovalSteps(RunCore):
             status=approval.status,
             approvals=approval.approve_count,
             quorum=approval.policy.quorum,
+            version=approval.version,
+            decided_by=tuple(d.principal for d in approval.decisions),
         )
 
     @decide.validator
@@ -152,7 +154,13 @@ class ApprovalSteps(RunCore):
         # coroutine outside the workflow's event loop. Cancellation is handled in `drive`.
         await self._wait_for_decision(approval)
         self._sync_approval_attributes()
-        await self._publish(approval)
+        decided = approval.status in (ApprovalStatus.APPROVED, ApprovalStatus.REJECTED)
+        if decided and workflow.patched("approval-projection-by-the-api"):
+            # The API updated the inbox when the decision was accepted; waiting on a ledger
+            # write here would only delay what the run does next.
+            self._unpublished[approval.approval_id] = approval
+        else:
+            await self._publish(approval)
         last = approval.decisions[-1] if approval.decisions else None
         return ApprovalOutcome(
             approval_id=approval.approval_id,
@@ -213,7 +221,7 @@ class ApprovalSteps(RunCore):
             await workflow.execute_local_activity_method(
                 LedgerActivities.publish_approval,
                 PublishApproval(
-                    context=self._ctx,
+                    context=self._lean_ctx,
                     workflow_id=workflow.info().workflow_id,
                     approval=approval.model_copy(deep=True),
                     events=events,

@@ -123,7 +123,7 @@ class PipelineWorkflow(ApprovalSteps):
         self._tool_calls += 1
         info = workflow.info()
         invocation = ToolInvocation(
-            context=self._ctx,
+            context=self._lean_ctx,
             agent=self.pipeline,
             call_id=str(tool_use.get("id", "")),
             tool=str(tool_use.get("name", "")),
@@ -213,6 +213,7 @@ class PipelineWorkflow(ApprovalSteps):
                 ModelActivities.call_model,
                 call.model_copy(
                     update={
+                        "context": self._lean_ctx,
                         "events": events,
                         "call_key": call_key,
                         "run_budget_nusd": self._run_budget_nusd,

@@ -50,6 +50,9 @@ class RunCore:
 
     def __init__(self, run: RunInput) -> None:
         self._ctx = run.context
+        # What activities get: the context without the approval policies, which only the
+        # workflow reads (smaller payloads on every step, for the server and the history).
+        self._lean_ctx = run.context.model_copy(update={"approvals": {}})
         self._raw_input = run.input
         now = workflow.now()
         self._stage = Stage.INTAKE
@@ -61,6 +64,9 @@ class RunCore:
         self._result: dict[str, Any] | None = None
         self._status = RunStatus.RUNNING
         self._outbox: list[AuditEvent] = []
+        # Approvals decided through the API, whose inbox row the API already updated; the
+        # workflow's own version rides along with the next ledger write.
+        self._unpublished: dict[str, ApprovalState] = {}
         self._seq = 0
         self._model_calls = 0
         self._tool_calls = 0
@@ -164,18 +170,26 @@ class RunCore:
         return events
 
     async def flush_audit(self) -> None:
-        if not self._outbox:
+        """Store buffered audit events, and approvals whose projection is behind."""
+        if not self._outbox and not self._unpublished:
             return
         events = self._take_outbox()
+        behind, self._unpublished = self._unpublished, {}
         try:
             await workflow.execute_local_activity_method(
                 LedgerActivities.flush,
-                FlushAudit(events=events),
+                FlushAudit(
+                    events=events,
+                    approvals=[a.model_copy(deep=True) for a in behind.values()],
+                    context=self._lean_ctx if behind else None,
+                    workflow_id=workflow.info().workflow_id,
+                ),
                 start_to_close_timeout=retries.LEDGER.start_to_close,
                 retry_policy=retries.LEDGER.retry,
             )
         except BaseException:
             self._outbox = events + self._outbox
+            self._unpublished = {**behind, **self._unpublished}
             raise
 
 

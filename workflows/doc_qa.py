@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
@@ -23,15 +22,8 @@ with workflow.unsafe.imports_passed_through():
     from activities.types import FoundPassages, ModelCall, ModelReply, Passage, SearchPassages
     from policies import retries
     from workflows.base import PipelineWorkflow
+    from workflows.inputs import DocQaInput
     from workflows.state import Proposal, RunInput, RunResult, Stage
-
-
-class DocQaInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    question: str = Field(min_length=1, max_length=4000)
-    top_k: int = Field(5, ge=1, le=20)
-    review: bool = False
 
 
 NOT_FOUND = "I could not find this in your documents."

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
@@ -19,13 +18,8 @@ with workflow.unsafe.imports_passed_through():
     from activities.types import ChunkDocument, ChunkedDocument, MarkDocument
     from policies import retries
     from workflows.base import PipelineWorkflow
+    from workflows.inputs import IngestInput
     from workflows.state import RunInput, RunResult, Stage
-
-
-class IngestInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    document_id: str = Field(pattern=r"^d_[a-z2-7]{26}$")
 
 
 # Chunks per activity call: bounds one attempt's work and is the grain of visible progress.

@@ -189,6 +189,9 @@ class DecideResult(Frozen):
     status: ApprovalStatus
     approvals: int
     quorum: int
+    # What the API needs to bring the inbox in step at once.
+    version: int = 0
+    decided_by: tuple[str, ...] = ()
 
 
 class ApprovalOutcome(Frozen):

@@ -8,21 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.types import ModelCall
     from workflows.base import PipelineWorkflow
+    from workflows.inputs import SummarizeInput
     from workflows.state import Proposal, RunInput, RunResult, Stage
-
-
-class SummarizeInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    text: str = Field(min_length=1, max_length=200_000)
-    review: bool = True
-    max_words: int = Field(120, ge=5, le=2000)
 
 
 SYSTEM = (

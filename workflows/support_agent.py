@@ -15,24 +15,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.types import ModelCall
     from policies.tools import TOOLS
     from workflows.base import PipelineWorkflow
+    from workflows.inputs import SupportTicket
     from workflows.state import RunInput, RunResult, Stage
-
-
-class SupportTicket(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    ticket_id: str = Field(min_length=1, max_length=128)
-    customer_id: str = Field(min_length=1, max_length=128)
-    subject: str = Field(min_length=1, max_length=300)
-    body: str = Field(min_length=1, max_length=20_000)
-    max_turns: int = Field(8, ge=1, le=200)
 
 
 SYSTEM = (

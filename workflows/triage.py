@@ -10,19 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.types import ModelCall, TaskClass
     from workflows.base import PipelineWorkflow
+    from workflows.inputs import TriageInput
     from workflows.state import RunInput, RunResult, Stage
-
-
-class TriageInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    message: str = Field(min_length=1, max_length=20_000)
 
 
 CLASSIFY = (

@@ -8,6 +8,7 @@ only it knows: who the caller is and what rights they hold right now.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from dataclasses import replace
@@ -43,6 +44,14 @@ _REFUSALS: dict[str, type[ApiError]] = {
     ErrorType.NOT_ELIGIBLE: Forbidden,
     ErrorType.INVALID_EDITS: Invalid,
 }
+# An approval reaches the inbox (published by a local activity) before the workflow task that
+# created it is in the run's history. If the worker dies in between, the next worker re-creates
+# it under the same id (from the workflow's deterministic random), but it applies a decision
+# waiting for the run before the rest of that task, so the validator answers "no such approval
+# in this run". Found by the kill-during-approval-wait drill (tests/test_drills.py). When the
+# store says the approval is pending, a refusal for that reason is retried a few times.
+_NOT_YET_ATTEMPTS = 5
+_NOT_YET_DELAY_SECONDS = 0.5
 
 
 def _cursor(row: ApprovalOut) -> str:
@@ -126,31 +135,43 @@ async def decide(
     if proposal.kind == "tool_call" and body.decision == "approve":
         await _approver_holds_the_right(svc, principal, proposal, final)
     handle = svc.temporal.get_workflow_handle(row["workflow_id"])
-    try:
-        result = await handle.execute_update(
-            PipelineWorkflow.decide,
-            DecideInput(
-                approval_id=approval_id,
-                principal=principal.id,
-                roles=principal.roles,
-                decision=body.decision,
-                comment=body.comment,
-                edits=body.edits,
-            ),
-            rpc_timeout=timedelta(seconds=30),
-        )
-    except WorkflowUpdateFailedError as exc:
-        cause = exc.cause
-        if isinstance(cause, ApplicationError) and cause.type in _REFUSALS:
+    decision = DecideInput(
+        approval_id=approval_id,
+        principal=principal.id,
+        roles=principal.roles,
+        decision=body.decision,
+        comment=body.comment,
+        edits=body.edits,
+    )
+    for attempt in range(1, _NOT_YET_ATTEMPTS + 1):
+        try:
+            result = await handle.execute_update(
+                PipelineWorkflow.decide, decision, rpc_timeout=timedelta(seconds=30)
+            )
+            break
+        except WorkflowUpdateFailedError as exc:
+            cause = exc.cause
+            if not (isinstance(cause, ApplicationError) and cause.type in _REFUSALS):
+                raise
+            if cause.type == ErrorType.APPROVAL_NOT_FOUND and attempt < _NOT_YET_ATTEMPTS:
+                # The store says pending: the run has not re-created it yet (see above).
+                await asyncio.sleep(_NOT_YET_DELAY_SECONDS)
+                continue
             raise _REFUSALS[cause.type](cause.message) from None
-        raise
-    except WorkflowUpdateRPCTimeoutOrCancelledError:
-        raise Unavailable("the run did not answer in time; no worker may be running") from None
-    except RPCError as exc:
-        if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
-            raise Conflict("the run is no longer running") from None
-        raise
-    return DecisionOut(**result.model_dump(exclude={"approval_id"}), approval_id=approval_id)
+        except WorkflowUpdateRPCTimeoutOrCancelledError:
+            raise Unavailable("the run did not answer in time; no worker may be running") from None
+        except RPCError as exc:
+            if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
+                raise Conflict("the run is no longer running") from None
+            raise
+    async with svc.pool.acquire() as conn:
+        await approvals_store.record_decision(conn, principal.tenant, approval_id, result)
+    return DecisionOut(
+        approval_id=approval_id,
+        status=result.status,
+        approvals=result.approvals,
+        quorum=result.quorum,
+    )
 
 
 async def _approver_holds_the_right(
