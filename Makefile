@@ -36,8 +36,8 @@ unit: $(STAMP) ## pytest, without the slow drills
 test-drills: $(STAMP) ## the slow reliability drills (kill -9, restarts, faults)
 	$(BIN)/pytest -q -m drill
 
-bench: $(STAMP) ## benchmarks against raw Temporal; writes bench/results/
-	$(BIN)/python -m bench
+bench: $(STAMP) ## benchmarks against raw Temporal; writes bench/results/ (BENCH_ARGS="--quick latency")
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lock: ## re-pin requirements.lock from pyproject.toml
 	$(BIN)/python -m pip install --quiet uv
