@@ -63,7 +63,7 @@ WORKER_RULES: tuple[Rule, ...] = (
     ("asyncpg pool: reset query on every release", _on_stack("PoolConnectionHolder.release")),
     ("model: count_tokens request", _on_stack("count_tokens")),
     ("model: messages.create request", _on_stack("ModelActivities._call_route")),
-    ("model: memo and cache lookups", _on_stack("memo_get", "ModelActivities._from_cache")),
+    ("model: memo, cache and budget lookup", _on_stack("usage.prepare", "prepare")),
     ("model: budget reservation", _on_stack("ModelActivities._reserve")),
     ("model: settle, usage, memo, cache, audit", _on_stack("ModelActivities._finish")),
     ("ledger activities (audit flush, approvals)", _on_stack("LedgerActivities.")),
