@@ -21,13 +21,12 @@ from typing import Any, TypeVar
 
 import anthropic
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
 from activities.heartbeat import heartbeating
 from activities.types import ModelCall, ModelReply
 from policies.models import PriceTable, RoutingPolicy, TokenCounts
 from stead import metrics
-from stead.errors import ErrorType
+from stead.errors import ErrorType, failure
 from stead.telemetry import set_attributes, span
 from store import budgets, usage
 from store.audit import AuditWriter
@@ -147,10 +146,10 @@ class ModelActivities:
             await self._release(call, key, attempt, 0, f"all route models unavailable: {exc}")
             settled = True
             delay = timedelta(seconds=exc.retry_after) if exc.retry_after else None
-            raise ApplicationError(
+            raise failure(
+                ErrorType.PROVIDER_UNAVAILABLE,
                 f"every model of the route failed: {exc}",
                 {"attempt": attempt},
-                type=ErrorType.PROVIDER_UNAVAILABLE,
                 next_retry_delay=delay,
             ) from None
         except anthropic.APIStatusError as exc:
@@ -161,11 +160,10 @@ class ModelActivities:
                 if exc.status_code in _AUTH_STATUS
                 else ErrorType.BAD_REQUEST
             )
-            raise ApplicationError(
+            raise failure(
+                kind,
                 f"the provider refused the request ({exc.status_code}): {_provider_message(exc)}",
                 {"attempt": attempt},
-                type=kind,
-                non_retryable=True,
             ) from None
         finally:
             if not settled and budgeted:
@@ -235,7 +233,8 @@ class ModelActivities:
                     ),
                 ]
             )
-            raise ApplicationError(
+            raise failure(
+                ErrorType.BUDGET_EXHAUSTED,
                 str(exc),
                 {
                     "scope": exc.scope,
@@ -243,8 +242,6 @@ class ModelActivities:
                     "limit_nusd": exc.limit_nusd,
                     "attempt": attempt,
                 },
-                type=ErrorType.BUDGET_EXHAUSTED,
-                non_retryable=True,
             ) from None
 
     async def _call_route(

@@ -11,7 +11,6 @@ import re
 from collections.abc import Iterator
 
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
 from activities.types import (
     ChunkDocument,
@@ -21,7 +20,7 @@ from activities.types import (
     Passage,
     SearchPassages,
 )
-from stead.errors import ErrorType
+from stead.errors import ErrorType, failure
 from store import documents
 from store.db import Pool
 
@@ -112,10 +111,8 @@ class RetrievalActivities:
         if text is None:
             # The id came from the run's own input and the tenant from its context: retrying
             # cannot make another tenant's (or a missing) document appear.
-            raise ApplicationError(
-                f"no document {job.document_id!r} in this tenant",
-                type=ErrorType.INVALID_INPUT,
-                non_retryable=True,
+            raise failure(
+                ErrorType.INVALID_INPUT, f"no document {job.document_id!r} in this tenant"
             )
         return text
 

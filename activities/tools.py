@@ -23,14 +23,13 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ValidationError
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
 from activities.heartbeat import heartbeating
 from activities.types import ToolInvocation, ToolOutcome
 from policies.permissions import PermissionPolicy, Verdict, combine, evaluate
 from policies.tools import INTEGRATION_SCOPES, TOOLS, ToolSpec
 from stead import metrics
-from stead.errors import ErrorType
+from stead.errors import ErrorType, failure
 from stead.telemetry import set_attributes, span
 from store import crm, principals
 from store import policy as policy_store
@@ -51,10 +50,8 @@ class HttpIntegration:
         self, http: httpx.AsyncClient, path: str, body: dict[str, Any], key: str
     ) -> dict[str, Any]:
         if not self.base_url or not self.token:
-            raise ApplicationError(
-                f"the {self.name} integration is not configured",
-                type=ErrorType.TOOL_FAILED,
-                non_retryable=True,
+            raise failure(
+                ErrorType.INTEGRATION_MISSING, f"the {self.name} integration is not configured"
             )
         try:
             response = await http.post(
@@ -63,13 +60,11 @@ class HttpIntegration:
                 headers={"Authorization": f"Bearer {self.token}", "Idempotency-Key": key},
             )
         except httpx.HTTPError as exc:
-            raise ApplicationError(
-                f"{self.name} unreachable: {type(exc).__name__}", type=ErrorType.TOOL_FAILED
+            raise failure(
+                ErrorType.TOOL_FAILED, f"{self.name} unreachable: {type(exc).__name__}"
             ) from None
         if response.status_code >= 500 or response.status_code == 429:
-            raise ApplicationError(
-                f"{self.name} answered {response.status_code}", type=ErrorType.TOOL_FAILED
-            )
+            raise failure(ErrorType.TOOL_FAILED, f"{self.name} answered {response.status_code}")
         if response.status_code >= 400:
             raise _Refused(f"{self.name} refused the request ({response.status_code})")
         data: dict[str, Any] = response.json()

@@ -4,6 +4,9 @@ Temporal owns retries: the anthropic SDK runs with `max_retries=0`, tools and re
 retry internally. Errors that retrying cannot fix (bad request, permission denied, budget
 exhausted) are non-retryable everywhere. The ledger (audit and approval projection) retries
 without limit: a run must not fail because its record could not be written yet.
+
+Non-retryable errors are marked so by the activity that raises them (`stead.errors.failure`),
+not listed here: a list in the policy travels in every scheduled step's history event.
 """
 
 from __future__ import annotations
@@ -12,10 +15,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from temporalio.common import RetryPolicy
-
-from stead.errors import NON_RETRYABLE
-
-_NON_RETRYABLE = [str(e) for e in NON_RETRYABLE]
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,6 @@ MODEL = ActivityPolicy(
         backoff_coefficient=2.0,
         maximum_interval=timedelta(seconds=60),
         maximum_attempts=5,
-        non_retryable_error_types=_NON_RETRYABLE,
     ),
     # Covers one pass over a route's models (each bounded by the SDK timeout).
     start_to_close=timedelta(minutes=5),
@@ -45,7 +43,6 @@ TOOL = ActivityPolicy(
         backoff_coefficient=2.0,
         maximum_interval=timedelta(seconds=30),
         maximum_attempts=6,
-        non_retryable_error_types=_NON_RETRYABLE,
     ),
     start_to_close=timedelta(seconds=60),
     # Tools heartbeat every STEAD_HEARTBEAT_SECONDS while waiting on an integration: a worker
@@ -59,7 +56,6 @@ RETRIEVAL = ActivityPolicy(
         backoff_coefficient=2.0,
         maximum_interval=timedelta(seconds=10),
         maximum_attempts=5,
-        non_retryable_error_types=_NON_RETRYABLE,
     ),
     start_to_close=timedelta(seconds=30),
 )
@@ -79,7 +75,6 @@ INGEST = ActivityPolicy(
         initial_interval=timedelta(seconds=1),
         maximum_interval=timedelta(seconds=30),
         maximum_attempts=5,
-        non_retryable_error_types=_NON_RETRYABLE,
     ),
     start_to_close=timedelta(minutes=2),
     heartbeat=timedelta(seconds=20),

@@ -98,7 +98,7 @@ class Settings(BaseSettings):
 
     # Payloads larger than this (bytes, after encryption) are kept in PostgreSQL and referenced
     # by hash from the workflow history; 0 keeps everything inline.
-    payload_offload_bytes: int = Field(2048, ge=0)
+    payload_offload_bytes: int = Field(512, ge=0)
 
     # Payload encryption: comma-separated `key_id:base64key`, the first one encrypts.
     payload_keys: SecretStr | None = None

@@ -6,7 +6,11 @@ non-retryable ones; the API maps them to HTTP statuses. One enum keeps the three
 
 from __future__ import annotations
 
+from datetime import timedelta
 from enum import StrEnum
+from typing import Any
+
+from temporalio.exceptions import ApplicationError
 
 
 class ErrorType(StrEnum):
@@ -16,6 +20,7 @@ class ErrorType(StrEnum):
     BUDGET_EXHAUSTED = "BudgetExhausted"
     PROVIDER_UNAVAILABLE = "ProviderUnavailable"  # 429/529/5xx/timeout on every route model
     TOOL_FAILED = "ToolFailed"
+    INTEGRATION_MISSING = "IntegrationNotConfigured"
     INVALID_INPUT = "InvalidInput"
     # Update-validator rejections (never written to history).
     APPROVAL_NOT_FOUND = "ApprovalNotFound"
@@ -32,4 +37,19 @@ NON_RETRYABLE = (
     ErrorType.PERMISSION_DENIED,
     ErrorType.BUDGET_EXHAUSTED,
     ErrorType.INVALID_INPUT,
+    ErrorType.INTEGRATION_MISSING,
 )
+
+
+def failure(
+    kind: ErrorType, message: str, *details: Any, next_retry_delay: timedelta | None = None
+) -> ApplicationError:
+    """The error an activity raises: non-retryable exactly when its kind is. Retry policies
+    need not list these types (each listing costs every scheduled step history bytes)."""
+    return ApplicationError(
+        message,
+        *details,
+        type=kind,
+        non_retryable=kind in NON_RETRYABLE,
+        next_retry_delay=next_retry_delay,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 
 import httpx
@@ -72,6 +73,6 @@ async def test_a_missing_or_altered_payload_is_refused(pool: Pool) -> None:
     assert back == payload
     again = await store.store(StorageDriverStoreContext(), [payload])
     assert again == [claim]  # content-addressed: stored once
-    forged = StorageDriverClaim({"sha256": "00" * 32})
+    forged = StorageDriverClaim({"h": base64.urlsafe_b64encode(bytes(32)).decode()})
     with pytest.raises(PayloadMissing):
         await store.retrieve(StorageDriverRetrieveContext(), [forged])

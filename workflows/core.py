@@ -38,6 +38,9 @@ with workflow.unsafe.imports_passed_through():
     )
 
 
+_AGENT_LOOP = frozenset({Stage.MODEL_CALL, Stage.TOOL_EXECUTION})
+
+
 class RunCore:
     """Explicit run state. Subclasses add approvals (`workflows.approvals`) and steps."""
 
@@ -56,6 +59,7 @@ class RunCore:
         self._raw_input = run.input
         now = workflow.now()
         self._stage = Stage.INTAKE
+        self._indexed_stage = Stage.INTAKE
         self._stages = [StageEntry(stage=Stage.INTAKE, entered_at=now)]
         self._approvals: dict[str, ApprovalState] = {}
         self._attempts: dict[str, int] = {}
@@ -124,7 +128,18 @@ class RunCore:
         self._stages[-1].left_at = now
         self._stages.append(StageEntry(stage=stage, entered_at=now))
         previous, self._stage = self._stage, stage
-        workflow.upsert_search_attributes([search.STAGE.value_set(stage.value)])
+        if (
+            self._indexed_stage in _AGENT_LOOP
+            and stage in _AGENT_LOOP
+            and workflow.patched("agent-loop-stage-index")
+        ):
+            # An agent alternates model_call and tool_execution every turn; the index keeps the
+            # first of them for the whole loop (the state query has the exact stage). Two
+            # search-attribute updates per turn were a tenth of each turn's history.
+            pass
+        else:
+            workflow.upsert_search_attributes([search.STAGE.value_set(stage.value)])
+            self._indexed_stage = stage
         seconds = (now - self._stages[-2].entered_at).total_seconds()
         self.audit(
             "stage.entered",
