@@ -4,9 +4,9 @@ tenant, a role or an approval state."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from workflows.state import (
     ApprovalState,
@@ -19,6 +19,23 @@ from workflows.state import (
 )
 
 T = TypeVar("T")
+
+
+def _not_a_number(value: object) -> object:
+    # pydantic reads a bare number as a Unix timestamp (`to=0.5` is 1970-01-01T00:00:00.5Z);
+    # the schema says date-time, and a number here is a mistake, not a time. Found by the
+    # schemathesis drill in tests/test_drills.py (a schema-violating request was accepted).
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return value
+        raise ValueError("must be an ISO 8601 date-time, e.g. 2026-01-31T00:00:00Z")
+    return value
+
+
+# A date-time query parameter: ISO 8601 only.
+DateTimeParam = Annotated[datetime, BeforeValidator(_not_a_number)]
 
 
 class Request(BaseModel):

@@ -164,11 +164,14 @@ class RunCore:
             kind = actor_kind or "user"
         self._outbox.append(
             AuditEvent(
-                # Replays rebuild the same key (same sequence, same workflow time), so an event is
-                # stored once; after a re-drive the sequence repeats but the time does not, so
-                # what the run does after the reset is recorded rather than taken for a duplicate.
-                key=f"{info.workflow_id}:{info.first_execution_run_id}:{self._seq}"
-                f":{int(workflow.now().timestamp() * 1000)}",
+                # Replays rebuild the same key (same sequence, same run), so an event is stored
+                # once; after a re-drive (a reset: a new run) the sequence repeats but the run id
+                # does not, so what the run does after the reset is recorded rather than taken
+                # for a duplicate. Not the workflow time: a workflow task whose ledger write
+                # (a local activity) ran but whose worker died before completing it runs again
+                # at a later time, and its events were stored twice (found by the
+                # kill-during-approval-wait drill in tests/test_drills.py).
+                key=f"{info.workflow_id}:{info.first_execution_run_id}:{self._seq}:{info.run_id}",
                 tenant=self._ctx.tenant,
                 actor=actor,
                 actor_kind=kind,

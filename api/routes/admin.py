@@ -99,6 +99,8 @@ async def set_roles(
     pending action is re-checked after its approval)."""
     _admin(svc, principal)
     roles = _known_roles(svc, body.roles)
+    if user_id == principal.id and not svc.permissions.has_right(roles, RIGHT):
+        raise Conflict("you cannot remove your own admin rights; ask another admin")
     async with svc.pool.acquire() as conn:
         if not await principals.set_roles(conn, principal.tenant, user_id, roles):
             raise NotFound("no such user")

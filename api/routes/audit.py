@@ -33,7 +33,7 @@ from api.ledger import (
     text_of,
 )
 from api.routes.runs import RUN_ID, describe_run, run_status
-from api.schemas import Page, Request
+from api.schemas import DateTimeParam, Page, Request
 from store import audit, redaction
 from store.audit import AuditEntry, Problem, Verification
 from store.principals import Principal
@@ -240,10 +240,10 @@ async def search_audit(
     ] = None,
     run_id: Annotated[str | None, Query(pattern=RUN_ID.pattern)] = None,
     since: Annotated[
-        datetime | None, Query(alias="from", description="inclusive; with a UTC offset")
+        DateTimeParam | None, Query(alias="from", description="inclusive; with a UTC offset")
     ] = None,
     until: Annotated[
-        datetime | None, Query(alias="to", description="exclusive; with a UTC offset")
+        DateTimeParam | None, Query(alias="to", description="exclusive; with a UTC offset")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     cursor: Annotated[str | None, Query(max_length=64)] = None,

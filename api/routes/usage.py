@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from api.deps import CurrentPrincipal, ServicesDep, require
 from api.errors import Invalid
+from api.schemas import DateTimeParam
 from store import usage
 from store.usage import GroupBy
 
@@ -41,8 +42,8 @@ async def usage_report(
     svc: ServicesDep,
     principal: CurrentPrincipal,
     group_by: GroupBy = "model",
-    start: Annotated[datetime | None, Query(alias="from")] = None,
-    end: Annotated[datetime | None, Query(alias="to")] = None,
+    start: Annotated[DateTimeParam | None, Query(alias="from")] = None,
+    end: Annotated[DateTimeParam | None, Query(alias="to")] = None,
 ) -> UsageReport:
     """Defaults to the last 30 days. Times without a zone are UTC."""
     require(svc, principal, "usage:read")
