@@ -244,7 +244,7 @@ class DevStack:
             env["STEAD_TEMPORAL_ADDRESS"] = s.temporal_target
         stead = str(BIN / "stead")
         self.spawn("sim", [stead, "sim"], env)
-        self.spawn("integrations", [stead, "integrations", "--token", token], env)
+        self.spawn("integrations", [stead, "integrations"], env)
         await self.wait_for_temporal()
         self.spawn("worker", [stead, "worker"], env)
         self.spawn("api", [stead, "api"], env)
