@@ -122,6 +122,7 @@ def build_workers(
         client,
         task_queue=queue,
         workflows=list(WORKFLOWS),
+        max_cached_workflows=settings.worker_workflow_cache,
         activities=[
             ledger.flush,
             ledger.publish_approval,

@@ -139,7 +139,7 @@ class ModelActivities:
                     cost_usd=reply.usage.cost_usd,
                     cache_hit=False,
                 )
-            await self._finish(call, key, attempt, reply, digest)
+            await self._finish(call, key, attempt, reply, digest, budgeted=budgeted)
             settled = True
             return reply
         except _Unavailable as exc:
@@ -192,7 +192,7 @@ class ModelActivities:
                 cache_hit=True,
                 attempt=attempt,
             )
-            await self._finish(call, key, attempt, reply, None)
+            await self._finish(call, key, attempt, reply, None, budgeted=False)
         return reply
 
     async def _count_tokens(self, model: str, request: dict[str, Any]) -> int:
@@ -308,7 +308,14 @@ class ModelActivities:
         )
 
     async def _finish(
-        self, call: ModelCall, key: str, attempt: int, reply: ModelReply, digest: bytes | None
+        self,
+        call: ModelCall,
+        key: str,
+        attempt: int,
+        reply: ModelReply,
+        digest: bytes | None,
+        *,
+        budgeted: bool = True,
     ) -> None:
         """Settle, record usage, memoize, cache and audit: all or nothing."""
         ctx, used = call.context, reply.usage
@@ -327,9 +334,11 @@ class ModelActivities:
             "model.called",
             {**facts, "attempt": attempt, "stop_reason": reply.stop_reason},
         )
+        cacheable = digest is not None and call.cache and reply.stop_reason != "max_tokens"
         async with self._pool.acquire() as conn, conn.transaction():
-            await budgets.settle(conn, key, attempt, used.cost_nusd)
-            await usage.record(
+            if budgeted:
+                await budgets.settle(conn, key, attempt, used.cost_nusd)
+            await usage.record_call(
                 conn,
                 {
                     **facts,
@@ -340,17 +349,15 @@ class ModelActivities:
                     "pipeline": ctx.pipeline,
                     "run_id": ctx.run_id,
                 },
-            )
-            await usage.memo_put(conn, key, ctx.tenant, reply.model_dump(mode="json"))
-            if digest is not None and call.cache and reply.stop_reason != "max_tokens":
-                await usage.cache_put(
-                    conn,
-                    ctx.tenant,
-                    reply.model,
+                reply.model_dump(mode="json"),
+                (
                     digest,
                     {"content": reply.content, "stop_reason": reply.stop_reason},
                     self._cache_ttl,
                 )
+                if cacheable and digest is not None
+                else None,
+            )
             new = await self._audit.append_new(conn, [*call.events, called])
         metrics.observe_events(new)
         for kind, tokens in (

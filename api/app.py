@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
 from api.deps import Services
@@ -65,22 +66,38 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         app.include_router(router.router, responses=errors.RESPONSES)
     app.include_router(health.router)
     app.include_router(codec.router, responses=errors.RESPONSES)
-    app.middleware("http")(_measure)
+    app.add_middleware(RequestMetrics)
     return app
 
 
-async def _measure(
-    request: Request, call_next: Callable[[Request], Awaitable[Response]]
-) -> Response:
-    """Request metrics, labelled by the route template, never the raw path: it carries ids,
-    which would make the label set unbounded. (FastAPI itself opens the request's server
-    span, the root of the trace that Temporal's interceptor carries into the workflow.)"""
-    started = time.perf_counter()
-    response = await call_next(request)
-    route = getattr(request.scope.get("route"), "path", "unmatched")
-    metrics.HTTP_REQUESTS.labels(route, request.method, f"{response.status_code // 100}xx").inc()
-    metrics.HTTP_LATENCY.labels(route, request.method).observe(time.perf_counter() - started)
-    return response
+class RequestMetrics:
+    """Request count and latency per route template, never the raw path: it carries ids,
+    which would make the label set unbounded. A plain ASGI middleware: Starlette's
+    BaseHTTPMiddleware runs every request through an extra task and stream."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"]
+            metrics.HTTP_REQUESTS.labels(route, method, f"{status // 100}xx").inc()
+            metrics.HTTP_LATENCY.labels(route, method).observe(time.perf_counter() - started)
 
 
 async def refresh_gauges(pool: Pool, every: float = 15.0) -> None:

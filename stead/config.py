@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     # How often long activities heartbeat, and the most the SDK may delay sending one:
     # cancellation reaches a running activity only through a heartbeat response.
     heartbeat_seconds: float = Field(1.0, gt=0, le=60)
+    # Runs a worker keeps in memory between tasks (about 170 KiB each, measured). Runs beyond
+    # it are replayed from history when they next wake: parked runs lose nothing by it.
+    worker_workflow_cache: int = Field(500, ge=0, le=100_000)
 
     # PostgreSQL. Unset: `stead dev` runs embedded PostgreSQL under data_dir/pg.
     database_url: SecretStr | None = Field(

@@ -120,6 +120,25 @@ def is_open(row: dict[str, Any]) -> bool:
     return bool(row["status"] == ApprovalStatus.PENDING.value)
 
 
+async def start_settings(
+    conn: Conn, tenant: str, pipeline: str
+) -> tuple[str, dict[str, ApprovalPolicy]]:
+    """What a new run of `pipeline` needs from the store, in one read: the tenant's plan and
+    its approval-policy overrides for the pipeline."""
+    row = await conn.fetchrow(
+        "SELECT t.plan, coalesce((SELECT json_agg(json_build_object('step', o.step,"
+        " 'policy', o.policy) ORDER BY o.pipeline = '*' DESC) FROM approval_overrides o"
+        " WHERE o.tenant_id = t.id AND o.pipeline IN ($2, '*')), '[]') AS overrides"
+        " FROM tenants t WHERE t.id = $1",
+        tenant,
+        pipeline,
+    )
+    if row is None:
+        return "standard", {}
+    found = {o["step"]: ApprovalPolicy.model_validate(o["policy"]) for o in row["overrides"]}
+    return str(row["plan"]), found
+
+
 async def overrides(conn: Conn, tenant: str, pipeline: str) -> dict[str, ApprovalPolicy]:
     rows = await conn.fetch(
         "SELECT step, policy FROM approval_overrides WHERE tenant_id = $1 AND pipeline IN ($2, '*')"

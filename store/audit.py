@@ -25,7 +25,6 @@ import asyncpg
 from policies.redaction import PathKey, RedactionPolicy, Redactor, load_policy, neutralize, reveal
 from stead.config import Settings
 from stead.crypto import Sealer, SealError
-from store import redaction
 from store.db import Conn
 from workflows.state import AuditEvent
 
@@ -85,6 +84,23 @@ def row_hash(row: Row, seq: int | None = None) -> bytes:
     return chain_hash(bytes(row["prev_hash"]), content)
 
 
+# In one read, after the tenant's lock: which of the keys are stored already, the chain's
+# head, and the tenant's own redaction fields.
+_CHAIN_STATE = """
+    SELECT coalesce(
+               (SELECT array_agg(event_key) FROM audit_log
+                WHERE tenant_id = $1 AND event_key = ANY($2)),
+               '{}'
+           ) AS present,
+           head.seq, head.entry_hash, r.drop_fields, r.mask_fields
+    FROM (SELECT 1) AS one
+    LEFT JOIN LATERAL (
+        SELECT seq, entry_hash FROM audit_log WHERE tenant_id = $1 ORDER BY seq DESC LIMIT 1
+    ) AS head ON true
+    LEFT JOIN redaction_overrides AS r ON r.tenant_id = $1
+"""
+
+
 class AuditWriter:
     """Appends events idempotently, redacted by the file policy plus the tenant's own
     additions. `sealer` encrypts masked originals; without one they are not kept at all (the
@@ -122,24 +138,21 @@ class AuditWriter:
     async def _append_tenant(
         self, conn: Conn, tenant: str, events: list[AuditEvent]
     ) -> list[AuditEvent]:
+        # The lock is its own statement: under READ COMMITTED each statement reads from a
+        # snapshot taken when it starts, so reads in the locking statement itself could miss
+        # an entry committed just before the lock was granted, and fork the chain.
         await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))", tenant)
         keys = [e.key for e in events]
-        present = {
-            r["event_key"]
-            for r in await conn.fetch(
-                "SELECT event_key FROM audit_log WHERE tenant_id = $1 AND event_key = ANY($2)",
-                tenant,
-                keys,
-            )
-        }
+        state = await conn.fetchrow(_CHAIN_STATE, tenant, keys)
+        assert state is not None
+        present = set(state["present"])
         if all(key in present for key in keys):
-            return []  # a retried write: nothing new, not even a redaction-policy read
-        redactor = await self._redactor_for(conn, tenant)
-        last = await conn.fetchrow(
-            "SELECT seq, entry_hash FROM audit_log WHERE tenant_id = $1 ORDER BY seq DESC LIMIT 1",
-            tenant,
+            return []  # a retried write: nothing new
+        redactor = self._redactor(
+            tuple(state["drop_fields"] or ()), tuple(state["mask_fields"] or ())
         )
-        seq, prev = (last["seq"], bytes(last["entry_hash"])) if last else (0, GENESIS)
+        last_hash = state["entry_hash"]
+        seq, prev = (state["seq"], bytes(last_hash)) if last_hash is not None else (0, GENESIS)
         rows = []
         new: list[AuditEvent] = []
         for event in events:
@@ -176,18 +189,17 @@ class AuditWriter:
             )
         return new
 
-    async def _redactor_for(self, conn: Conn, tenant: str) -> Redactor:
-        # The tenant's additions are read in the append's own transaction rather than cached:
-        # the log cannot be scrubbed afterwards, so a field a tenant has just declared
-        # sensitive must not reach it in clear from any worker, not even for a cache's
-        # lifetime. It is one primary-key read per batch; only the compiled redactor is reused.
-        extra = await redaction.load(conn, tenant)
-        key = (extra.drop, extra.mask)
+    def _redactor(self, drop: tuple[str, ...], mask: tuple[str, ...]) -> Redactor:
+        # The tenant's additions are read in the append's own transaction (with the chain's
+        # state) rather than cached: the log cannot be scrubbed afterwards, so a field a
+        # tenant has just declared sensitive must not reach it in clear from any worker, not
+        # even for a cache's lifetime. Only the compiled redactor is reused.
+        key = (drop, mask)
         found = self._redactors.get(key)
         if found is None:
             if len(self._redactors) >= _REDACTOR_CACHE:
                 self._redactors.clear()
-            found = Redactor(self._policy.with_fields(drop=extra.drop, mask=extra.mask))
+            found = Redactor(self._policy.with_fields(drop=drop, mask=mask))
             self._redactors[key] = found
         return found
 

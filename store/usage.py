@@ -85,52 +85,57 @@ async def prepare(
     return Prepared(memo=memo, cached=cached, budgeted=bool(row["budgeted"]))
 
 
-async def memo_put(conn: Conn, call_key: str, tenant: str, reply: dict[str, Any]) -> None:
-    await conn.execute(
-        "INSERT INTO model_calls (call_key, tenant_id, reply) VALUES ($1, $2, $3)"
-        " ON CONFLICT (call_key) DO NOTHING",
-        call_key,
-        tenant,
-        reply,
+_USAGE_COLUMNS = (
+    "call_key",
+    "attempt",
+    "tenant_id",
+    "principal_id",
+    "pipeline",
+    "run_id",
+    "step",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cost_nusd",
+    "cache_hit",
+    "fallbacks",
+    "latency_ms",
+)
+_RECORD_CALL = f"""
+    WITH ledger AS (
+        INSERT INTO model_usage ({", ".join(_USAGE_COLUMNS)})
+        VALUES ({", ".join(f"${i}" for i in range(1, len(_USAGE_COLUMNS) + 1))})
+        ON CONFLICT (call_key, attempt) DO NOTHING
+    ), memo AS (
+        INSERT INTO model_calls (call_key, tenant_id, reply) VALUES ($1, $3, $17)
+        ON CONFLICT (call_key) DO NOTHING
+    ), cached AS (
+        INSERT INTO response_cache (tenant_id, model, request_hash, reply, expires_at)
+        SELECT $3, $8, $18, $19, now() + $20::interval WHERE $18::bytea IS NOT NULL
+        ON CONFLICT (tenant_id, model, request_hash) DO UPDATE SET reply = EXCLUDED.reply,
+            created_at = now(), expires_at = EXCLUDED.expires_at
     )
+    SELECT 1
+"""  # noqa: S608  # column names and placeholders are ours
 
 
-async def cache_put(
+async def record_call(
     conn: Conn,
-    tenant: str,
-    model: str,
-    digest: bytes,
+    row: dict[str, Any],
     reply: dict[str, Any],
-    ttl: timedelta,
+    cache: tuple[bytes, dict[str, Any], timedelta] | None,
 ) -> None:
-    await conn.execute(
-        "INSERT INTO response_cache (tenant_id, model, request_hash, reply, expires_at)"
-        " VALUES ($1, $2, $3, $4, now() + $5::interval)"
-        " ON CONFLICT (tenant_id, model, request_hash)"
-        " DO UPDATE SET reply = EXCLUDED.reply, created_at = now(),"
-        " expires_at = EXCLUDED.expires_at",
-        tenant,
-        model,
-        digest,
-        reply,
-        ttl,
-    )
+    """The ledger row, the memo and (when cacheable) the cache entry, in one statement: they
+    are written after every model call, and each round trip showed in the profile."""
+    digest, stored, ttl = cache if cache is not None else (None, None, timedelta(0))
+    await conn.execute(_RECORD_CALL, *(row[c] for c in _USAGE_COLUMNS), reply, digest, stored, ttl)
 
 
 async def cache_purge_expired(conn: Conn) -> int:
     done = await conn.execute("DELETE FROM response_cache WHERE expires_at <= now()")
     return int(done.split()[-1])
-
-
-async def record(conn: Conn, row: dict[str, Any]) -> None:
-    """One ledger row per attempt; a repeated write of the same attempt is ignored."""
-    columns = list(row)
-    placeholders = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
-    await conn.execute(
-        f"INSERT INTO model_usage ({', '.join(columns)}) VALUES ({placeholders})"  # noqa: S608  # column names are ours
-        " ON CONFLICT (call_key, attempt) DO NOTHING",
-        *row.values(),
-    )
 
 
 async def summary(

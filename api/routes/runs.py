@@ -54,7 +54,6 @@ from api.schemas import (
 from policies import approvals as approval_policies
 from stead import metrics
 from store import approvals as approvals_store
-from store import principals
 from store.principals import Principal
 from workflows import search
 from workflows.base import PipelineWorkflow
@@ -135,8 +134,9 @@ async def start_run(
     run_id = new_run_id(principal.tenant, idempotency_key)
     digest = input_digest(body)
     async with svc.pool.acquire() as conn:
-        plan = await principals.tenant_plan(conn, principal.tenant) or "standard"
-        overrides = await approvals_store.overrides(conn, principal.tenant, body.pipeline)
+        plan, overrides = await approvals_store.start_settings(
+            conn, principal.tenant, body.pipeline
+        )
     context = RunContext(
         tenant=principal.tenant,
         run_id=run_id,
