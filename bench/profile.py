@@ -25,11 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.env import BenchEnv, EnvSpec, RunOptions, bench_env
+from bench.env import BenchEnv, EnvSpec, RunOptions, SteadSpec, bench_env
 from bench.load import BenchError, SteadApi
 from bench.report import REPO, Comparison, Result, Table, say
 from bench.stats import ratio
-from bench.throughput import SIZES, Batch, bare_batch, cpu_table, stead_batch, stead_spec
+from bench.throughput import SIZES, Batch, bare_batch, cpu_table, stead_batch
 
 Stack = list[str]  # frame labels, outermost first: "qualname (file:line)"
 Rule = tuple[str, Callable[[Stack], bool]]
@@ -140,7 +140,7 @@ async def _measure(out: Path, options: RunOptions) -> list[Batch]:
     repo = str(REPO / "worker.py")
     spec = EnvSpec(
         stead=(
-            stead_spec(
+            SteadSpec(
                 worker_command=_sampled(out, "profile-stead-worker.txt", repo),
                 api_command=_sampled(out, "profile-stead-api.txt", "--module", "stead.cli", "api"),
             ),

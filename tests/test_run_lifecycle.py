@@ -201,6 +201,31 @@ async def test_one_busy_tenant_does_not_starve_another(
     positions = sorted(finished.index(r) for r in quiet_runs)
     # FIFO would finish the quiet tenant's runs last (positions 16 and 17).
     assert positions[-1] < 10, f"quiet tenant finished at {positions} of {len(finished)}"
+    assert await model_queues(client, busy, busy_runs[0]) == {f"{settings.task_queue}-model"}
+
+
+async def model_queues(client: Client, tenant: Tenant, run_id: str) -> set[str]:
+    """The task queues the run's model calls were scheduled on."""
+    history = await client.get_workflow_handle(workflow_id(tenant.id, run_id)).fetch_history()
+    return {
+        e.activity_task_scheduled_event_attributes.task_queue.name
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "model.call"
+    }
+
+
+@pytest.mark.usefixtures("worker")
+async def test_without_a_rate_model_calls_stay_on_the_run_queue(
+    api: httpx.AsyncClient, tenant: Tenant, client: Client, test_settings: Settings
+) -> None:
+    # No model-call rate (the default): the calls ride the workflow's own queue, where the
+    # server can hand them to the polling worker eagerly.
+    assert test_settings.model_calls_per_second is None
+    no_review = {"pipeline": "summarize", "input": {"text": "Eager calls.", "review": False}}
+    run_id = await start(api, tenant, no_review)
+    await run_state(api, tenant, run_id, lambda b: b["status"] == "completed")
+    assert await model_queues(client, tenant, run_id) == {test_settings.task_queue}
 
 
 async def test_parked_runs_survive_a_killed_worker(

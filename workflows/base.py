@@ -237,8 +237,10 @@ class PipelineWorkflow(ApprovalSteps):
 
     @property
     def model_task_queue(self) -> str:
-        # Model calls run on their own rate-limited queue: `<workflow queue>-model`.
-        return f"{workflow.info().task_queue}-model"
+        # The rate-limited `<workflow queue>-model` when the run was started with a model-call
+        # rate; otherwise the workflow's own queue, where the server dispatches eagerly.
+        queue = workflow.info().task_queue
+        return f"{queue}-model" if self._ctx.limited_model_queue else queue
 
     # --- the run's lifecycle -------------------------------------------------------------
 

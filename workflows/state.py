@@ -116,6 +116,9 @@ class RunContext(Frozen):
     budget_usd: float | None = None
     # Approval policy per step, fixed at start (file policy plus the tenant's overrides).
     approvals: dict[str, ApprovalPolicy] = Field(default_factory=dict)
+    # Model calls go to the rate-limited `<queue>-model` (set when the API has a model-call
+    # rate, STEAD_MODEL_CALLS_PER_SECOND), else to the run's own queue.
+    limited_model_queue: bool = False
 
 
 class RunInput(Frozen):

@@ -145,6 +145,7 @@ async def start_run(
         plan=plan,
         budget_usd=body.budget_usd,
         approvals=approval_policies.resolve(body.pipeline, overrides),
+        limited_model_queue=svc.settings.model_calls_per_second is not None,
     )
     try:
         await launch(svc, RunInput(context=context, input=body.input), digest)
