@@ -5,12 +5,17 @@ codec, so what is stored is already encrypted; the history keeps a small referen
 payload's SHA-256. An agent conversation whose every turn re-sends the whole transcript would
 otherwise grow its history quadratically toward Temporal's limits; with the claim-check each
 turn adds a small, constant amount, and identical payloads are stored once.
+
+Each process keeps the payloads it stored or fetched lately in memory (bounded by bytes). The
+address is the content's hash, so a cached copy can never be stale: an activity that runs in
+the worker that scheduled it, or a run replayed soon after, costs no database round trip.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -29,9 +34,33 @@ class PayloadMissing(Exception):
     """A referenced payload is not in the store (collected too early, or another database)."""
 
 
+class _Recent:
+    """Blobs by digest, least recently used first out once over `limit` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit, self._size = limit, 0
+        self._blobs: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def get(self, digest: bytes) -> bytes | None:
+        blob = self._blobs.get(digest)
+        if blob is not None:
+            self._blobs.move_to_end(digest)
+        return blob
+
+    def put(self, digest: bytes, blob: bytes) -> None:
+        if digest in self._blobs or len(blob) > self._limit:
+            return
+        self._blobs[digest] = blob
+        self._size += len(blob)
+        while self._size > self._limit:
+            _, old = self._blobs.popitem(last=False)
+            self._size -= len(old)
+
+
 class PostgresPayloadStore(StorageDriver):
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, *, recent_bytes: int = 16 << 20) -> None:
         self._pool = pool
+        self._recent = _Recent(recent_bytes)
 
     def name(self) -> str:
         return "stead-postgres"
@@ -47,6 +76,8 @@ class PostgresPayloadStore(StorageDriver):
                 " ON CONFLICT (sha256) DO NOTHING",
                 [(d, b, len(b)) for d, b in zip(digests, blobs, strict=True)],
             )
+        for digest, blob in zip(digests, blobs, strict=True):
+            self._recent.put(digest, blob)
         # Base64 rather than hex: the claim is written into the history at every offloaded step.
         return [StorageDriverClaim({"h": base64.urlsafe_b64encode(d).decode()}) for d in digests]
 
@@ -54,16 +85,23 @@ class PostgresPayloadStore(StorageDriver):
         self, context: StorageDriverRetrieveContext, claims: Sequence[StorageDriverClaim]
     ) -> list[Payload]:
         digests = [_digest(c) for c in claims]
-        async with self._pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT sha256, data FROM payload_store WHERE sha256 = ANY($1)", digests
-            )
-        found = {bytes(r["sha256"]): bytes(r["data"]) for r in rows}
+        found = {d: blob for d in digests if (blob := self._recent.get(d)) is not None}
+        missing = [d for d in digests if d not in found]
+        if missing:
+            async with self._pool.acquire() as conn:
+                rows = await conn.fetch(
+                    "SELECT sha256, data FROM payload_store WHERE sha256 = ANY($1)", missing
+                )
+            for row in rows:
+                digest, blob = bytes(row["sha256"]), bytes(row["data"])
+                # The hash is the address and the integrity check: a changed row is refused.
+                if hashlib.sha256(blob).digest() == digest:
+                    found[digest] = blob
+                    self._recent.put(digest, blob)
         payloads = []
         for digest in digests:
             blob = found.get(digest)
-            # The hash is the address and the integrity check: a changed row is refused.
-            if blob is None or hashlib.sha256(blob).digest() != digest:
+            if blob is None:
                 raise PayloadMissing(f"payload {digest.hex()[:16]}... is missing or altered")
             payload = Payload()
             payload.ParseFromString(blob)

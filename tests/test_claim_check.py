@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import uuid
 
+import asyncpg
 import httpx
 import pytest
 from temporalio.api.common.v1 import Payload
@@ -65,7 +66,7 @@ async def test_large_input_is_stored_outside_the_history(
     assert result.replay_failure is None
 
 
-async def test_a_missing_or_altered_payload_is_refused(pool: Pool) -> None:
+async def test_a_missing_or_altered_payload_is_refused(pool: Pool, database_url: str) -> None:
     store = PostgresPayloadStore(pool)
     payload = Payload(metadata={"encoding": b"binary/plain"}, data=uuid.uuid4().bytes * 100)
     (claim,) = await store.store(StorageDriverStoreContext(), [payload])
@@ -76,3 +77,32 @@ async def test_a_missing_or_altered_payload_is_refused(pool: Pool) -> None:
     forged = StorageDriverClaim({"h": base64.urlsafe_b64encode(bytes(32)).decode()})
     with pytest.raises(PayloadMissing):
         await store.retrieve(StorageDriverRetrieveContext(), [forged])
+
+    # A process serves what it stored lately from memory: the address is the content's hash,
+    # so the copy cannot be stale. Another process reads the row and checks it against the hash.
+    owner = await asyncpg.connect(database_url)  # the app's role may not update the store
+    try:
+        await owner.execute(
+            "UPDATE payload_store SET data = $2 WHERE sha256 = $1",
+            base64.urlsafe_b64decode(claim.claim_data["h"]),
+            b"tampered" + payload.SerializeToString()[8:],
+        )
+    finally:
+        await owner.close()
+    assert await store.retrieve(StorageDriverRetrieveContext(), [claim]) == [payload]
+    with pytest.raises(PayloadMissing):
+        await PostgresPayloadStore(pool).retrieve(StorageDriverRetrieveContext(), [claim])
+
+
+async def test_remembered_payloads_stay_within_their_byte_limit(pool: Pool) -> None:
+    store = PostgresPayloadStore(pool, recent_bytes=3000)
+    payloads = [Payload(data=uuid.uuid4().bytes * 70) for _ in range(3)]  # 1,123 B each
+    claims = await store.store(StorageDriverStoreContext(), payloads)
+    async with pool.acquire() as conn:  # gone from the database: only memory can serve them
+        await conn.execute(
+            "DELETE FROM payload_store WHERE sha256 = ANY($1)",
+            [base64.urlsafe_b64decode(c.claim_data["h"]) for c in claims],
+        )
+    with pytest.raises(PayloadMissing):  # the oldest was let go to stay under 3,000 bytes
+        await store.retrieve(StorageDriverRetrieveContext(), claims[:1])
+    assert await store.retrieve(StorageDriverRetrieveContext(), claims[1:]) == payloads[1:]
