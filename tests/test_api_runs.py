@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 from typing import Any
 
 import asyncpg
@@ -250,7 +252,9 @@ async def test_cancel(api: httpx.AsyncClient, tenant: Tenant, client: Client) ->
     )
 
 
-async def test_list_filters_and_pages(api: httpx.AsyncClient, tenant: Tenant) -> None:
+async def test_list_filters_and_pages(
+    api: httpx.AsyncClient, tenant: Tenant, make_tenant: TenantFactory
+) -> None:
     runs = [await start(api, tenant) for _ in range(3)]
     done = await start(api, tenant, input={"text": "x", "review": False})
     await wait_json(
@@ -264,6 +268,7 @@ async def test_list_filters_and_pages(api: httpx.AsyncClient, tenant: Tenant) ->
     )
     assert completed["items"][0]["run_id"] == done
     seen: list[str] = []
+    cursors: list[str] = []
     cursor = None
     while True:
         params = {"limit": "1", "pipeline": "summarize", **({"cursor": cursor} if cursor else {})}
@@ -272,7 +277,24 @@ async def test_list_filters_and_pages(api: httpx.AsyncClient, tenant: Tenant) ->
         cursor = page["next_cursor"]
         if not cursor:
             break
+        cursors.append(cursor)
     assert sorted(seen) == sorted([*runs, done])
+
+    # A cursor pages the query it came from, for the tenant it came from; anything else is the
+    # caller's error (before the MAC, a forged token reached Temporal and came back a 500).
+    token = base64.urlsafe_b64decode(cursors[0])[16:]
+    old_style = hashlib.sha256(b"stead-runs-cursor\0" + token).digest()[:8] + token
+    forged = [base64.urlsafe_b64encode(raw).decode() for raw in (old_style, bytes(16) + token)]
+    other = await make_tenant()
+    for params, headers in (
+        ({"cursor": cursors[0], "stage": "review"}, tenant.auth("requester")),
+        ({"cursor": cursors[0], "pipeline": "summarize"}, other.auth("requester")),
+        ({"cursor": forged[0]}, tenant.auth("requester")),
+        ({"cursor": forged[1]}, tenant.auth("requester")),
+    ):
+        refused = await api.get("/v1/runs", params=params, headers=headers)
+        assert refused.status_code == 422, refused.text
+        assert "cursor" in refused.json()["detail"]
     bad = await api.get("/v1/runs?stage=nowhere", headers=tenant.auth("requester"))
     assert bad.status_code == 422
 

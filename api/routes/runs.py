@@ -53,6 +53,7 @@ from api.schemas import (
 )
 from policies import approvals as approval_policies
 from stead import metrics
+from stead.config import Settings
 from store import approvals as approvals_store
 from store.principals import Principal
 from workflows import search
@@ -194,30 +195,38 @@ async def _existing_run(
     )
 
 
-# Visibility page tokens go out with a check prefix. Temporal answers a token it never issued
-# with an opaque UNKNOWN error, after the client has retried it for seconds: a 500 (found by
-# the schemathesis drill in tests/test_drills.py). The prefix refuses such a cursor up front.
-_CURSOR_CHECK_BYTES = 8
+# Visibility page tokens go out with a MAC prefix over the token and the query it pages.
+# Temporal answers a token it never issued with an opaque UNKNOWN error, after the client has
+# retried it for seconds: a 500 (found by the schemathesis drill in tests/test_drills.py). The
+# MAC refuses such a cursor, or one from another query or tenant, up front. Its key derives from
+# the current payload key, so every API replica accepts every replica's cursors; a rotation
+# retires the cursors in flight (a 400: list again).
+_CURSOR_MAC_BYTES = 16
 
 
-def _cursor_check(token: bytes) -> bytes:
-    return hashlib.sha256(b"stead-runs-cursor\0" + token).digest()[:_CURSOR_CHECK_BYTES]
+def _cursor_mac(settings: Settings, query: str, token: bytes) -> bytes:
+    keys = settings.encryption_keys
+    key = hashlib.sha256(b"stead-runs-cursor\0" + (keys[0][1] if keys else b"")).digest()
+    message = query.encode() + b"\0" + token
+    return hmac.new(key, message, hashlib.sha256).digest()[:_CURSOR_MAC_BYTES]
 
 
-def _encode_cursor(token: bytes | None) -> str | None:
-    return base64.urlsafe_b64encode(_cursor_check(token) + token).decode() if token else None
+def _encode_cursor(settings: Settings, query: str, token: bytes | None) -> str | None:
+    if not token:
+        return None
+    return base64.urlsafe_b64encode(_cursor_mac(settings, query, token) + token).decode()
 
 
-def _decode_cursor(cursor: str | None) -> bytes | None:
+def _decode_cursor(settings: Settings, query: str, cursor: str | None) -> bytes | None:
     if cursor is None:
         return None
     try:
         raw = base64.urlsafe_b64decode(cursor.encode())
     except (binascii.Error, ValueError):
-        raise Invalid("cursor is not one this API returned") from None
-    check, token = raw[:_CURSOR_CHECK_BYTES], raw[_CURSOR_CHECK_BYTES:]
-    if not token or not hmac.compare_digest(check, _cursor_check(token)):
-        raise Invalid("cursor is not one this API returned")
+        raise Invalid("cursor is not one this API returned for this query") from None
+    mac, token = raw[:_CURSOR_MAC_BYTES], raw[_CURSOR_MAC_BYTES:]
+    if not token or not hmac.compare_digest(mac, _cursor_mac(settings, query, token)):
+        raise Invalid("cursor is not one this API returned for this query")
     return token
 
 
@@ -262,19 +271,20 @@ async def list_runs(
         clauses.append(_STATUS_QUERY[run_status])
     if pending_approval is not None:
         clauses.append(f"PendingApproval = {'true' if pending_approval else 'false'}")
-    executions = svc.temporal.list_workflows(
-        " AND ".join(clauses), page_size=limit, next_page_token=_decode_cursor(cursor)
-    )
+    query = " AND ".join(clauses)
+    token = _decode_cursor(svc.settings, query, cursor)
+    executions = svc.temporal.list_workflows(query, page_size=limit, next_page_token=token)
     try:
         await executions.fetch_next_page()
     except RPCError as exc:
-        if exc.status is RPCStatusCode.INVALID_ARGUMENT:
+        # Without payload keys the MAC is unkeyed and a cursor can be forged: whatever Temporal
+        # makes of a caller's token is the caller's error, never a 500.
+        if exc.status is RPCStatusCode.INVALID_ARGUMENT or token is not None:
             raise Invalid("cursor is not valid for this query") from None
         raise
     page = executions.current_page or []
-    return Page(
-        items=[_summary(e) for e in page], next_cursor=_encode_cursor(executions.next_page_token)
-    )
+    next_cursor = _encode_cursor(svc.settings, query, executions.next_page_token)
+    return Page(items=[_summary(e) for e in page], next_cursor=next_cursor)
 
 
 async def describe_run(
