@@ -125,18 +125,37 @@ def install(app: FastAPI) -> None:
             status_code=422,
         )
 
+    def retry_shortly(service: str) -> JSONResponse:
+        return JSONResponse(
+            {"detail": f"{service} did not answer; retry shortly", "code": "unavailable"},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+
     async def temporal_unreachable(_: Request, exc: Exception) -> JSONResponse:
         # Temporal down or overloaded is a 503 the client may retry, never a 500.
         assert isinstance(exc, RPCError)
         if exc.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED):
-            return JSONResponse(
-                {"detail": "Temporal did not answer; retry shortly", "code": "unavailable"},
-                status_code=503,
-                headers={"Retry-After": "5"},
-            )
+            return retry_shortly("Temporal")
         raise exc
 
     app.add_exception_handler(RPCError, temporal_unreachable)
+
+    async def postgres_unreachable(_: Request, exc: Exception) -> JSONResponse:
+        # PostgreSQL restarting, shutting down or refusing connections: the request did nothing
+        # durable (its transaction did not commit), so the client may send it again. A 500 in
+        # the restart drill (tests/test_drills.py) before this.
+        return retry_shortly("PostgreSQL")
+
+    for outage in (
+        asyncpg.exceptions.PostgresConnectionError,  # the connection broke
+        asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up
+        asyncpg.exceptions.ConnectionDoesNotExistError,
+        # A new pool connection while the server is down: refused on TCP, no socket file on a
+        # Unix socket. The API touches no files of its own, so an OSError here is the database.
+        OSError,
+    ):
+        app.add_exception_handler(outage, postgres_unreachable)
 
     for refusal in (
         asyncpg.exceptions.UntranslatableCharacterError,  # \u0000 in a jsonb string

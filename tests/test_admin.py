@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import httpx
 import pytest
 from temporalio.client import Client
@@ -14,7 +16,7 @@ from policies.permissions import load_policy
 from stead.config import Settings
 from stead.temporal import data_converter
 from store.audit import audit_writer
-from store.db import Pool
+from store.db import Pool, create_pool
 from tests.conftest import TEMPORAL, Tenant
 from tests.helpers import wait_json
 
@@ -172,4 +174,28 @@ async def test_temporal_unreachable_is_503(settings: Settings, pool: Pool, tenan
             timeout=60,
         )
     assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "5"
+
+
+async def test_postgres_unreachable_is_503(settings: Settings, client: Client) -> None:
+    """PostgreSQL down (refusing connections) is a retryable 503 too: the request committed
+    nothing, so sending it again is safe."""
+    with socket.socket() as probe:  # a port nothing listens on once the probe is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    down = await create_pool(f"postgresql://stead@127.0.0.1:{port}/stead", min_size=0)
+    try:
+        services = Services(settings, client, down, load_policy(), audit_writer(settings))
+        transport = httpx.ASGITransport(app=create_app(settings, services))
+        async with httpx.AsyncClient(transport=transport, base_url="http://stead.test") as http:
+            response = await http.get(
+                "/v1/runs", headers={"Authorization": "Bearer stead_x"}, timeout=60
+            )
+    finally:
+        await down.close()
+    assert response.status_code == 503, response.text
+    assert response.json() == {
+        "detail": "PostgreSQL did not answer; retry shortly",
+        "code": "unavailable",
+    }
     assert response.headers["retry-after"] == "5"

@@ -527,6 +527,9 @@ async def test_restart_temporal_and_postgres_mid_run(
     record("restart_temporal_and_postgres", figures)
     assert figures["acknowledged_runs_not_completed"] == 0
     assert figures["acknowledged_decisions_not_reflected"] == 0
+    # A server that is down is a 503 to retry, never a 500.
+    assert "500" not in figures["starts"], figures["starts"]
+    assert "500" not in figures["decisions"], figures["decisions"]
     assert_exactly_once(figures, budget=True)
 
 
