@@ -187,6 +187,16 @@ async def test_codec_routes_round_trip_with_the_workers_codec(
     assert decoded.status_code == 200, decoded.text
     assert unwire(decoded.json()) == originals
 
+    # Fields a newer UI might add are ignored, even a key the protobuf parser would read as
+    # an extension ("[x]").
+    extended = wire(originals)
+    extended["newer"] = 1
+    for item in extended["payloads"]:
+        item |= {"[masked]": None, "externalPayloads": []}
+    again = await codec_api.post("/codec/encode", json=extended, headers=tenant.auth("operator"))
+    assert again.status_code == 200, again.text
+    assert await workers_codec.decode(unwire(again.json())) == originals
+
 
 def reference(store: PostgresPayloadStore, claim: StorageDriverClaim) -> Payload:
     """A claim-check reference as the SDK writes it into a history."""
