@@ -8,8 +8,9 @@ both drained, so each leg's memory is read against a quiet baseline:
 
 Memory: resident set size (psutil) of each worker process and of the Temporal server, before
 parking (after a warm-up) and once everything is parked; the peak over the whole benchmark is
-sampled every second. Both workers keep the SDK's default workflow cache (1,000 runs), so
-beyond that runs are evicted and a decision replays their history.
+sampled every second. Each worker runs at its defaults: Stead's keeps 500 runs in its workflow
+cache (`STEAD_WORKER_WORKFLOW_CACHE`), the bare one the SDK's 1,000; beyond that runs are
+evicted and a decision replays their history.
 
 Drain: every parked run is approved at once with at most `concurrency` decisions in flight
 (Stead: `POST /v1/approvals/{id}/decision` over HTTP, which waits for the update; bare: a
@@ -256,8 +257,9 @@ def _result(sizes: Sizes, quick: bool, outcome: Outcome) -> Result:
         notes=[
             "Server growth for Stead is read after the bare runs were parked (both stay"
             " parked until the drains), so it is not inflated by the bare leg.",
-            "Both workers use the SDK's default workflow cache of 1,000: beyond it, memory"
-            " per parked run is mostly the server's, and a decision replays the run's history.",
+            "Workflow caches at their defaults: Stead 500 runs (STEAD_WORKER_WORKFLOW_CACHE),"
+            " bare 1,000 (the SDK's). Beyond it, memory per parked run is mostly the server's,"
+            " and a decision replays the run's history.",
             "Go returns memory to the OS lazily: the server's RSS after draining is not a leak.",
         ],
     )
