@@ -29,7 +29,7 @@ from stead import metrics
 from stead.errors import ErrorType, failure
 from stead.telemetry import set_attributes, span
 from store import budgets, usage
-from store.audit import AuditWriter
+from store.audit import AuditWriter, run_event
 from store.db import Pool
 from workflows.state import AuditEvent, Usage
 
@@ -397,10 +397,7 @@ class ModelActivities:
             activity.logger.warning("could not settle reservation %s/%s now", key, attempt)
 
     async def _write_events(self, events: list[AuditEvent]) -> None:
-        if events:
-            async with self._pool.acquire() as conn, conn.transaction():
-                new = await self._audit.append_new(conn, events)
-            metrics.observe_events(new)
+        await self._audit.record(self._pool, events)
 
 
 def _request_body(call: ModelCall) -> dict[str, Any]:
@@ -422,17 +419,8 @@ def _provider_message(exc: anthropic.APIStatusError) -> str:
 
 
 def _event(call: ModelCall, key: str, action: str, data: dict[str, Any]) -> AuditEvent:
-    return AuditEvent(
-        key=key,
-        tenant=call.context.tenant,
-        actor=f"workflow:{call.context.pipeline}",
-        actor_kind="system",
-        action=action,
-        run_id=call.context.run_id,
-        at=datetime.now(UTC),
-        data=data,
-        pipeline=call.context.pipeline,
-    )
+    actor = f"workflow:{call.context.pipeline}"
+    return run_event(call.context, key, action, data, actor=actor, actor_kind="system")
 
 
 def _fallback_key() -> str:

@@ -16,7 +16,6 @@ activity never pays or emails twice.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -33,7 +32,7 @@ from stead.errors import ErrorType, failure
 from stead.telemetry import set_attributes, span
 from store import crm, principals
 from store import policy as policy_store
-from store.audit import AuditWriter
+from store.audit import AuditWriter, run_event
 from store.db import Conn, Pool
 from workflows.state import AuditEvent
 
@@ -292,23 +291,12 @@ class ToolActivities:
         return _lines(result), result
 
     async def _record(self, events: list[AuditEvent]) -> None:
-        async with self._pool.acquire() as conn, conn.transaction():
-            new = await self._audit.append_new(conn, events)
-        metrics.observe_events(new)
+        await self._audit.record(self._pool, events)
 
     @staticmethod
     def _event(call: ToolInvocation, key: str, action: str, data: dict[str, Any]) -> AuditEvent:
-        return AuditEvent(
-            key=key,
-            tenant=call.context.tenant,
-            actor=f"agent:{call.agent}",
-            actor_kind="agent",
-            action=action,
-            run_id=call.context.run_id,
-            at=datetime.now(UTC),
-            data=data,
-            pipeline=call.context.pipeline,
-        )
+        actor = f"agent:{call.agent}"
+        return run_event(call.context, key, action, data, actor=actor, actor_kind="agent")
 
 
 def _deny(reason: str, rule: str, arguments: dict[str, Any], facts: dict[str, Any]) -> _Decision:

@@ -17,16 +17,17 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal, TypeAlias
 
 import asyncpg
 
 from policies.redaction import PathKey, RedactionPolicy, Redactor, load_policy, neutralize, reveal
+from stead import metrics
 from stead.config import Settings
 from stead.crypto import Sealer, SealError
-from store.db import Conn
-from workflows.state import AuditEvent
+from store.db import Conn, Pool
+from workflows.state import ActorKind, AuditEvent, RunContext
 
 GENESIS = bytes(32)
 # How many moved predecessors `verify` follows to find where an entry was first written, and
@@ -114,6 +115,15 @@ class AuditWriter:
     async def append(self, conn: Conn, events: Sequence[AuditEvent]) -> int:
         """Append events (any tenants) inside the caller's transaction; return how many were new."""
         return len(await self.append_new(conn, events))
+
+    async def record(self, pool: Pool, events: Sequence[AuditEvent]) -> list[AuditEvent]:
+        """Append events in a transaction of their own; count what was new in the metrics."""
+        if not events:
+            return []
+        async with pool.acquire() as conn, conn.transaction():
+            new = await self.append_new(conn, events)
+        metrics.observe_events(new)
+        return new
 
     async def append_new(self, conn: Conn, events: Sequence[AuditEvent]) -> list[AuditEvent]:
         """Append events; return those that were not stored before (what a retry adds: none)."""
@@ -208,6 +218,29 @@ class AuditWriter:
             return None
         plaintext = canonical_json(private).encode()
         return self._sealer.seal(plaintext, associated=f"{tenant}:{key}".encode())
+
+
+def run_event(
+    context: RunContext,
+    key: str,
+    action: str,
+    data: dict[str, Any],
+    *,
+    actor: str,
+    actor_kind: ActorKind,
+) -> AuditEvent:
+    """An event an activity records about its run, stamped now."""
+    return AuditEvent(
+        key=key,
+        tenant=context.tenant,
+        actor=actor,
+        actor_kind=actor_kind,
+        action=action,
+        run_id=context.run_id,
+        at=datetime.now(UTC),
+        data=data,
+        pipeline=context.pipeline,
+    )
 
 
 def audit_writer(settings: Settings) -> AuditWriter:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import httpx
 import pytest
 from temporalio.client import Client
@@ -18,7 +16,7 @@ from stead.temporal import data_converter
 from store.audit import audit_writer
 from store.db import Pool, create_pool
 from tests.conftest import TEMPORAL, Tenant
-from tests.helpers import wait_json
+from tests.helpers import free_ports, wait_json
 
 
 async def test_users_and_keys(api: httpx.AsyncClient, tenant: Tenant) -> None:
@@ -180,9 +178,7 @@ async def test_temporal_unreachable_is_503(settings: Settings, pool: Pool, tenan
 async def test_postgres_unreachable_is_503(settings: Settings, client: Client) -> None:
     """PostgreSQL down (refusing connections) is a retryable 503 too: the request committed
     nothing, so sending it again is safe."""
-    with socket.socket() as probe:  # a port nothing listens on once the probe is closed
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    [port] = free_ports(1)  # nothing listens on it
     down = await create_pool(f"postgresql://stead@127.0.0.1:{port}/stead", min_size=0)
     try:
         services = Services(settings, client, down, load_policy(), audit_writer(settings))

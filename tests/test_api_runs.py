@@ -15,7 +15,7 @@ from temporalio.client import Client
 from api.routes.runs import workflow_id
 from store import principals
 from tests.conftest import Tenant, TenantFactory
-from tests.helpers import record_history, wait_json
+from tests.helpers import record_history, start_run, wait_json
 
 pytestmark = pytest.mark.usefixtures("worker")
 SUMMARIZE = {"pipeline": "summarize", "input": {"text": "Alpha beta gamma. Delta epsilon."}}
@@ -24,9 +24,7 @@ SUMMARIZE = {"pipeline": "summarize", "input": {"text": "Alpha beta gamma. Delta
 async def start(
     api: httpx.AsyncClient, tenant: Tenant, user: str = "requester", **extra: Any
 ) -> str:
-    response = await api.post("/v1/runs", json={**SUMMARIZE, **extra}, headers=tenant.auth(user))
-    assert response.status_code == 201, response.text
-    return str(response.json()["run_id"])
+    return await start_run(api, tenant, {**SUMMARIZE, **extra}, user)
 
 
 async def approval_of(api: httpx.AsyncClient, tenant: Tenant, run_id: str) -> str:

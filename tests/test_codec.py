@@ -17,7 +17,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import sys
 import uuid
 import zlib
@@ -60,7 +59,7 @@ from store.audit import audit_writer
 from store.db import Pool
 from store.payloads import PostgresPayloadStore
 from tests.conftest import Tenant, running_workers
-from tests.helpers import eventually, wait_json
+from tests.helpers import eventually, free_ports, wait_json
 from tests.servers import serve_app
 from workflows.base import PipelineWorkflow
 from workflows.search import SEARCH_ATTRIBUTES
@@ -582,17 +581,6 @@ async def test_temporal_stores_no_plaintext_and_the_cli_shows_none(
 
 
 # --- the Web UI, in a real browser -----------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @asynccontextmanager

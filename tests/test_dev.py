@@ -19,18 +19,9 @@ import psutil
 import pytest
 from temporalio.client import Client
 
+from tests.helpers import free_ports
+
 BIN = Path(sys.executable).parent
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from api.routes.runs import workflow_id
 from store import documents
 from store.db import Pool
 from tests.conftest import Tenant, TenantFactory
-from tests.helpers import record_history, wait_json
+from tests.helpers import audit_actions, record_history, start_run, wait_json
 from workflows.base import PipelineWorkflow
 from workflows.doc_qa import NOT_FOUND, cited
 
@@ -92,23 +92,8 @@ async def library(
 
 
 async def ask(api: httpx.AsyncClient, tenant: Tenant, question: str, **options: Any) -> str:
-    response = await api.post(
-        "/v1/runs",
-        json={"pipeline": "doc-qa", "input": {"question": question, **options}},
-        headers=tenant.auth("requester"),
-    )
-    assert response.status_code == 201, response.text
-    return str(response.json()["run_id"])
-
-
-async def audit_actions(pool: Pool, tenant: Tenant, run_id: str) -> list[str]:
-    async with pool.acquire() as conn:
-        rows = await conn.fetch(
-            "SELECT action FROM audit_log WHERE tenant_id = $1 AND run_id = $2 ORDER BY seq",
-            tenant.id,
-            run_id,
-        )
-    return [r["action"] for r in rows]
+    body = {"pipeline": "doc-qa", "input": {"question": question, **options}}
+    return await start_run(api, tenant, body)
 
 
 def stages(run: dict[str, Any]) -> list[str]:

@@ -52,7 +52,6 @@ from tests.drills_support import (
     decide,
     effects,
     expire_dead_reservations,
-    free_ports,
     fuzzing_figures,
     healthy,
     in_flight,
@@ -64,7 +63,8 @@ from tests.drills_support import (
     ticket,
     until,
 )
-from tests.helpers import eventually, wait_json
+from tests.helpers import eventually, free_ports, wait_json
+from tests.helpers import start_run as start
 from tests.servers import serve_app
 
 pytestmark = pytest.mark.drill
@@ -74,14 +74,6 @@ FUZZ_EXAMPLES = 200  # per operation and phase: the whole schema in a few minute
 # A call killed on its first attempts is retried; one that has been killed this often is let
 # finish, so no run runs out of attempts (model calls have 5, tools 6) because of the drill.
 MAX_KILLED_ATTEMPT = 2
-
-
-async def start(
-    api: httpx.AsyncClient, tenant: Tenant, body: dict[str, Any], user: str = "requester"
-) -> str:
-    response = await api.post("/v1/runs", json=body, headers=tenant.auth(user), timeout=60)
-    assert response.status_code == 201, response.text
-    return str(response.json()["run_id"])
 
 
 async def set_latency(sim: SimControl, ms: float) -> None:

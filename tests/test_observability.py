@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import socket
 import subprocess
 import uuid
 from pathlib import Path
@@ -20,7 +19,7 @@ from stead import metrics
 from stead.config import Settings
 from store.db import Pool
 from tests.conftest import SPANS, Tenant, spawn_worker
-from tests.helpers import eventually, wait_json
+from tests.helpers import eventually, free_ports, wait_json
 
 PROMTOOL = shutil.which("promtool")
 
@@ -110,16 +109,10 @@ async def test_api_metrics_have_bounded_labels(api: httpx.AsyncClient, tenant: T
         await promtool_accepts(exposition)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_worker_metrics_merge_stead_and_sdk(
     client: Client, test_settings: Settings, api: httpx.AsyncClient, tenant: Tenant, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    [port] = free_ports(1)
     settings = test_settings.model_copy(update={"worker_metrics_port": port})
     worker = spawn_worker(client, settings, tmp_path / "worker.log")
     try:

@@ -46,10 +46,6 @@ async def test_replays(path: Path, settings: Settings) -> None:
 class SummarizeWithoutModel(SummarizeWorkflow):
     """Today's summarize minus its model call: what a careless edit would look like."""
 
-    @workflow.init
-    def __init__(self, run: RunInput) -> None:
-        super().__init__(run)
-
     @workflow.run
     async def run(self, run: RunInput) -> RunResult:
         async def steps() -> tuple[str, dict[str, Any]]:

@@ -19,30 +19,18 @@ from stead.config import Settings
 from store import budgets
 from store.db import Pool
 from tests.conftest import SimControl, Tenant, TenantFactory, running_workers, spawn_worker
-from tests.helpers import eventually, record_history, wait_json
+from tests.helpers import audit_actions, eventually, record_history, start_run, wait_json
 
 TEXT = {"pipeline": "summarize", "input": {"text": "Alpha beta gamma. Delta epsilon zeta."}}
 PRIMARY = "claude-sonnet-5-5"  # the `draft` route's first model (policies/routing.yaml)
 
 
 async def start(api: httpx.AsyncClient, tenant: Tenant, body: dict[str, Any] = TEXT) -> str:
-    response = await api.post("/v1/runs", json=body, headers=tenant.auth("requester"))
-    assert response.status_code == 201, response.text
-    return str(response.json()["run_id"])
+    return await start_run(api, tenant, body)
 
 
 async def run_state(api: httpx.AsyncClient, tenant: Tenant, run_id: str, ok: Any) -> dict[str, Any]:
     return await wait_json(api, f"/v1/runs/{run_id}", tenant.auth("requester"), ok)
-
-
-async def audit_actions(pool: Pool, tenant: Tenant, run_id: str) -> list[str]:
-    async with pool.acquire() as conn:
-        rows = await conn.fetch(
-            "SELECT action FROM audit_log WHERE tenant_id = $1 AND run_id = $2 ORDER BY seq",
-            tenant.id,
-            run_id,
-        )
-    return [r["action"] for r in rows]
 
 
 @pytest.mark.usefixtures("worker")

@@ -19,6 +19,7 @@ from store import policy as policy_store
 from store.db import Pool
 from tests.conftest import Integrations, Tenant, spawn_worker
 from tests.helpers import eventually, record_history, wait_json
+from tests.helpers import start_run as start
 
 CUSTOMER_EMAIL = "jane@initech.test"
 
@@ -52,14 +53,6 @@ def ticket(customer: str = "cus_1", **hints: str) -> dict[str, Any]:
             "body": body,
         },
     }
-
-
-async def start(
-    api: httpx.AsyncClient, tenant: Tenant, body: dict[str, Any], user: str = "requester"
-) -> str:
-    response = await api.post("/v1/runs", json=body, headers=tenant.auth(user))
-    assert response.status_code == 201, response.text
-    return str(response.json()["run_id"])
 
 
 async def finished(

@@ -51,6 +51,10 @@ class RunCore:
     # approval to raise the budget and then try again.
     on_budget_exhausted: ClassVar[Literal["fail", "approval"]] = "fail"
 
+    # Every pipeline inherits this initializer: the SDK finds `@workflow.init` on inherited
+    # members (unlike `@workflow.run`, which each workflow class must define itself), so the
+    # state query answers from the run's input before the run method starts.
+    @workflow.init
     def __init__(self, run: RunInput) -> None:
         self._ctx = run.context
         # What activities get: the context without the approval policies, which only the

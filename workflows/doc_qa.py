@@ -52,10 +52,6 @@ class DocQaWorkflow(PipelineWorkflow):
         Stage.COMPLETED,
     )
 
-    @workflow.init
-    def __init__(self, run: RunInput) -> None:
-        super().__init__(run)
-
     @workflow.run
     async def run(self, run: RunInput) -> RunResult:
         return await self.drive(self._steps)

@@ -32,10 +32,6 @@ class IngestWorkflow(PipelineWorkflow):
     input_model = IngestInput
     stages = (Stage.INTAKE, Stage.ENRICHMENT, Stage.COMPLETED)
 
-    @workflow.init
-    def __init__(self, run: RunInput) -> None:
-        super().__init__(run)
-
     @workflow.run
     async def run(self, run: RunInput) -> RunResult:
         return await self.drive(self._steps)

@@ -29,10 +29,6 @@ class SummarizeWorkflow(PipelineWorkflow):
     input_model = SummarizeInput
     stages = (Stage.INTAKE, Stage.MODEL_CALL, Stage.REVIEW, Stage.COMPLETED)
 
-    @workflow.init
-    def __init__(self, run: RunInput) -> None:
-        super().__init__(run)
-
     @workflow.run
     async def run(self, run: RunInput) -> RunResult:
         return await self.drive(self._steps)

@@ -47,10 +47,6 @@ class SupportAgentWorkflow(PipelineWorkflow):
     )
     on_budget_exhausted = "approval"
 
-    @workflow.init
-    def __init__(self, run: RunInput) -> None:
-        super().__init__(run)
-
     @workflow.run
     async def run(self, run: RunInput) -> RunResult:
         return await self.drive(self._steps)

@@ -32,10 +32,6 @@ class TriageWorkflow(PipelineWorkflow):
     input_model = TriageInput
     stages = (Stage.INTAKE, Stage.MODEL_CALL, Stage.COMPLETED)
 
-    @workflow.init
-    def __init__(self, run: RunInput) -> None:
-        super().__init__(run)
-
     @workflow.run
     async def run(self, run: RunInput) -> RunResult:
         return await self.drive(self._steps)

@@ -117,7 +117,6 @@ async def _start_ingest(
         pipeline=pipeline,
         requested_by=principal.id,
         plan=plan,
-        limited_model_queue=svc.settings.model_calls_per_second is not None,
     )
     try:
         await launch(

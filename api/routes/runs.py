@@ -146,7 +146,6 @@ async def start_run(
         plan=plan,
         budget_usd=body.budget_usd,
         approvals=approval_policies.resolve(body.pipeline, overrides),
-        limited_model_queue=svc.settings.model_calls_per_second is not None,
     )
     try:
         await launch(svc, RunInput(context=context, input=body.input), digest)
@@ -157,8 +156,11 @@ async def start_run(
 
 
 async def launch(svc: Services, run: RunInput, digest: str) -> None:
-    """Start the run's workflow; its id makes a second start with the same id fail."""
-    ctx = run.context
+    """Start the run's workflow; its id makes a second start with the same id fail. Every start
+    comes through here, so this is where the run learns where its model calls go."""
+    limited = svc.settings.model_calls_per_second is not None
+    ctx = run.context.model_copy(update={"limited_model_queue": limited})
+    run = run.model_copy(update={"context": ctx})
     await svc.temporal.start_workflow(
         PIPELINES[ctx.pipeline].run,  # type: ignore[attr-defined]  # every pipeline defines run
         run,
@@ -454,5 +456,4 @@ async def _audit_redrive(
         at=datetime.now(UTC),
         data={"mode": mode, **data},
     )
-    async with svc.pool.acquire() as conn, conn.transaction():
-        await svc.audit.append(conn, [event])
+    await svc.audit.record(svc.pool, [event])
