@@ -13,7 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from temporalio.client import Client
 
 from api.errors import Forbidden, Unauthorized
-from policies.permissions import PermissionPolicy
+from policies.permissions import PLATFORM_RIGHT_PREFIX, PLATFORM_TENANT, PermissionPolicy
 from stead import metrics
 from stead.config import Settings
 from store import principals
@@ -58,6 +58,12 @@ CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 
 
 def require(svc: Services, principal: Principal, right: str) -> None:
-    if not svc.permissions.has_right(principal.roles, right):
+    """403 unless the caller's roles grant `right`. A platform right counts only for a member
+    of the platform tenant: a role that reached a customer tenant's user by any path (an old
+    row, a hand edit) still reaches no other tenant."""
+    platform_only = right.startswith(PLATFORM_RIGHT_PREFIX)
+    if (platform_only and principal.tenant != PLATFORM_TENANT) or not svc.permissions.has_right(
+        principal.roles, right
+    ):
         metrics.PERMISSION_DENIALS.labels("api", right).inc()
         raise Forbidden(f"this action needs the right {right!r}, which your roles do not grant")

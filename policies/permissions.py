@@ -23,6 +23,10 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
 POLICY_FILE = Path(__file__).with_name("permissions.yaml")
+PLATFORM_RIGHT_PREFIX = "platform:"
+# Platform operators live here, outside every customer tenant: a principal holds a `platform:`
+# right only as a member of this tenant, whose id `stead admin tenant-create` refuses.
+PLATFORM_TENANT = "platform"
 Action = Literal["read", "draft", "execute", "*"]
 Effect = Literal["allow", "deny", "approval"]
 
@@ -188,11 +192,21 @@ class PermissionPolicy(_Strict):
         }
         return PermissionPolicy(roles=roles, agents=agents)
 
+    @property
+    def platform_roles(self) -> frozenset[str]:
+        """Roles that carry a `platform:` right: they reach beyond one tenant, so no tenant
+        admin may grant them (only `stead admin operator-create`, in the platform tenant)."""
+        return frozenset(
+            name
+            for name, role in self.roles.items()
+            if any(r.startswith(PLATFORM_RIGHT_PREFIX) for r in role.rights)
+        )
+
     def has_right(self, roles: Iterable[str], right: str) -> bool:
         """Whether any role grants `right`. Platform rights reach across tenants, so no
         wildcard covers them: they must be granted by name."""
         area = right.split(":", 1)[0] + ":*"
-        wanted = {right} if right.startswith("platform:") else {"*", right, area}
+        wanted = {right} if right.startswith(PLATFORM_RIGHT_PREFIX) else {"*", right, area}
         for role in roles:
             policy = self.roles.get(role)
             if policy and (wanted & set(policy.rights)):

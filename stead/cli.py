@@ -162,23 +162,42 @@ def cmd_admin(args: argparse.Namespace) -> int:
     """Platform administration straight on the database (the operator's own credentials)."""
     import asyncpg  # noqa: PLC0415
 
+    from policies.permissions import PLATFORM_TENANT, load_policy  # noqa: PLC0415
     from store import budgets, principals  # noqa: PLC0415
 
     url = _database_url(_settings())
+    platform_roles = load_policy().platform_roles
 
     async def go() -> int:
         conn = await asyncpg.connect(url)
         try:
             match args.admin_command:
                 case "tenant-create":
+                    if args.tenant == PLATFORM_TENANT:
+                        print(f"stead: tenant id {PLATFORM_TENANT!r} is reserved", file=sys.stderr)
+                        return 2
                     await principals.create_tenant(
                         conn, args.tenant, args.name or args.tenant, args.plan
                     )
                     print(f"tenant {args.tenant} ready")
                 case "user-create":
                     roles = [r for r in args.roles.split(",") if r]
+                    if set(roles) & platform_roles:
+                        print(
+                            "stead: platform roles are held only by operators: use"
+                            " `stead admin operator-create`",
+                            file=sys.stderr,
+                        )
+                        return 2
                     await principals.upsert_principal(conn, args.tenant, args.user, roles)
                     print(f"user {args.tenant}/{args.user} roles={roles}")
+                case "operator-create":
+                    # Operators belong to no customer tenant: their rights reach every tenant.
+                    await principals.create_tenant(conn, PLATFORM_TENANT, "Platform", "platform")
+                    await principals.upsert_principal(
+                        conn, PLATFORM_TENANT, args.user, sorted(platform_roles)
+                    )
+                    print(await principals.create_key(conn, PLATFORM_TENANT, args.user, "operator"))
                 case "key-create":
                     key = await principals.create_key(conn, args.tenant, args.user, args.label)
                     print(key)  # shown once
@@ -230,6 +249,10 @@ def _admin_parser(sub: Any) -> None:
     user.add_argument("tenant")
     user.add_argument("user")
     user.add_argument("--roles", default="", help="comma-separated, e.g. requester,approver")
+    operator = cmds.add_parser(
+        "operator-create", help="create a platform operator (codec access) and print its key"
+    )
+    operator.add_argument("user")
     key = cmds.add_parser("key-create", help="create an API key (printed once)")
     key.add_argument("tenant")
     key.add_argument("user")

@@ -1,7 +1,9 @@
-"""Demo data for `stead dev`: two tenants, each with a requester, an approver and an admin."""
+"""Demo data for `stead dev`: two tenants, each with a requester, an approver and an admin,
+and a platform operator outside both (for the codec: `temporal workflow show --codec-auth`)."""
 
 from __future__ import annotations
 
+from policies.permissions import PLATFORM_TENANT
 from store import crm, principals
 from store.db import Conn
 
@@ -21,9 +23,11 @@ async def seed_demo(conn: Conn, existing: dict[str, str] | None = None) -> dict[
     """
     keys: dict[str, str] = {}
     async with conn.transaction():
-        for tenant, (name, plan) in DEMO_TENANTS.items():
+        tenants = {**DEMO_TENANTS, PLATFORM_TENANT: ("Platform", "platform")}
+        for tenant, (name, plan) in tenants.items():
             await principals.create_tenant(conn, tenant, name, plan)
-            for user, roles in DEMO_USERS.items():
+            users = {"operator": ["operator"]} if tenant == PLATFORM_TENANT else DEMO_USERS
+            for user, roles in users.items():
                 await principals.upsert_principal(
                     conn, tenant, user, roles, display_name=f"{name} {user}"
                 )

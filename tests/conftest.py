@@ -31,7 +31,7 @@ from temporalio.worker import Worker
 
 from api.app import create_app
 from api.deps import Services
-from policies.permissions import load_policy
+from policies.permissions import PLATFORM_TENANT, load_policy
 from sim.integrations import create_email_app, create_payments_app
 from sim.messages import SimConfig
 from sim.messages import create_app as create_sim
@@ -173,7 +173,6 @@ async def make_tenant(database_url: str) -> TenantFactory:
             "approver": ["approver"],
             "finance": ["approver", "finance"],
             "admin": ["admin"],
-            "operator": ["operator"],
         }
         conn = await asyncpg.connect(database_url)
         try:
@@ -192,6 +191,21 @@ async def make_tenant(database_url: str) -> TenantFactory:
 @pytest.fixture
 async def tenant(make_tenant: TenantFactory) -> Tenant:
     return await make_tenant()
+
+
+@pytest.fixture
+async def operator(database_url: str) -> dict[str, str]:
+    """Authorization headers of a platform operator: a member of the platform tenant, outside
+    every customer tenant, made the way `stead admin operator-create` makes one."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await principals.create_tenant(conn, PLATFORM_TENANT, "Platform", "platform")
+        user = f"op-{uuid.uuid4().hex[:8]}"
+        await principals.upsert_principal(conn, PLATFORM_TENANT, user, ["operator"])
+        key = await principals.create_key(conn, PLATFORM_TENANT, user)
+    finally:
+        await conn.close()
+    return {"Authorization": f"Bearer {key}"}
 
 
 @pytest.fixture

@@ -169,12 +169,10 @@ async def codec_api(
 
 
 async def test_codec_routes_round_trip_with_the_workers_codec(
-    codec_api: httpx.AsyncClient, codec_settings: Settings, tenant: Tenant
+    codec_api: httpx.AsyncClient, codec_settings: Settings, operator: dict[str, str]
 ) -> None:
     originals = [payload({"tool": "refund", "amount": 42}), payload("a model's reply")]
-    encoded = await codec_api.post(
-        "/codec/encode", json=wire(originals), headers=tenant.auth("operator")
-    )
+    encoded = await codec_api.post("/codec/encode", json=wire(originals), headers=operator)
     assert encoded.status_code == 200, encoded.text
     sealed = unwire(encoded.json())
     assert all(p.metadata["encoding"] == ENCODING for p in sealed)
@@ -192,7 +190,7 @@ async def test_codec_routes_round_trip_with_the_workers_codec(
     extended["newer"] = 1
     for item in extended["payloads"]:
         item |= {"[masked]": None, "externalPayloads": []}
-    again = await codec_api.post("/codec/encode", json=extended, headers=tenant.auth("operator"))
+    again = await codec_api.post("/codec/encode", json=extended, headers=operator)
     assert again.status_code == 200, again.text
     assert await workers_codec.decode(unwire(again.json())) == originals
 
@@ -223,7 +221,7 @@ async def test_codec_decodes_payloads_kept_outside_the_history(
 
 
 async def test_codec_refuses_without_the_right_credentials(
-    codec_api: httpx.AsyncClient, tenant: Tenant
+    codec_api: httpx.AsyncClient, tenant: Tenant, operator: dict[str, str]
 ) -> None:
     body = wire([payload("x")])
     refused = {
@@ -244,8 +242,8 @@ async def test_codec_refuses_without_the_right_credentials(
         response = await codec_api.post("/codec/decode", json=body, headers=tenant.auth(user))
         assert response.status_code == 403, (user, response.text)
         assert "platform:codec" in response.json()["detail"]
-    operator = await codec_api.post("/codec/decode", json=body, headers=tenant.auth("operator"))
-    assert operator.status_code == 200
+    allowed = await codec_api.post("/codec/decode", json=body, headers=operator)
+    assert allowed.status_code == 200
 
 
 async def test_codec_bad_requests(
@@ -273,7 +271,9 @@ async def test_codec_bad_requests(
 
 
 async def test_codec_without_keys_is_unavailable(
-    api_for: Callable[[Settings], httpx.AsyncClient], tenant: Tenant, codec_settings: Settings
+    api_for: Callable[[Settings], httpx.AsyncClient],
+    operator: dict[str, str],
+    codec_settings: Settings,
 ) -> None:
     # A fresh Settings: model_copy would keep the cached `encryption_keys`.
     keyless = Settings(
@@ -285,7 +285,7 @@ async def test_codec_without_keys_is_unavailable(
     http = api_for(keyless)
     for path, headers in (
         (f"/codec/{CODEC_TOKEN}/decode", {}),
-        ("/codec/encode", tenant.auth("operator")),
+        ("/codec/encode", operator),
     ):
         response = await http.post(path, json=wire([payload("x")]), headers=headers)
         assert response.status_code == 503, response.text
@@ -514,6 +514,7 @@ async def test_temporal_stores_no_plaintext_and_the_cli_shows_none(
     client: Client,
     pool: Pool,
     test_settings: Settings,
+    operator: dict[str, str],
 ) -> None:
     canary = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz234567") for _ in range(26))
     svc = Services(test_settings, client, pool, load_policy(), audit_writer(test_settings))
@@ -562,7 +563,7 @@ async def test_temporal_stores_no_plaintext_and_the_cli_shows_none(
             through_codec = await temporal_cli(
                 "workflow", "show", "--address", address, "-w", wid, "-o", "json",
                 "--codec-endpoint", f"{url}/codec",
-                "--codec-auth", f"Bearer {tenant.keys['operator']}",
+                "--codec-auth", operator["Authorization"],
             )  # fmt: skip
             assert reveals(through_codec, canary), wid
 

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Response, status
 from pydantic import BaseModel, Field, ValidationError
 
 from api.deps import CurrentPrincipal, Services, ServicesDep, require
-from api.errors import Conflict, Invalid, NotFound
+from api.errors import Conflict, Forbidden, Invalid, NotFound
 from api.pipelines import PIPELINES
 from api.schemas import Request
 from policies.permissions import Constraint, Override
@@ -33,10 +33,19 @@ def _admin(svc: Services, principal: Principal) -> None:
 
 
 def _known_roles(svc: Services, roles: list[str]) -> list[str]:
+    """The roles, checked: each must exist and be one a tenant admin may hand out. Roles that
+    carry a `platform:` right reach other tenants (decoding their payloads), so they are made
+    only by the platform's own operators, outside tenants (`stead admin operator-create`)."""
     unknown = sorted(set(roles) - set(svc.permissions.roles))
     if unknown:
-        known = ", ".join(sorted(svc.permissions.roles))
+        known = ", ".join(sorted(set(svc.permissions.roles) - svc.permissions.platform_roles))
         raise Invalid(f"unknown roles: {', '.join(unknown)}; known: {known}")
+    platform = sorted(set(roles) & svc.permissions.platform_roles)
+    if platform:
+        raise Forbidden(
+            f"roles {', '.join(platform)} carry platform rights; a tenant admin cannot grant"
+            " them (platform operators are made with `stead admin operator-create`)"
+        )
     return sorted(set(roles))
 
 
@@ -163,10 +172,9 @@ async def list_grants(svc: ServicesDep, principal: CurrentPrincipal) -> list[Ove
 async def add_grant(body: GrantIn, svc: ServicesDep, principal: CurrentPrincipal) -> Override:
     """Tenant override of the file policy: allow adds, deny removes (and wins), approve gates."""
     _admin(svc, principal)
-    if body.effect == "approve":
-        if not body.requires_approval:
-            raise Invalid("an approve override needs requires_approval roles")
-        _known_roles(svc, body.requires_approval)
+    if body.effect == "approve" and not body.requires_approval:
+        raise Invalid("an approve override needs requires_approval roles")
+    _known_roles(svc, body.requires_approval)
     if body.subject_kind == "role":
         _known_roles(svc, [body.subject])
     data: dict[str, Any] = body.model_dump(mode="json", by_alias=True, exclude_none=True)
