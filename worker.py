@@ -34,6 +34,7 @@ from activities.tools import HttpIntegration, Integrations, ToolActivities
 from api.pipelines import PIPELINES
 from policies.models import load_prices, load_routing
 from policies.permissions import load_policy
+from stead.attest import AttestationInterceptor
 from stead.config import Settings, load_settings
 from stead.serving import serving
 from stead.telemetry import interceptors, metrics_app, metrics_runtime, setup_tracing
@@ -124,6 +125,8 @@ def build_workers(
         client,
         task_queue=queue,
         workflows=list(WORKFLOWS),
+        # Decisions and cancels must carry the API's attestation (stead/attest.py).
+        interceptors=[AttestationInterceptor(settings.attestor)],
         max_cached_workflows=settings.worker_workflow_cache,
         activities=[
             model.call_model,

@@ -6,13 +6,13 @@ Routes declare what they need with these `Annotated` aliases; nothing reads glob
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from temporalio.client import Client
 
-from api.errors import Forbidden, Unauthorized
+from api.errors import Forbidden, Unauthorized, Unavailable
 from policies.permissions import PLATFORM_RIGHT_PREFIX, PLATFORM_TENANT, PermissionPolicy
 from stead import metrics
 from stead.config import Settings
@@ -20,6 +20,7 @@ from store import principals
 from store.audit import AuditWriter
 from store.db import Pool
 from store.principals import Principal
+from workflows.state import CancelInput, DecideInput
 
 
 @dataclass
@@ -55,6 +56,19 @@ async def current_principal(
 
 ServicesDep = Annotated[Services, Depends(services)]
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+AttestedT = TypeVar("AttestedT", DecideInput, CancelInput)
+
+
+def attest(svc: Services, workflow_id: str, message: AttestedT) -> AttestedT:
+    """Sign a decision or cancel after the caller's authorization passed (see stead.attest)."""
+    attestor = svc.settings.attestor
+    if attestor is None:
+        raise Unavailable(
+            "decisions need attestation keys: set STEAD_PAYLOAD_KEYS or STEAD_ATTESTATION_KEYS"
+        )
+    return message.model_copy(update={"attestation": attestor.sign(workflow_id, message.claim())})
 
 
 def require(svc: Services, principal: Principal, right: str) -> None:

@@ -15,10 +15,13 @@ import binascii
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from stead.attest import Attestor
 
 Environment = Literal["dev", "test", "production"]
 # The codec token travels in a URL path, so it must be path-safe; 16+ characters keeps it
@@ -108,6 +111,12 @@ class Settings(BaseSettings):
 
     # Payload encryption: comma-separated `key_id:base64key`, the first one encrypts.
     payload_keys: SecretStr | None = None
+    # Accept unencrypted payloads (runs started before encryption was turned on). Off: a
+    # plaintext payload, which only something other than Stead can have written, is refused.
+    payload_allow_plaintext: bool = False
+    # Keys the API signs decisions and cancels with and workers verify (same format). Unset:
+    # derived from the payload keys, so sharing those shares these.
+    attestation_keys: SecretStr | None = None
     # Origin allowed to call the codec endpoints (the Temporal Web UI).
     ui_origin: str | None = None  # comma-separated when the UI is reached under several names
     # Capability token for `/codec/{token}/...`: the Web UI of the dev server sends neither a
@@ -121,7 +130,7 @@ class Settings(BaseSettings):
             raise ValueError("must be 16-256 URL-safe characters (A-Z a-z 0-9 _ -)")
         return value
 
-    @field_validator("payload_keys")
+    @field_validator("payload_keys", "attestation_keys")
     @classmethod
     def _check_payload_keys(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
@@ -171,6 +180,16 @@ class Settings(BaseSettings):
         if self.payload_keys is None:
             return []
         return parse_payload_keys(self.payload_keys.get_secret_value())
+
+    @cached_property
+    def attestor(self) -> Attestor | None:
+        """What signs (API) and verifies (workers) attested messages; None without any key."""
+        from stead.attest import Attestor, derive_keys  # noqa: PLC0415  # keeps the CLI light
+
+        if self.attestation_keys is not None:
+            return Attestor(parse_payload_keys(self.attestation_keys.get_secret_value()))
+        keys = self.encryption_keys
+        return Attestor(derive_keys(keys)) if keys else None
 
 
 def parse_payload_keys(raw: str) -> list[tuple[str, bytes]]:

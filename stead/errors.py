@@ -29,6 +29,9 @@ class ErrorType(StrEnum):
     SELF_APPROVAL = "SelfApproval"
     NOT_ELIGIBLE = "NotEligible"
     INVALID_EDITS = "InvalidEdits"
+    NOT_ATTESTED = "NotAttested"  # a decision or cancel that did not come through the API
+    RUN_NOT_RUNNING = "RunNotRunning"
+    UNKNOWN_OUTCOME = "UnknownOutcome"  # a pipeline ended in a way the platform cannot record
 
 
 NON_RETRYABLE = (

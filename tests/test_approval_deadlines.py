@@ -10,9 +10,10 @@ from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
-from stead.config import Settings
+from stead.attest import Attestor, derive_keys
+from stead.config import Settings, parse_payload_keys
 from store.db import Pool
-from tests.conftest import Tenant
+from tests.conftest import PAYLOAD_KEYS, Tenant
 from tests.helpers import eventually, record_history
 from workflows.base import PipelineWorkflow
 from workflows.state import (
@@ -57,21 +58,29 @@ async def pending(handle: WorkflowHandle[Any, Any]) -> RunView:
 
 
 async def decide(
+    env: WorkflowEnvironment,
     handle: WorkflowHandle[Any, Any],
     approval_id: str,
     who: str,
     roles: tuple[str, ...],
     decision: str = "approve",
 ) -> None:
-    await handle.execute_update(
-        PipelineWorkflow.decide,
-        DecideInput(approval_id=approval_id, principal=who, roles=roles, decision=decision),
+    """A decision as the API sends it: attested, at the (skipped) time of the server."""
+    message = DecideInput(
+        approval_id=approval_id,
+        principal=who,
+        roles=roles,
+        decision=decision,
+        attested_at=await env.get_current_time(),
     )
+    attestor = Attestor(derive_keys(parse_payload_keys(PAYLOAD_KEYS)))
+    signed = message.model_copy(update={"attestation": attestor.sign(handle.id, message.claim())})
+    await handle.execute_update(PipelineWorkflow.decide, signed)
 
 
-async def refused(handle: WorkflowHandle[Any, Any], *args: Any) -> str:
+async def refused(env: WorkflowEnvironment, handle: WorkflowHandle[Any, Any], *args: Any) -> str:
     with pytest.raises(WorkflowUpdateFailedError) as caught:
-        await decide(handle, *args)
+        await decide(env, handle, *args)
     cause = caught.value.cause
     assert isinstance(cause, ApplicationError)
     return str(cause.type)
@@ -94,13 +103,15 @@ async def test_escalates_to_the_next_role(
     handle = await start(time_env, test_settings, tenant, policy)
     approval = (await pending(handle)).pending_approvals[0]
     assert approval.eligible_roles == ("approver",)
-    assert await refused(handle, approval.approval_id, "boss", ("admin",)) == "NotEligible"
+    assert (
+        await refused(time_env, handle, approval.approval_id, "boss", ("admin",)) == "NotEligible"
+    )
 
     await time_env.sleep(3601)
     view: RunView = await handle.query(PipelineWorkflow.state)
     assert view.approvals[0].eligible_roles == ("approver", "admin")
     assert view.approvals[0].level == 1
-    await decide(handle, approval.approval_id, "boss", ("admin",))
+    await decide(time_env, handle, approval.approval_id, "boss", ("admin",))
     result = await handle.result()
     assert result.outcome == "completed"
     assert "approval.escalated" in await actions(pool, tenant)
@@ -150,7 +161,7 @@ async def test_auto_reject_at_deadline(
     assert result.outcome == "rejected"
     assert result.output["approval"] == "expired"
     with pytest.raises(Exception):  # noqa: B017, PT011  # the run is closed: any refusal will do
-        await decide(handle, approval.approval_id, "approver", ("approver",))
+        await decide(time_env, handle, approval.approval_id, "approver", ("approver",))
 
 
 async def test_quorum_needs_distinct_principals(
@@ -160,14 +171,16 @@ async def test_quorum_needs_distinct_principals(
     handle = await start(time_env, test_settings, tenant, policy)
     approval = (await pending(handle)).pending_approvals[0]
     approval_id = approval.approval_id
-    assert await refused(handle, approval_id, "requester", ("approver",)) == "SelfApproval"
-    await decide(handle, approval_id, "ann", ("approver",))
+    assert (
+        await refused(time_env, handle, approval_id, "requester", ("approver",)) == "SelfApproval"
+    )
+    await decide(time_env, handle, approval_id, "ann", ("approver",))
     view: RunView = await handle.query(PipelineWorkflow.state)
     assert view.approvals[0].status is ApprovalStatus.PENDING
     assert view.approvals[0].approve_count == 1
-    assert await refused(handle, approval_id, "ann", ("approver",)) == "AlreadyDecided"
+    assert await refused(time_env, handle, approval_id, "ann", ("approver",)) == "AlreadyDecided"
     # A named principal may decide without the role.
-    await decide(handle, approval_id, "auditor", ())
+    await decide(time_env, handle, approval_id, "auditor", ())
     result = await handle.result()
     assert result.outcome == "completed"
     final: RunView = await handle.query(PipelineWorkflow.state)

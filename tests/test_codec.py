@@ -36,6 +36,7 @@ from temporalio.api.common.v1 import Payload
 from temporalio.api.failure.v1 import Failure
 from temporalio.api.sdk.v1 import ExternalStorageReference
 from temporalio.client import Client, WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import (
     JSONProtoPayloadConverter,
     PayloadCodec,
@@ -49,7 +50,7 @@ from api.deps import Services
 from api.routes import codec as codec_route
 from api.routes.runs import launch, new_run_id, workflow_id
 from policies.permissions import load_policy
-from stead.codec import ENCODING, KEY_ID, EncryptionCodec
+from stead.codec import ENCODING, KEY_ID, REFUSED, EncryptionCodec
 from stead.config import ConfigError, Settings, load_settings
 from stead.crypto import SealError
 from stead.dev import DevStack
@@ -143,9 +144,16 @@ async def test_tampered_ciphertext_fails() -> None:
         await codec.decode([tampered])
 
 
-async def test_unencrypted_payloads_pass_through_decode() -> None:
-    plain = payload({"written": "before encryption was turned on"})
-    assert await EncryptionCodec([NEW_KEY]).decode([plain]) == [plain]
+async def test_unencrypted_payloads_are_refused_unless_allowed() -> None:
+    """A plaintext payload came from something other than Stead (someone who reached
+    Temporal's frontend); only a migration window lets it through."""
+    plain = payload({"principal": "forged"})
+    [refused] = await EncryptionCodec([NEW_KEY]).decode([plain])
+    assert refused.metadata["encoding"] == REFUSED
+    assert not refused.data
+    with pytest.raises(KeyError, match="refused-plaintext"):
+        pydantic_data_converter.payload_converter.from_payload(refused, dict)
+    assert await EncryptionCodec([NEW_KEY], allow_plaintext=True).decode([plain]) == [plain]
 
 
 # --- the codec server -----------------------------------------------------------------------

@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
         ActorKind,
         ApprovalState,
         AuditEvent,
+        CancelInput,
         ErrorInfo,
         RunInput,
         RunStatus,
@@ -84,6 +85,9 @@ class RunCore:
         )
         self._started_at = now
         self._progress: dict[str, int] = {}
+        # Who asked to cancel through the API (attested); None until then, and for a cancel
+        # sent to Temporal directly, which the audit log records as such.
+        self._cancel_request: CancelInput | None = None
         self.audit(
             "run.started",
             {"pipeline": run.context.pipeline, "input_sha256": _digest(run.input)},
@@ -91,6 +95,18 @@ class RunCore:
         )
 
     # --- queries and updates ---------------------------------------------------------------
+
+    @workflow.update
+    def request_cancel(self, request: CancelInput) -> None:
+        """Record who asks the run to stop; the API then cancels it through Temporal."""
+        self._cancel_request = request
+
+    @request_cancel.validator
+    def _validate_request_cancel(self, request: CancelInput) -> None:
+        if self._status is not RunStatus.RUNNING:
+            raise ApplicationError(
+                f"the run is already {self._status.value}", type=ErrorType.RUN_NOT_RUNNING
+            )
 
     @workflow.query
     def state(self) -> RunView:

@@ -13,6 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from stead.attest import digest
+
+MAX_APPROVAL_TIMEOUT_SECONDS = 90 * 86_400
+# The largest budget a run, a raise or an admin may set, in USD.
+MAX_BUDGET_USD = 1_000_000.0
+
 
 class Stage(StrEnum):
     INTAKE = "intake"
@@ -37,7 +43,9 @@ class RunStatus(StrEnum):
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # No NaN or infinity anywhere a run's state can hold a number: one in a deadline or a
+    # budget made every workflow task of the run fail.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class Usage(BaseModel):
@@ -100,7 +108,9 @@ class ApprovalPolicy(Frozen):
     roles: tuple[str, ...] = ("approver",)
     principals: tuple[str, ...] = ()
     quorum: int = Field(1, ge=1, le=10)
-    timeout_seconds: int = Field(86_400, ge=1)
+    # At most 90 days per deadline (escalations and reminders each start a new one); 1e15
+    # seconds overflowed the workflow's clock and crash-looped the run.
+    timeout_seconds: int = Field(86_400, ge=1, le=MAX_APPROVAL_TIMEOUT_SECONDS)
     on_deadline: OnDeadline = OnDeadline.REJECT
     max_reminders: int = Field(2, ge=0, le=20)
 
@@ -177,7 +187,12 @@ class ApprovalState(BaseModel):
 
 
 class DecideInput(Frozen):
-    """An approver's decision. `roles` are the decider's roles read by the API at decision time."""
+    """An approver's decision. `roles` are the decider's roles read by the API at decision time.
+
+    `attestation` is the API's signature over the decision after its authorization check
+    (`stead.attest`): the workers refuse a decision without a valid one, so nobody who merely
+    reaches Temporal can decide in someone's name.
+    """
 
     approval_id: str
     principal: str
@@ -185,6 +200,38 @@ class DecideInput(Frozen):
     decision: Literal["approve", "reject"]
     comment: str = Field("", max_length=4000)
     edits: dict[str, Any] | None = None
+    attested_at: datetime | None = None
+    attestation: str = ""
+
+    def claim(self) -> dict[str, Any]:
+        return {
+            "kind": "decide",
+            "approval_id": self.approval_id,
+            "principal": self.principal,
+            "roles": sorted(self.roles),
+            "decision": self.decision,
+            "edits": digest(self.edits),
+            "comment": digest(self.comment),
+            "at": self.attested_at.isoformat() if self.attested_at else None,
+        }
+
+
+class CancelInput(Frozen):
+    """Who asks the run to stop, attested by the API like a decision (`DecideInput`). The API
+    then cancels the run through Temporal; the run records this principal as who cancelled."""
+
+    principal: str
+    reason: str = Field("", max_length=1000)
+    attested_at: datetime | None = None
+    attestation: str = ""
+
+    def claim(self) -> dict[str, Any]:
+        return {
+            "kind": "cancel",
+            "principal": self.principal,
+            "reason": digest(self.reason),
+            "at": self.attested_at.isoformat() if self.attested_at else None,
+        }
 
 
 class DecideResult(Frozen):

@@ -12,15 +12,20 @@ import asyncio
 import base64
 import binascii
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Query
-from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
+from temporalio.client import (
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import CurrentPrincipal, Services, ServicesDep, require
+from api.deps import CurrentPrincipal, Services, ServicesDep, attest, require
 from api.errors import ApiError, Conflict, Forbidden, Invalid, NotFound, Unavailable
 from api.schemas import ApprovalOut, DecisionIn, DecisionOut, Page
 from policies.permissions import evaluate
@@ -32,7 +37,7 @@ from store import policy as policy_store
 from store.principals import Principal
 from workflows.base import PipelineWorkflow
 from workflows.proposals import InvalidEdits, apply_edits
-from workflows.state import DecideInput, Proposal
+from workflows.state import DecideInput, DecideResult, Proposal
 
 router = APIRouter(prefix="/v1/approvals", tags=["approvals"])
 
@@ -44,6 +49,8 @@ _REFUSALS: dict[str, type[ApiError]] = {
     ErrorType.NOT_ELIGIBLE: Forbidden,
     ErrorType.INVALID_EDITS: Invalid,
 }
+# Refusals that mean this deployment is misconfigured, not that the caller asked wrongly.
+_MISCONFIGURED = {ErrorType.NOT_ATTESTED}
 # An approval reaches the inbox (published by a local activity) before the workflow task that
 # created it is in the run's history. If the worker dies in between, the next worker re-creates
 # it under the same id (from the workflow's deterministic random), but it applies a decision
@@ -88,8 +95,43 @@ async def inbox(
             limit=limit + 1,
             after=_after(cursor),
         )
-    items = [ApprovalOut.of_row(r) for r in rows[:limit]]
-    return Page(items=items, next_cursor=_cursor(items[-1]) if len(rows) > limit else None)
+    page = rows[:limit]
+    ended = await _ended_runs(svc, principal.tenant, page)
+    items = [ApprovalOut.of_row(r) for r in page if r["workflow_id"] not in ended]
+    more = len(rows) > limit
+    return Page(items=items, next_cursor=_cursor(ApprovalOut.of_row(page[-1])) if more else None)
+
+
+async def _ended_runs(svc: Services, tenant: str, rows: list[dict[str, Any]]) -> set[str]:
+    """Workflow ids among `rows` whose runs ended without closing their approvals (terminated
+    through Temporal, or by a stuck-run cancel): their approvals are closed here and never
+    shown. One visibility query per inbox page; without Temporal the page is shown as is."""
+    workflow_ids = sorted({r["workflow_id"] for r in rows})
+    if not workflow_ids:
+        return set()
+    quoted = ", ".join("'" + w.replace("'", "") + "'" for w in workflow_ids)
+    try:
+        # Visibility is cheap but lags, and lists every run of an id (a re-driven run's failed
+        # predecessor too): it only names candidates; describing the current run decides.
+        candidates = {
+            execution.id
+            async for execution in svc.temporal.list_workflows(
+                f"WorkflowId IN ({quoted}) AND ExecutionStatus != 'Running'"
+            )
+        }
+        ended = set()
+        for candidate in candidates:
+            described = await svc.temporal.get_workflow_handle(candidate).describe()
+            if described.status is not WorkflowExecutionStatus.RUNNING:
+                ended.add(candidate)
+    except RPCError:
+        return set()
+    if ended:
+        async with svc.pool.acquire() as conn:
+            for row in rows:
+                if row["workflow_id"] in ended:
+                    await approvals_store.close_for_run(conn, tenant, row["run_id"], "cancelled")
+    return ended
 
 
 @router.get("/{approval_id}")
@@ -135,23 +177,53 @@ async def decide(
     if proposal.kind == "tool_call" and body.decision == "approve":
         await _approver_holds_the_right(svc, principal, proposal, final)
     handle = svc.temporal.get_workflow_handle(row["workflow_id"])
-    decision = DecideInput(
-        approval_id=approval_id,
-        principal=principal.id,
-        roles=principal.roles,
-        decision=body.decision,
-        comment=body.comment,
-        edits=body.edits,
+    decision = attest(
+        svc,
+        row["workflow_id"],
+        DecideInput(
+            approval_id=approval_id,
+            principal=principal.id,
+            roles=principal.roles,
+            decision=body.decision,
+            comment=body.comment,
+            edits=body.edits,
+            attested_at=datetime.now(UTC),
+        ),
     )
+    result = await _send(svc, principal, row, handle, decision)
+    async with svc.pool.acquire() as conn:
+        await approvals_store.record_decision(conn, principal.tenant, approval_id, result)
+    return DecisionOut(
+        approval_id=approval_id,
+        status=result.status,
+        approvals=result.approvals,
+        quorum=result.quorum,
+    )
+
+
+async def _send(
+    svc: Services,
+    principal: Principal,
+    row: dict[str, Any],
+    handle: WorkflowHandle[Any, Any],
+    decision: DecideInput,
+) -> DecideResult:
+    """Deliver the decision to the run; map the run's refusals to API errors."""
     for attempt in range(1, _NOT_YET_ATTEMPTS + 1):
         try:
-            result = await handle.execute_update(
+            return await handle.execute_update(
                 PipelineWorkflow.decide, decision, rpc_timeout=timedelta(seconds=30)
             )
-            break
         except WorkflowUpdateFailedError as exc:
             cause = exc.cause
-            if not (isinstance(cause, ApplicationError) and cause.type in _REFUSALS):
+            if not isinstance(cause, ApplicationError):
+                raise
+            if cause.type in _MISCONFIGURED:
+                # The API signs with keys the workers do not hold: an operator's problem.
+                raise Unavailable(
+                    f"the run's worker refused the decision: {cause.message}"
+                ) from None
+            if cause.type not in _REFUSALS:
                 raise
             if cause.type == ErrorType.APPROVAL_NOT_FOUND and attempt < _NOT_YET_ATTEMPTS:
                 # The store says pending: the run has not re-created it yet (see above).
@@ -162,16 +234,14 @@ async def decide(
             raise Unavailable("the run did not answer in time; no worker may be running") from None
         except RPCError as exc:
             if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
+                # The run ended without closing the approval (terminated): close it now.
+                async with svc.pool.acquire() as conn:
+                    await approvals_store.close_for_run(
+                        conn, principal.tenant, row["run_id"], "cancelled"
+                    )
                 raise Conflict("the run is no longer running") from None
             raise
-    async with svc.pool.acquire() as conn:
-        await approvals_store.record_decision(conn, principal.tenant, approval_id, result)
-    return DecisionOut(
-        approval_id=approval_id,
-        status=result.status,
-        approvals=result.approvals,
-        quorum=result.quorum,
-    )
+    raise Conflict("the approval is not in the run yet; try again shortly")
 
 
 async def _approver_holds_the_right(

@@ -117,7 +117,9 @@ def _codec(settings: Settings) -> EncryptionCodec:
             "payload encryption is not configured (set STEAD_PAYLOAD_KEYS): nothing to decode",
             code="codec_unconfigured",
         )
-    return EncryptionCodec(settings.encryption_keys)
+    # The codec server only shows payloads: plaintext ones (written before encryption, or by
+    # someone who reached Temporal directly) are shown as they are, for whoever investigates.
+    return EncryptionCodec(settings.encryption_keys, allow_plaintext=True)
 
 
 def _check_token(settings: Settings, token: str) -> None:
