@@ -14,10 +14,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from temporalio.client import Client
 
 from api import errors
 from api.deps import Services
 from api.routes import admin, approvals, audit, codec, documents, health, runs, usage
+from api.routes.runs import STUCK_QUERY
 from policies.permissions import load_policy
 from stead import metrics
 from stead.config import Settings, load_settings
@@ -46,7 +48,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             payload_store=PostgresPayloadStore(pool),
         )
         app.state.services = Services(config, client, pool, load_policy(), audit_writer(config))
-        gauges = asyncio.create_task(refresh_gauges(pool))
+        gauges = asyncio.create_task(refresh_gauges(pool, client))
         try:
             yield
         finally:
@@ -100,13 +102,16 @@ class RequestMetrics:
             metrics.HTTP_LATENCY.labels(route, method).observe(time.perf_counter() - started)
 
 
-async def refresh_gauges(pool: Pool, every: float = 15.0) -> None:
-    """Keep fleet-wide gauges current. They are facts about the store, not about one
-    process, so every API replica reports the same value (aggregate with max, not sum)."""
+async def refresh_gauges(pool: Pool, temporal: Client, every: float = 15.0) -> None:
+    """Keep fleet-wide gauges current. They are facts about the store and the cluster, not
+    about one process, so every API replica reports the same value (aggregate with max, not
+    sum)."""
     while True:
         try:
             async with pool.acquire() as conn:
                 metrics.APPROVALS_PENDING.set(await approvals_store.pending_count(conn))
+            stuck = await temporal.count_workflows(STUCK_QUERY)
+            metrics.RUNS_STUCK.set(stuck.count)
         except Exception:  # a failed refresh keeps the last value; retried
             log.warning("could not refresh gauges")
         await asyncio.sleep(every)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 from fastapi import FastAPI, Request, Response
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import iter_route_contexts
 from pydantic import BaseModel, Field
@@ -86,7 +88,35 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _clean(text: str) -> str:
+    """Text safe to put in a JSON response: unpaired surrogates (which a request may carry in
+    a JSON string escape) cannot be encoded as UTF-8 and made the response itself fail."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def validation_issues(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """Pydantic's errors without the offending input or its context: the input may be a
+    secret, NaN or infinity (not JSON), or text that cannot be encoded, and echoing it turned
+    a 422 into a 500 (a lone surrogate in a document, `NaN` as a budget)."""
+    return [
+        {
+            "loc": [p if isinstance(p, int) else _clean(str(p)) for p in error.get("loc", ())],
+            "msg": _clean(str(error.get("msg", "invalid"))),
+            "type": _clean(str(error.get("type", "value_error"))),
+        }
+        for error in errors
+    ]
+
+
 def install(app: FastAPI) -> None:
+    async def invalid_request(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return JSONResponse(
+            {"detail": validation_issues(exc.errors()), "code": "invalid"}, status_code=422
+        )
+
+    app.add_exception_handler(RequestValidationError, invalid_request)
+
     async def handle(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None

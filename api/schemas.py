@@ -3,12 +3,14 @@ tenant, a role or an approval state."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from workflows.state import (
+    MAX_BUDGET_USD,
     ApprovalState,
     ApprovalStatus,
     ErrorInfo,
@@ -38,14 +40,50 @@ def _not_a_number(value: object) -> object:
 DateTimeParam = Annotated[datetime, BeforeValidator(_not_a_number)]
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def unstorable_text(value: Any, path: str = "") -> str | None:
+    """Where `value` holds text PostgreSQL cannot store (NUL) or UTF-8 cannot encode (an
+    unpaired surrogate), as a dotted path; None when it holds none. Such text reached the
+    model provider and then failed every usage write: billed calls went unrecorded."""
+    if isinstance(value, str):
+        if _UNSTORABLE.search(value):
+            return path or "value"
+        return None
+    if isinstance(value, BaseModel):
+        value = {name: getattr(value, name) for name in type(value).model_fields}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            found = unstorable_text(str(key), where) or unstorable_text(item, where)
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = unstorable_text(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
+
+
 class Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Every request body: unknown fields refused, numbers finite, text storable."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _storable(self) -> Request:
+        where = unstorable_text(self)
+        if where:
+            raise ValueError(f"{where}: text must not contain NUL or unpaired surrogates")
+        return self
 
 
 class StartRun(Request):
     pipeline: str = Field(min_length=1, max_length=64, examples=["summarize"])
     input: dict[str, Any] = Field(examples=[{"text": "Quarterly revenue grew 12%..."}])
-    budget_usd: float | None = Field(None, gt=0, le=100_000, description="cap for this run")
+    budget_usd: float | None = Field(None, gt=0, le=MAX_BUDGET_USD, description="cap for this run")
 
 
 class RunStarted(BaseModel):
@@ -149,6 +187,12 @@ class RunOut(BaseModel):
         description="false when no worker answered the state query; facts then come "
         "from Temporal visibility alone",
     )
+    stuck: bool = Field(
+        False,
+        description="the run's workflow task keeps failing (a bug or a bad value): it makes "
+        "no progress until the code is fixed; cancel ends it",
+    )
+    stuck_error: ErrorInfo | None = Field(None, description="why its workflow task fails")
 
 
 class RunSummary(BaseModel):
@@ -158,6 +202,7 @@ class RunSummary(BaseModel):
     stage: Stage | None
     requested_by: str | None
     pending_approval: bool
+    stuck: bool = False
     error_type: str | None = None
     started_at: datetime | None
     closed_at: datetime | None

@@ -43,6 +43,12 @@ APPROVALS_DECIDED = Counter(
 APPROVALS_PENDING = Gauge(
     "stead_approvals_pending", "Approvals waiting for a decision.", registry=REGISTRY
 )
+RUNS_STUCK = Gauge(
+    "stead_runs_stuck",
+    "Running runs whose workflow task keeps failing (a bug or a bad value): they make no"
+    " progress until fixed or cancelled.",
+    registry=REGISTRY,
+)
 APPROVAL_SECONDS = Histogram(
     "stead_approval_decision_seconds",
     "Time from an approval request to its final status.",

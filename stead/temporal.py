@@ -38,7 +38,7 @@ def data_converter(settings: Settings, payload_store: StorageDriver | None = Non
 
         converter = dataclasses.replace(
             converter,
-            payload_codec=EncryptionCodec(keys),
+            payload_codec=EncryptionCodec(keys, allow_plaintext=settings.payload_allow_plaintext),
             # Failure messages and stack traces become encoded payloads too.
             failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
         )
@@ -86,6 +86,9 @@ DEV_SERVER_CONFIG = {
     "matching.enableFairness": "true",
     "matching.numTaskqueueReadPartitions": "1",
     "matching.numTaskqueueWritePartitions": "1",
+    # Flag a run whose workflow task failed twice in a row (`TemporalReportedProblems`), so
+    # stuck runs can be listed (`GET /v1/runs?stuck=true`) and counted.
+    "system.numConsecutiveWorkflowTaskProblemsToTriggerSearchAttribute": "2",
 }
 
 

@@ -116,6 +116,19 @@ async def get(conn: Conn, tenant: str, approval_id: str) -> dict[str, Any] | Non
     return dict(row) if row else None
 
 
+async def close_for_run(conn: Conn, tenant: str, run_id: str, status: str) -> list[str]:
+    """Close a run's pending approvals whose run ended without closing them (terminated): the
+    inbox must not offer a decision that no run will ever receive. Returns their ids."""
+    rows = await conn.fetch(
+        "UPDATE approvals SET status = $3, version = version + 1, updated_at = now()"
+        " WHERE tenant_id = $1 AND run_id = $2 AND status = 'pending' RETURNING id",
+        tenant,
+        run_id,
+        status,
+    )
+    return [r["id"] for r in rows]
+
+
 def is_open(row: dict[str, Any]) -> bool:
     return bool(row["status"] == ApprovalStatus.PENDING.value)
 

@@ -67,14 +67,16 @@ async def create(
     text: str,
     created_by: str,
     run_id: str,
-) -> Document:
+) -> tuple[Document, bool]:
     """Store a new document and its source text (status `pending`) in one transaction;
-    `run_id` names the ingest run that will index it."""
+    `run_id` names the ingest run that will index it. An id already stored (a retried upload
+    with the same idempotency key) stores nothing: (the stored document, False)."""
     async with conn.transaction():
         row = await conn.fetchrow(
             "INSERT INTO documents (tenant_id, id, title, content_sha256, created_by, run_id)"
-            " VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, title, content_sha256, status,"
-            " chunk_count, run_id, created_by, created_at",
+            " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, id) DO NOTHING"
+            " RETURNING id, title, content_sha256, status, chunk_count, run_id, created_by,"
+            " created_at",
             tenant,
             document_id,
             title,
@@ -82,15 +84,19 @@ async def create(
             created_by,
             run_id,
         )
-        await conn.execute(
-            "INSERT INTO document_sources (tenant_id, document_id, text) VALUES ($1, $2, $3)",
-            tenant,
-            document_id,
-            text,
-        )
-    if row is None:  # unreachable: INSERT ... RETURNING returns the row it inserted
-        raise RuntimeError("document insert returned no row")
-    return _document(row)
+        if row is not None:
+            await conn.execute(
+                "INSERT INTO document_sources (tenant_id, document_id, text) VALUES ($1, $2, $3)",
+                tenant,
+                document_id,
+                text,
+            )
+    if row is not None:
+        return _document(row), True
+    existing = await get(conn, tenant, document_id)
+    if existing is None:  # unreachable: the conflicting row exists and rows are never deleted
+        raise RuntimeError("document vanished after a conflicting insert")
+    return existing, False
 
 
 async def get(conn: Conn, tenant: str, document_id: str) -> Document | None:

@@ -157,7 +157,7 @@ async def test_worker_metrics_merge_stead_and_sdk(
 
 @pytest.mark.usefixtures("worker")
 async def test_pending_approvals_gauge_follows_the_store(
-    api: httpx.AsyncClient, tenant: Tenant, pool: Pool
+    api: httpx.AsyncClient, tenant: Tenant, pool: Pool, client: Client
 ) -> None:
     run = await api.post(
         "/v1/runs",
@@ -165,7 +165,7 @@ async def test_pending_approvals_gauge_follows_the_store(
         headers=tenant.auth("requester"),
     )
     await wait_json(api, "/v1/approvals", tenant.auth("approver"), lambda b: len(b["items"]) == 1)
-    refresher = asyncio.create_task(refresh_gauges(pool, every=0.05))
+    refresher = asyncio.create_task(refresh_gauges(pool, client, every=0.05))
     try:
         async with pool.acquire() as conn:
             expected = await conn.fetchval(

@@ -40,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
     from stead.errors import ErrorType
     from workflows import search
     from workflows.state import (
+        MAX_BUDGET_USD,
         ErrorInfo,
         Proposal,
         RunResult,
@@ -80,7 +81,7 @@ class PipelineWorkflow(ApprovalSteps):
                 data={
                     "scope": scope,
                     "current_usd": current,
-                    "requested_usd": max(current * 2, 0.01),
+                    "requested_usd": min(max(current * 2, 0.01), MAX_BUDGET_USD),
                 },
                 editable=("requested_usd",),
                 context={"period": detail.get("period", "run")},
@@ -248,6 +249,7 @@ class PipelineWorkflow(ApprovalSteps):
         """Run the pipeline's steps and end the run in exactly one recorded way."""
         try:
             outcome, output = await steps()
+            _check_outcome(outcome, output)
         except BaseException as exc:
             if is_cancelled_exception(exc):
                 await self._end_cancelled()
@@ -292,10 +294,41 @@ class PipelineWorkflow(ApprovalSteps):
     async def _end_cancelled(self) -> None:
         cancelled = self._cancel_pending_approvals()
         self._finish(RunStatus.CANCELLED, Stage.CANCELLED)
-        self.audit("run.cancelled", {"approvals_cancelled": [a.approval_id for a in cancelled]})
+        request = self._cancel_request
+        data: dict[str, Any] = {"approvals_cancelled": [a.approval_id for a in cancelled]}
+        if request is None:
+            # Cancelled through Temporal itself, not through Stead: nobody to attribute it to.
+            self.audit("run.cancelled", {**data, "requested_through": "temporal"})
+        else:
+            self.audit(
+                "run.cancelled",
+                {**data, "requested_through": "api", "reason": request.reason},
+                actor=request.principal,
+            )
         for approval in cancelled:
             await self._publish(approval)
         await self.flush_audit()
+
+
+OUTCOMES = frozenset({"completed", "rejected"})
+
+
+def _check_outcome(outcome: object, output: object) -> None:
+    """An outcome the platform does not know used to fail every workflow task of the run (it
+    stayed `running` with no error anywhere): it fails the run, clearly, instead."""
+    if outcome not in OUTCOMES:
+        raise ApplicationError(
+            f"the pipeline ended with an unknown outcome {outcome!r}"
+            f" (known: {', '.join(sorted(OUTCOMES))})",
+            type=ErrorType.UNKNOWN_OUTCOME,
+            non_retryable=True,
+        )
+    if not isinstance(output, dict):
+        raise ApplicationError(
+            f"the pipeline's output must be an object, not {type(output).__name__}",
+            type=ErrorType.UNKNOWN_OUTCOME,
+            non_retryable=True,
+        )
 
 
 def _failure(exc: ActivityError | ApplicationError) -> ApplicationError:

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from policies.tools import TOOLS
-from workflows.state import Proposal
+from workflows.state import MAX_BUDGET_USD, Proposal
 
 
 class _Schema(BaseModel):
@@ -44,8 +44,10 @@ class AnswerProposal(_Schema):
 
 class BudgetProposal(_Schema):
     scope: str
-    current_usd: float
-    requested_usd: float = Field(gt=0)
+    current_usd: float = Field(ge=0, le=MAX_BUDGET_USD, allow_inf_nan=False)
+    # An approver's edit of 1e300 overflowed the budget's nano-USD counter and crash-looped
+    # the run: bounded like every budget.
+    requested_usd: float = Field(gt=0, le=MAX_BUDGET_USD, allow_inf_nan=False)
 
 
 class ToolCallProposal(_Schema):

@@ -18,6 +18,8 @@ PENDING_APPROVAL = SearchAttributeKey.for_bool("PendingApproval")
 APPROVAL_ROLES = SearchAttributeKey.for_keyword_list("ApprovalRoles")
 ERROR_TYPE = SearchAttributeKey.for_keyword("ErrorType")
 COST_USD = SearchAttributeKey.for_float("CostUsd")
+# Temporal's own: set on a run whose workflow tasks keep failing (Stead calls it stuck).
+REPORTED_PROBLEMS = "TemporalReportedProblems"
 
 SEARCH_ATTRIBUTES: dict[str, str] = {
     "Stage": "Keyword",

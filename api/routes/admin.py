@@ -21,7 +21,7 @@ from store import approvals as approvals_store
 from store import budgets, principals
 from store import policy as policy_store
 from store.principals import Principal
-from workflows.state import ApprovalPolicy
+from workflows.state import MAX_BUDGET_USD, ApprovalPolicy
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 RIGHT = "admin:manage"
@@ -196,7 +196,7 @@ class BudgetIn(Request):
     scope: Literal["customer", "user"]
     subject: str = Field("", max_length=128, description="the user id for scope=user")
     period: Literal["day", "month"]
-    limit_usd: float = Field(ge=0, le=10_000_000)
+    limit_usd: float = Field(ge=0, le=MAX_BUDGET_USD)
 
 
 class BudgetOut(BaseModel):

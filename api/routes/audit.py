@@ -283,7 +283,8 @@ def _after(cursor: str | None) -> int:
         return 0
     try:
         kind, _, seq = base64.urlsafe_b64decode(cursor.encode()).decode().partition(":")
-        if kind == "seq" and seq.isdigit():
+        # A sequence number is a bigint: a cursor past 2^63 was a 500 from the database.
+        if kind == "seq" and seq.isdigit() and int(seq) < 2**63:
             return int(seq)
     except (binascii.Error, ValueError, UnicodeDecodeError):
         pass

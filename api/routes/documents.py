@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 import secrets
 from datetime import datetime
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Response, status
 from pydantic import BaseModel, Field, field_validator
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from api.deps import CurrentPrincipal, Services, ServicesDep, require
-from api.errors import ApiError, Invalid, NotFound, Unavailable
-from api.routes.runs import input_digest, launch, new_run_id
+from api.errors import ApiError, Conflict, Invalid, NotFound, Unavailable
+from api.routes.runs import IdempotencyKey, input_digest, launch, new_run_id
 from api.schemas import Page, Request, StartRun
 from stead import metrics
 from store import documents
@@ -81,28 +83,59 @@ class TooLarge(ApiError):
     status, code = 413, "too_large"
 
 
-def new_document_id() -> str:
-    return "d_" + base64.b32encode(secrets.token_bytes(20)).decode().lower()[:26]
+def new_document_id(tenant: str, idempotency_key: str | None) -> str:
+    raw = (
+        hashlib.sha256(f"document\0{tenant}\0{idempotency_key}".encode()).digest()
+        if idempotency_key is not None
+        else secrets.token_bytes(20)
+    )
+    return "d_" + base64.b32encode(raw).decode().lower()[:26]
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        200: {"model": DocumentCreated, "description": "an existing upload (same Idempotency-Key)"}
+    },
+)
 async def upload(
-    body: DocumentIn, svc: ServicesDep, principal: CurrentPrincipal
+    body: DocumentIn,
+    response: Response,
+    svc: ServicesDep,
+    principal: CurrentPrincipal,
+    idempotency_key: IdempotencyKey = None,
 ) -> DocumentCreated:
     """Store a document and start its ingest run (chunking and indexing). 413 when the text
-    is over the size limit; follow `GET /v1/runs/{run_id}` for progress."""
+    is over the size limit; follow `GET /v1/runs/{run_id}` for progress. Repeating the upload
+    with the same `Idempotency-Key` returns the same document (200) instead of storing it
+    again; the same key with another title or text is a 409."""
     require(svc, principal, "documents:write")
     size = len(body.text.encode())
     if size > MAX_TEXT_BYTES:
         raise TooLarge(f"text is {size} bytes; the limit is {MAX_TEXT_BYTES}")
-    document_id, run_id = new_document_id(), new_run_id(principal.tenant, None)
+    document_id = new_document_id(principal.tenant, idempotency_key)
+    run_id = new_run_id(
+        principal.tenant, None if idempotency_key is None else f"doc\0{idempotency_key}"
+    )
     async with svc.pool.acquire() as conn:
         plan = await principals_store.tenant_plan(conn, principal.tenant) or "standard"
-        await documents.create(
+        doc, created = await documents.create(
             conn, principal.tenant, document_id, body.title, body.text, principal.id, run_id
         )
+    if not created:
+        same = doc.title == body.title and doc.content_sha256 == _sha256(body.text)
+        if not same:
+            raise Conflict("Idempotency-Key was already used with a different document")
+        response.status_code = status.HTTP_200_OK
+    # Started again on a retry too: the first attempt may have died before starting it, and a
+    # second start of the same run id is refused by Temporal, not repeated.
     await _start_ingest(svc, principal, document_id, run_id, plan)
-    return DocumentCreated(document_id=document_id, run_id=run_id, status="pending")
+    return DocumentCreated(document_id=document_id, run_id=run_id, status=doc.status)
 
 
 async def _start_ingest(
@@ -124,6 +157,8 @@ async def _start_ingest(
             RunInput(context=context, input=run_input),
             input_digest(StartRun(pipeline=pipeline, input=run_input)),
         )
+    except WorkflowAlreadyStartedError:
+        return  # a retried upload: the ingest run exists
     except RPCError:
         async with svc.pool.acquire() as conn:
             await documents.mark(conn, principal.tenant, document_id, "failed")

@@ -28,6 +28,8 @@ from temporalio.client import (
     WorkflowExecutionDescription,
     WorkflowExecutionStatus,
     WorkflowHandle,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.common import (
     SearchAttributePair,
@@ -35,11 +37,11 @@ from temporalio.common import (
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import CurrentPrincipal, Services, ServicesDep, require
-from api.errors import Conflict, Forbidden, Invalid, NotFound
+from api.deps import CurrentPrincipal, Services, ServicesDep, attest, require
+from api.errors import Conflict, Forbidden, Invalid, NotFound, Unavailable
 from api.pipelines import PIPELINES, STARTED_BY_ROUTE
 from api.schemas import (
     ApprovalOut,
@@ -54,15 +56,28 @@ from api.schemas import (
 from policies import approvals as approval_policies
 from stead import metrics
 from stead.config import Settings
+from stead.errors import ErrorType
 from store import approvals as approvals_store
 from store.principals import Principal
 from workflows import search
 from workflows.base import PipelineWorkflow
-from workflows.state import AuditEvent, RunContext, RunInput, RunStatus, RunView, Stage
+from workflows.state import (
+    AuditEvent,
+    CancelInput,
+    ErrorInfo,
+    RunContext,
+    RunInput,
+    RunStatus,
+    RunView,
+    Stage,
+)
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
 RUN_ID = re.compile(r"^r_[a-z2-7]{26}$")
+# A workflow task that failed this many times in a row is not a passing fault: the run is stuck.
+STUCK_ATTEMPTS = 3
+STUCK_QUERY = f"{search.REPORTED_PROBLEMS} IS NOT NULL AND ExecutionStatus = 'Running'"
 _STATUS_QUERY = {
     RunStatus.RUNNING: "ExecutionStatus = 'Running'",
     RunStatus.COMPLETED: "ExecutionStatus = 'Completed'",
@@ -78,6 +93,12 @@ _FROM_TEMPORAL = {
     WorkflowExecutionStatus.TERMINATED: RunStatus.FAILED,
     WorkflowExecutionStatus.CANCELED: RunStatus.CANCELLED,
 }
+
+
+# Printable ASCII, no spaces: a client's own request id.
+IdempotencyKey = Annotated[
+    str | None, Header(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")
+]
 
 
 def workflow_id(tenant: str, run_id: str) -> str:
@@ -112,9 +133,7 @@ async def start_run(
     response: Response,
     svc: ServicesDep,
     principal: CurrentPrincipal,
-    idempotency_key: Annotated[
-        str | None, Header(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> RunStarted:
     """Start a run of a pipeline. Repeating the call with the same `Idempotency-Key` returns
     the same run (200) instead of starting another; the same key with a different body is a
@@ -134,25 +153,39 @@ async def start_run(
 
     run_id = new_run_id(principal.tenant, idempotency_key)
     digest = input_digest(body)
-    async with svc.pool.acquire() as conn:
-        plan, overrides = await approvals_store.start_settings(
-            conn, principal.tenant, body.pipeline
-        )
-    context = RunContext(
-        tenant=principal.tenant,
-        run_id=run_id,
-        pipeline=body.pipeline,
-        requested_by=principal.id,
-        plan=plan,
-        budget_usd=body.budget_usd,
-        approvals=approval_policies.resolve(body.pipeline, overrides),
-    )
+    context = await new_context(svc, principal, body.pipeline, run_id, body.budget_usd)
     try:
         await launch(svc, RunInput(context=context, input=body.input), digest)
     except WorkflowAlreadyStartedError:
         return await _existing_run(svc, principal, run_id, digest, response)
     metrics.RUNS_STARTED.labels(body.pipeline).inc()
     return RunStarted(run_id=run_id, pipeline=body.pipeline, status=RunStatus.RUNNING, created=True)
+
+
+async def new_context(
+    svc: Services, principal: Principal, pipeline: str, run_id: str, budget_usd: float | None
+) -> RunContext:
+    """A new run's context: the caller, and the tenant's plan and approval policies as they
+    are now (a run keeps them to its end; a restart takes them afresh)."""
+    async with svc.pool.acquire() as conn:
+        try:
+            plan, overrides = await approvals_store.start_settings(conn, principal.tenant, pipeline)
+        except ValidationError as exc:
+            # A stored override that today's bounds refuse (written before they existed).
+            where = ".".join(str(p) for p in exc.errors()[0]["loc"])
+            raise Conflict(
+                f"the tenant's approval policy for {pipeline} is invalid ({where}): an admin must"
+                " set it again"
+            ) from None
+    return RunContext(
+        tenant=principal.tenant,
+        run_id=run_id,
+        pipeline=pipeline,
+        requested_by=principal.id,
+        plan=plan,
+        budget_usd=budget_usd,
+        approvals=approval_policies.resolve(pipeline, overrides),
+    )
 
 
 async def launch(svc: Services, run: RunInput, digest: str) -> None:
@@ -242,10 +275,40 @@ def _summary(execution: WorkflowExecution | WorkflowExecutionDescription) -> Run
         stage=Stage(stage) if stage in set(Stage) else None,
         requested_by=attrs.get(search.REQUESTED_BY),
         pending_approval=bool(attrs.get(search.PENDING_APPROVAL)),
+        stuck=_reported_stuck(execution),
         error_type=attrs.get(search.ERROR_TYPE),
         started_at=execution.start_time,
         closed_at=execution.close_time,
     )
+
+
+def _reported_stuck(execution: WorkflowExecution | WorkflowExecutionDescription) -> bool:
+    """Temporal flags a run whose workflow tasks keep failing with `TemporalReportedProblems`
+    (after `system.numConsecutiveWorkflowTaskProblemsToTriggerSearchAttribute` failures)."""
+    if execution.status is not WorkflowExecutionStatus.RUNNING:
+        return False
+    fields = execution.raw_info.search_attributes.indexed_fields
+    return search.REPORTED_PROBLEMS in fields
+
+
+def _task_failing(described: WorkflowExecutionDescription) -> bool:
+    """The run's current workflow task has failed before: the run is not moving."""
+    if described.status is not WorkflowExecutionStatus.RUNNING:
+        return False
+    pending = described.raw_description.pending_workflow_task
+    return _reported_stuck(described) or pending.attempt >= STUCK_ATTEMPTS
+
+
+async def _task_failure(svc: Services, handle: WorkflowHandle[Any, Any]) -> ErrorInfo | None:
+    """The latest workflow-task failure in the run's history, decoded (it is encrypted)."""
+    last = None
+    async for event in handle.fetch_history_events():
+        if event.HasField("workflow_task_failed_event_attributes"):
+            last = event.workflow_task_failed_event_attributes.failure
+    if last is None:
+        return None
+    error = await svc.temporal.data_converter.decode_failure(last)
+    return ErrorInfo(type="WorkflowTaskFailed", message=str(error)[:500], retryable=False)
 
 
 @router.get("")
@@ -256,6 +319,9 @@ async def list_runs(
     pipeline: str | None = Query(None, max_length=64),
     run_status: Annotated[RunStatus | None, Query(alias="status")] = None,
     pending_approval: bool | None = None,
+    stuck: Annotated[
+        bool | None, Query(description="runs whose workflow task keeps failing")
+    ] = None,
     limit: int = Query(50, ge=1, le=500),
     cursor: str | None = Query(None, max_length=4096),
 ) -> Page[RunSummary]:
@@ -273,6 +339,8 @@ async def list_runs(
         clauses.append(_STATUS_QUERY[run_status])
     if pending_approval is not None:
         clauses.append(f"PendingApproval = {'true' if pending_approval else 'false'}")
+    if stuck is not None:
+        clauses.append(STUCK_QUERY if stuck else f"{search.REPORTED_PROBLEMS} IS NULL")
     query = " AND ".join(clauses)
     token = _decode_cursor(svc.settings, query, cursor)
     executions = svc.temporal.list_workflows(query, page_size=limit, next_page_token=token)
@@ -319,8 +387,11 @@ async def get_run(run_id: str, svc: ServicesDep, principal: CurrentPrincipal) ->
     """The run's state from its workflow: stage history, approvals, attempts, usage, error."""
     require(svc, principal, "runs:read")
     handle, described = await describe_run(svc, principal, run_id)
-    view = await query_state(handle)
+    stuck = _task_failing(described)
+    # A stuck run cannot answer a query (no workflow task completes): don't wait for one.
+    view = None if stuck else await query_state(handle)
     summary = _summary(described)
+    stuck_error = await _task_failure(svc, handle) if stuck else None
     if view is None:
         return RunOut(
             run_id=run_id,
@@ -331,6 +402,8 @@ async def get_run(run_id: str, svc: ServicesDep, principal: CurrentPrincipal) ->
             started_at=summary.started_at,
             closed_at=summary.closed_at,
             state_available=False,
+            stuck=stuck,
+            stuck_error=stuck_error,
         )
     approvals = [ApprovalOut.of_state(run_id, view.pipeline, a) for a in view.approvals]
     return RunOut(
@@ -355,14 +428,47 @@ async def get_run(run_id: str, svc: ServicesDep, principal: CurrentPrincipal) ->
 @router.post("/{run_id}/cancel", status_code=status.HTTP_202_ACCEPTED)
 async def cancel_run(run_id: str, svc: ServicesDep, principal: CurrentPrincipal) -> RunSummary:
     """Request cancellation. Pending approvals are cancelled and running activities learn of
-    it through their heartbeats; the run ends `cancelled`."""
+    it through their heartbeats; the run ends `cancelled`. A stuck run (its workflow task keeps
+    failing, so it cannot act on a cancel) is terminated instead, and its approvals closed."""
     require(svc, principal, "runs:cancel")
     handle, described = await describe_run(svc, principal, run_id)
     _own_or_admin(svc, principal, described)
     if run_status(described.status) is not RunStatus.RUNNING:
         raise Conflict(f"the run is already {run_status(described.status).value}")
+    if _task_failing(described):
+        await _terminate_stuck(svc, principal, handle, run_id)
+        return _summary(described)
+    request = attest(
+        svc, handle.id, CancelInput(principal=principal.id, attested_at=datetime.now(UTC))
+    )
+    try:
+        await handle.execute_update(
+            PipelineWorkflow.request_cancel, request, rpc_timeout=timedelta(seconds=10)
+        )
+    except WorkflowUpdateFailedError as exc:
+        cause = exc.cause
+        if isinstance(cause, ApplicationError) and cause.type == ErrorType.RUN_NOT_RUNNING:
+            raise Conflict(cause.message) from None
+        if isinstance(cause, ApplicationError) and cause.type == ErrorType.NOT_ATTESTED:
+            raise Unavailable(f"the run's worker refused the cancel: {cause.message}") from None
+        raise
+    except WorkflowUpdateRPCTimeoutOrCancelledError:
+        # No worker took it in time: cancel anyway (the run acts on it when a worker returns);
+        # the API's own entry says who asked, as the run cannot record it now.
+        await _audit_run(svc, principal, run_id, "run.cancel_requested", {"worker": "absent"})
     await handle.cancel()
     return _summary(described)
+
+
+async def _terminate_stuck(
+    svc: Services, principal: Principal, handle: WorkflowHandle[Any, Any], run_id: str
+) -> None:
+    await handle.terminate(reason=f"stuck run cancelled by {principal.id} through Stead")
+    async with svc.pool.acquire() as conn:
+        closed = await approvals_store.close_for_run(conn, principal.tenant, run_id, "cancelled")
+    await _audit_run(
+        svc, principal, run_id, "run.cancelled", {"terminated": True, "approvals_closed": closed}
+    )
 
 
 def _own_or_admin(
@@ -393,11 +499,21 @@ async def retry_run(
     mode = body.mode if body else "resume"
     events = [e async for e in handle.fetch_history_events()]
     if mode == "restart":
+        # A restart is a new start: the caller needs the right to start, and the new run takes
+        # today's plan and approval policies, not the frozen ones of the run it replaces.
+        require(svc, principal, "runs:start")
         original = await _original_input(svc, events)
-        context = original.context.model_copy(update={"run_id": new_run_id(principal.tenant, None)})
+        context = await new_context(
+            svc,
+            principal,
+            original.context.pipeline,
+            new_run_id(principal.tenant, None),
+            original.context.budget_usd,
+        )
         run = RunInput(context=context, input=original.input)
         await launch(svc, run, (await described.memo()).get("input_digest", ""))
-        await _audit_redrive(svc, principal, run_id, "restart", {"new_run_id": context.run_id})
+        redriven = {"mode": "restart", "new_run_id": context.run_id}
+        await _audit_run(svc, principal, run_id, "run.redriven", redriven)
         metrics.RUNS_STARTED.labels(context.pipeline).inc()
         return RunStarted(
             run_id=context.run_id, pipeline=context.pipeline, status=RunStatus.RUNNING, created=True
@@ -416,7 +532,9 @@ async def retry_run(
             request_id=str(uuid.uuid4()),
         )
     )
-    await _audit_redrive(svc, principal, run_id, "resume", {"temporal_run_id": reset.run_id})
+    await _audit_run(
+        svc, principal, run_id, "run.redriven", {"mode": "resume", "temporal_run_id": reset.run_id}
+    )
     pipeline = described.typed_search_attributes.get(search.PIPELINE) or ""
     return RunStarted(run_id=run_id, pipeline=pipeline, status=RunStatus.RUNNING, created=False)
 
@@ -443,17 +561,18 @@ async def _original_input(svc: Services, events: list[HistoryEvent]) -> RunInput
     return run
 
 
-async def _audit_redrive(
-    svc: Services, principal: Principal, run_id: str, mode: str, data: dict[str, Any]
+async def _audit_run(
+    svc: Services, principal: Principal, run_id: str, action: str, data: dict[str, Any]
 ) -> None:
+    """An entry the API writes itself: what it did to a run in the caller's name."""
     event = AuditEvent(
-        key=f"{run_id}:redrive:{uuid.uuid4().hex}",
+        key=f"{run_id}:{action}:{uuid.uuid4().hex}",
         tenant=principal.tenant,
         actor=principal.id,
         actor_kind="user",
-        action="run.redriven",
+        action=action,
         run_id=run_id,
         at=datetime.now(UTC),
-        data={"mode": mode, **data},
+        data=data,
     )
     await svc.audit.record(svc.pool, [event])
