@@ -252,7 +252,7 @@ class ModelActivities:
         retry_after: float | None = None
         for index, model in enumerate(models):
             if index:
-                metrics.MODEL_FALLBACKS.labels(model).inc()
+                metrics.MODEL_FALLBACKS.labels(models[index - 1], model).inc()
             started = time.perf_counter()
             try:
                 message = await self._client.messages.create(model=model, **request)

@@ -1,25 +1,35 @@
-"""Traces cross the whole path without carrying content; metrics expose bounded labels and
-pass promtool; the worker's /metrics holds Stead's and the Temporal SDK's metrics."""
+"""Traces cross the whole path without carrying content (not even through a provider's error
+text), scrapes start no trace, and the README names the spans the code makes; metrics expose
+bounded labels and pass promtool, decisions are counted once with their time to decision, and
+the worker's /metrics holds Stead's and the Temporal SDK's metrics. tests/test_prometheus.py
+queries every dashboard and alert expression on a real Prometheus."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import shutil
 import subprocess
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 from temporalio.client import Client
+from temporalio.testing import ActivityEnvironment
 
+from activities.ledger import LedgerActivities
+from activities.types import FlushAudit
 from api.app import refresh_gauges
 from stead import metrics
 from stead.config import Settings
+from store.audit import audit_writer
 from store.db import Pool
 from tests.conftest import SPANS, Tenant, spawn_worker
-from tests.helpers import eventually, free_ports, wait_json
+from tests.helpers import decide_pending, eventually, free_ports, start_run, wait_json
+from workflows.state import AuditEvent
 
 PROMTOOL = shutil.which("promtool")
 
@@ -180,3 +190,95 @@ async def test_pending_approvals_gauge_follows_the_store(
         refresher.cancel()
     assert expected >= 1
     assert run.status_code == 201
+
+
+def sample(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def decided(pipeline: str, status: str) -> float:
+    return sample("stead_approvals_decided_total", pipeline=pipeline, status=status)
+
+
+@pytest.mark.usefixtures("worker")
+async def test_decisions_are_counted_with_their_time_to_decision(
+    api: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    def figures() -> tuple[float, float, float, float]:
+        return (
+            decided("summarize", "approved"),
+            decided("summarize", "rejected"),
+            sample("stead_approval_decision_seconds_count", pipeline="summarize"),
+            sample("stead_approval_decision_seconds_sum", pipeline="summarize"),
+        )
+
+    approved0, rejected0, count0, sum0 = figures()
+    runs = {
+        decision: await start_run(
+            api, tenant, {"pipeline": "summarize", "input": {"text": f"To {decision}."}}
+        )
+        for decision in ("approve", "reject")
+    }
+    for decision, run_id in runs.items():
+        assert (await decide_pending(api, tenant, run_id, decision))["status"] in (
+            "approved",
+            "rejected",
+        )
+        await wait_json(
+            api,
+            f"/v1/runs/{run_id}",
+            tenant.auth("requester"),
+            lambda b: b["status"] == "completed",
+        )
+
+    async def counted() -> tuple[float, float, float]:
+        approved, rejected, count, _ = figures()
+        return approved - approved0, rejected - rejected0, count - count0
+
+    assert await eventually(counted, lambda c: c == (1, 1, 2)) == (1, 1, 2)
+    waited = figures()[3] - sum0
+    assert 0 < waited < 60  # seconds from request to decision, both in this test
+
+
+async def test_a_decision_is_counted_once_however_often_it_is_stored(
+    pool: Pool, settings: Settings, tenant: Tenant
+) -> None:
+    """A retried ledger write, or a replayed workflow, stores the same events again: the
+    store keeps each once and the metrics count it once. An approve that leaves the quorum
+    unmet settles nothing and is not counted."""
+
+    def event(status: str) -> AuditEvent:
+        return AuditEvent(
+            key=f"{tenant.id}:{uuid.uuid4().hex}",
+            tenant=tenant.id,
+            actor="approver",
+            actor_kind="user",
+            action="approval.decided",
+            run_id="r_counted_once",
+            at=datetime.now(UTC),
+            data={
+                "approval_id": "ap_1",
+                "decision": "approve",
+                "status": status,
+                "waited_seconds": 42.0,
+            },
+            pipeline="doc-qa",
+        )
+
+    ledger = LedgerActivities(pool, audit_writer(settings))
+    batch = FlushAudit(events=[event("pending"), event("approved")])
+    before = decided("doc-qa", "approved"), decided("doc-qa", "pending")
+    sum_before = sample("stead_approval_decision_seconds_sum", pipeline="doc-qa")
+    for _ in range(3):
+        await ActivityEnvironment().run(ledger.flush, batch)
+    assert decided("doc-qa", "approved") == before[0] + 1
+    assert decided("doc-qa", "pending") == before[1] == 0
+    assert sample("stead_approval_decision_seconds_sum", pipeline="doc-qa") == sum_before + 42
+
+
+def test_stage_buckets_resolve_model_call_durations() -> None:
+    """No bucket between 1 s and 30 s more than doubles the previous one, so a 2-20 s model
+    call is told apart from one twice as long."""
+    bounds = [b for b in metrics.STAGE_SECONDS._upper_bounds if 1 <= b <= 30]
+    assert (bounds[0], bounds[-1]) == (1, 30)
+    assert all(b / a <= 2 for a, b in itertools.pairwise(bounds))
