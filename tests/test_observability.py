@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import re
 import shutil
 import subprocess
@@ -17,6 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import StatusCode
 from temporalio.client import Client
 from temporalio.testing import ActivityEnvironment
 
@@ -25,11 +30,15 @@ from activities.types import FlushAudit
 from api.app import refresh_gauges
 from stead import metrics
 from stead.config import Settings
+from stead.serving import serving
+from stead.telemetry import metrics_app
 from store.audit import audit_writer
 from store.db import Pool
-from tests.conftest import SPANS, Tenant, spawn_worker
+from tests.conftest import SPANS, Tenant, running_workers, spawn_worker
 from tests.helpers import decide_pending, eventually, free_ports, start_run, wait_json
 from workflows.state import AuditEvent
+
+ROOT = Path(__file__).parent.parent
 
 PROMTOOL = shutil.which("promtool")
 
@@ -274,6 +283,122 @@ async def test_a_decision_is_counted_once_however_often_it_is_stored(
     assert decided("doc-qa", "approved") == before[0] + 1
     assert decided("doc-qa", "pending") == before[1] == 0
     assert sample("stead_approval_decision_seconds_sum", pipeline="doc-qa") == sum_before + 42
+
+
+async def test_scrapes_and_probes_start_no_trace(api: httpx.AsyncClient, tenant: Tenant) -> None:
+    SPANS.clear()
+    async with serving(metrics_app(None)) as worker_url, httpx.AsyncClient() as http:
+        for _ in range(2):
+            assert (await http.get(f"{worker_url}/metrics")).status_code == 200
+    assert (await api.get("/metrics")).status_code == 200
+    assert (await api.get("/healthz")).status_code == 200
+    # The same app traces a real request, so the check above can fail.
+    assert (await api.get("/v1/runs", headers=tenant.auth("requester"))).status_code == 200
+    names = [s.name for s in SPANS.get_finished_spans()]
+    assert "GET /v1/runs" in names
+    assert [n for n in names if "/metrics" in n or "/healthz" in n] == []
+
+
+def echoing_provider() -> FastAPI:
+    """A Messages-API endpoint that refuses every request with a message quoting it, as a
+    real provider's validation errors can."""
+    app = FastAPI(telemetry={"tracing": False, "metrics": False, "logs": False})
+
+    async def refuse(request: Request) -> JSONResponse:
+        quoted = json.dumps((await request.json()).get("messages"))
+        error = {"type": "invalid_request_error", "message": f"could not parse {quoted}"}
+        return JSONResponse({"type": "error", "error": error}, status_code=400)
+
+    app.add_api_route("/v1/messages", refuse, methods=["POST"])
+    app.add_api_route("/v1/messages/count_tokens", refuse, methods=["POST"])
+    return app
+
+
+async def test_provider_error_text_never_reaches_a_span(
+    client: Client, test_settings: Settings, pool: Pool, api: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    canary = f"canary-{uuid.uuid4().hex}"
+    async with serving(echoing_provider()) as provider:
+        settings = test_settings.model_copy(update={"model_base_url": provider})
+        async with running_workers(client, settings, pool):
+            SPANS.clear()
+            run_id = await start_run(
+                api,
+                tenant,
+                {"pipeline": "summarize", "input": {"text": f"{canary} said no.", "review": False}},
+            )
+            run = await wait_json(
+                api,
+                f"/v1/runs/{run_id}",
+                tenant.auth("requester"),
+                lambda b: b["status"] == "failed",
+                within=30,
+            )
+
+            async def spans() -> list[ReadableSpan]:
+                return list(SPANS.get_finished_spans())
+
+            found = await eventually(
+                spans,
+                lambda got: {"model.call", "RunActivity:model.call"} <= {s.name for s in got},
+            )
+    # Everything a span exports: attributes, status description, events (exceptions) and theirs.
+    assert [s.name for s in found if canary in s.to_json()] == []
+    (call,) = [s for s in found if s.name == "model.call"]
+    assert call.status.status_code is StatusCode.ERROR
+    assert (call.attributes or {})["error.type"] == "400"
+    assert run["last_error"]["type"] == "BadRequest"
+    assert canary not in run["last_error"]["message"]  # the workflow's failure is traced too
+
+
+SPAN_CALL = re.compile(r'\bspan\(\s*"([\w.]+)"')
+
+
+def readme_section(title: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index(f"## {title}\n")
+    end = readme.find("\n## ", start + 1)
+    return readme[start : end if end != -1 else None]
+
+
+def test_readme_names_the_spans_the_code_makes() -> None:
+    made = {
+        name
+        for folder in ("activities", "api", "stead", "workflows")
+        for path in (ROOT / folder).rglob("*.py")
+        for name in SPAN_CALL.findall(path.read_text())
+    }
+    named = set(re.findall(r"`((?:model|tool)\.[a-z_]+)`", readme_section("Observability")))
+    assert made == {"model.cache_lookup", "model.call", "tool.call"}
+    assert named == made
+
+
+@pytest.mark.usefixtures("worker")
+async def test_cache_lookup_span_says_hit_or_miss(api: httpx.AsyncClient, tenant: Tenant) -> None:
+    SPANS.clear()
+    body = {"pipeline": "summarize", "input": {"text": "Cached twice.", "review": False}}
+    for _ in range(2):  # the same request twice: a miss, then a hit
+        run_id = await start_run(api, tenant, body)
+        await wait_json(
+            api,
+            f"/v1/runs/{run_id}",
+            tenant.auth("requester"),
+            lambda b: b["status"] == "completed",
+        )
+
+    async def lookups() -> list[dict[str, object]]:
+        return [
+            dict(s.attributes or {})
+            for s in SPANS.get_finished_spans()
+            if s.name == "model.cache_lookup"
+        ]
+
+    found = await eventually(lookups, lambda got: len(got) == 2)
+    assert [a["stead.result"] for a in found] == ["miss", "hit"]
+    assert found[1]["stead.model"] == "claude-sonnet-5-5"
+    assert {a["stead.tenant"] for a in found} == {tenant.id}
+    calls = [s for s in SPANS.get_finished_spans() if s.name == "model.call"]
+    assert len(calls) == 1  # the hit never reached a provider
 
 
 def test_stage_buckets_resolve_model_call_durations() -> None:
