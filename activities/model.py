@@ -40,6 +40,8 @@ _TOKEN_FIELDS = {"input_tokens", "output_tokens", "cache_read_tokens", "cache_wr
 
 
 class _Unavailable(Exception):
+    type = ErrorType.PROVIDER_UNAVAILABLE  # what a failed span records (stead.telemetry)
+
     def __init__(self, retry_after: float | None, detail: str) -> None:
         super().__init__(detail)
         self.retry_after = retry_after

@@ -31,7 +31,7 @@ from api.app import refresh_gauges
 from stead import metrics
 from stead.config import Settings
 from stead.serving import serving
-from stead.telemetry import metrics_app
+from stead.telemetry import metrics_app, span
 from store.audit import audit_writer
 from store.db import Pool
 from tests.conftest import SPANS, Tenant, running_workers, spawn_worker
@@ -349,6 +349,17 @@ async def test_provider_error_text_never_reaches_a_span(
     assert (call.attributes or {})["error.type"] == "400"
     assert run["last_error"]["type"] == "BadRequest"
     assert canary not in run["last_error"]["message"]  # the workflow's failure is traced too
+
+
+def test_a_failed_span_records_the_kind_not_the_text() -> None:
+    canary = f"canary-{uuid.uuid4().hex}"
+    SPANS.clear()
+    with pytest.raises(ValueError, match=canary), span("model.call", step="x"):
+        raise ValueError(f"the request was: {canary}")
+    (failed,) = SPANS.get_finished_spans()
+    assert failed.status.status_code is StatusCode.ERROR
+    assert (failed.attributes or {})["error.type"] == "ValueError"
+    assert canary not in failed.to_json()
 
 
 SPAN_CALL = re.compile(r'\bspan\(\s*"([\w.]+)"')
