@@ -6,8 +6,6 @@ idempotent: audit entries are keyed, approval projections are versioned.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from temporalio import activity
 
 from activities.types import FlushAudit, PublishApproval, RaiseBudget
@@ -15,7 +13,6 @@ from stead import metrics
 from store import approvals, budgets
 from store.audit import AuditWriter
 from store.db import Pool
-from workflows.state import ApprovalStatus
 
 
 class LedgerActivities:
@@ -36,16 +33,12 @@ class LedgerActivities:
     @activity.defn(name="ledger.publish_approval")
     async def publish_approval(self, change: PublishApproval) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
-            changed = await approvals.upsert(
-                conn, change.context, change.workflow_id, change.approval
-            )
+            await approvals.upsert(conn, change.context, change.workflow_id, change.approval)
             new = await self._audit.append_new(conn, change.events)
+        # Decisions are counted from their audit events (stored once, by whichever activity
+        # carries them), not from this projection: the API has usually brought it up to date
+        # already, and then this upsert changes nothing.
         metrics.observe_events(new)
-        approval = change.approval
-        if changed and approval.status is not ApprovalStatus.PENDING:
-            metrics.APPROVALS_DECIDED.labels(change.context.pipeline, approval.status.value).inc()
-            waited = (datetime.now(UTC) - approval.created_at).total_seconds()
-            metrics.APPROVAL_SECONDS.labels(change.context.pipeline).observe(max(waited, 0.0))
 
     @activity.defn(name="ledger.raise_budget")
     async def raise_budget(self, change: RaiseBudget) -> None:

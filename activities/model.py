@@ -40,6 +40,8 @@ _TOKEN_FIELDS = {"input_tokens", "output_tokens", "cache_read_tokens", "cache_wr
 
 
 class _Unavailable(Exception):
+    type = ErrorType.PROVIDER_UNAVAILABLE  # what a failed span records (stead.telemetry)
+
     def __init__(self, retry_after: float | None, detail: str) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
@@ -87,15 +89,22 @@ class ModelActivities:
         models = route.candidates(call.escalate)
         request = _request_body(call)
         digest = usage.request_hash(request)
-        async with self._pool.acquire() as conn:
-            ready = await usage.prepare(
-                conn,
-                tenant=call.context.tenant,
-                principal=call.context.requested_by,
-                call_key=key,
-                models=models,
-                digest=digest if call.cache else None,
-            )
+        with span(
+            "model.cache_lookup",
+            tenant=call.context.tenant,
+            pipeline=call.context.pipeline,
+            step=call.step,
+        ) as lookup:
+            async with self._pool.acquire() as conn:
+                ready = await usage.prepare(
+                    conn,
+                    tenant=call.context.tenant,
+                    principal=call.context.requested_by,
+                    call_key=key,
+                    models=models,
+                    digest=digest if call.cache else None,
+                )
+            set_attributes(lookup, **_lookup_facts(call.cache, ready))
         if ready.memo is not None:
             await self._write_events(call.events)
             return ModelReply.model_validate(ready.memo)
@@ -160,10 +169,13 @@ class ModelActivities:
                 if exc.status_code in _AUTH_STATUS
                 else ErrorType.BAD_REQUEST
             )
+            # The provider's own words stay in the details (encrypted in the history, for an
+            # operator with the codec): the message reaches traces, and a provider's message
+            # can quote the request.
             raise failure(
                 kind,
-                f"the provider refused the request ({exc.status_code}): {_provider_message(exc)}",
-                {"attempt": attempt},
+                f"the provider refused the request ({exc.status_code} {type(exc).__name__})",
+                {"attempt": attempt, "provider_message": _provider_message(exc)},
             ) from None
         finally:
             if not settled and budgeted:
@@ -177,22 +189,15 @@ class ModelActivities:
         self, call: ModelCall, key: str, attempt: int, model: str, stored: dict[str, Any]
     ) -> ModelReply:
         """A cache hit is the activity's result (replay stays deterministic) and costs nothing."""
-        with span(
-            "model.cache_hit",
-            tenant=call.context.tenant,
-            pipeline=call.context.pipeline,
-            step=call.step,
+        reply = ModelReply(
             model=model,
-        ):
-            reply = ModelReply(
-                model=model,
-                content=stored["content"],
-                stop_reason=stored["stop_reason"],
-                usage=Usage(model_calls=1, cache_hits=1),
-                cache_hit=True,
-                attempt=attempt,
-            )
-            await self._finish(call, key, attempt, reply, None, budgeted=False)
+            content=stored["content"],
+            stop_reason=stored["stop_reason"],
+            usage=Usage(model_calls=1, cache_hits=1),
+            cache_hit=True,
+            attempt=attempt,
+        )
+        await self._finish(call, key, attempt, reply, None, budgeted=False)
         return reply
 
     async def _count_tokens(self, model: str, request: dict[str, Any]) -> int:
@@ -252,7 +257,7 @@ class ModelActivities:
         retry_after: float | None = None
         for index, model in enumerate(models):
             if index:
-                metrics.MODEL_FALLBACKS.labels(model).inc()
+                metrics.MODEL_FALLBACKS.labels(models[index - 1], model).inc()
             started = time.perf_counter()
             try:
                 message = await self._client.messages.create(model=model, **request)
@@ -416,6 +421,18 @@ def _provider_message(exc: anthropic.APIStatusError) -> str:
         if isinstance(error, dict) and isinstance(error.get("message"), str):
             return str(error["message"])[:300]
     return exc.__class__.__name__
+
+
+def _lookup_facts(cache: bool, ready: usage.Prepared) -> dict[str, str]:
+    """The lookup's result: `memo` (an earlier attempt finished), `hit` (with the model whose
+    entry answered), `miss`, or `off` (the call opted out of the cache)."""
+    if ready.memo is not None:
+        return {"result": "memo"}
+    if not cache:
+        return {"result": "off"}
+    if ready.cached is not None:
+        return {"result": "hit", "model": ready.cached[0]}
+    return {"result": "miss"}
 
 
 def _event(call: ModelCall, key: str, action: str, data: dict[str, Any]) -> AuditEvent:

@@ -23,7 +23,7 @@ from api.routes.runs import STUCK_QUERY
 from policies.permissions import load_policy
 from stead import metrics
 from stead.config import Settings, load_settings
-from stead.telemetry import interceptors, setup_tracing
+from stead.telemetry import interceptors, setup_tracing, untraced
 from stead.temporal import connect
 from store import approvals as approvals_store
 from store.audit import audit_writer
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         version="0.1.0",
         summary="Durable AI pipelines: runs, approvals, usage and audit.",
         lifespan=lifespan,
+        telemetry={"exclude": untraced},
     )
     if services is not None:
         app.state.services = services

@@ -8,12 +8,22 @@ per-customer figures live in the usage ledger (`GET /v1/usage`).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from workflows.state import AuditEvent
+from workflows.state import ApprovalStatus, AuditEvent
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+# Dense from 1 s to 30 s, where model and tool calls live (a 2-20 s model call must not land in
+# one 5-30 s bucket); coarse above, where a review waits for people.
+# fmt: off
+_STAGE_BUCKETS = (
+    0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30,
+    60, 120, 300, 900, 3600, 14400, 86400,
+)
+# fmt: on
 
 RUNS_STARTED = Counter(
     "stead_runs_started", "Runs started through the API.", ["pipeline"], registry=REGISTRY
@@ -28,7 +38,7 @@ STAGE_SECONDS = Histogram(
     "stead_stage_duration_seconds",
     "Time runs spent in each stage.",
     ["pipeline", "stage"],
-    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600, 3600, 86400),
+    buckets=_STAGE_BUCKETS,
     registry=REGISTRY,
 )
 APPROVALS_REQUESTED = Counter(
@@ -36,7 +46,7 @@ APPROVALS_REQUESTED = Counter(
 )
 APPROVALS_DECIDED = Counter(
     "stead_approvals_decided",
-    "Approvals that reached a final status.",
+    "Approvals that reached a final status: approved, rejected, expired or cancelled.",
     ["pipeline", "status"],
     registry=REGISTRY,
 )
@@ -51,7 +61,7 @@ RUNS_STUCK = Gauge(
 )
 APPROVAL_SECONDS = Histogram(
     "stead_approval_decision_seconds",
-    "Time from an approval request to its final status.",
+    "Time from an approval request to a person's final decision (approved or rejected).",
     ["pipeline"],
     buckets=(1, 10, 60, 300, 1800, 3600, 14400, 86400, 259200),
     registry=REGISTRY,
@@ -65,8 +75,8 @@ MODEL_CACHE = Counter(
 )
 MODEL_FALLBACKS = Counter(
     "stead_model_fallbacks",
-    "Calls moved to the next model of a route.",
-    ["model"],
+    "Calls moved on from a model (`model`, the one that failed) to the next of its route.",
+    ["model", "to_model"],
     registry=REGISTRY,
 )
 MODEL_ERRORS = Counter(
@@ -76,7 +86,7 @@ MODEL_LATENCY = Histogram(
     "stead_model_latency_seconds",
     "Provider latency per model call.",
     ["model"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60),
     registry=REGISTRY,
 )
 BUDGET_REJECTIONS = Counter(
@@ -107,8 +117,9 @@ HTTP_LATENCY = Histogram(
 
 
 def observe_events(events: Iterable[AuditEvent]) -> None:
-    """Count what newly stored audit events say happened (each event is stored once, so each
-    is counted once, however often the activity that carried it was retried)."""
+    """Count what newly stored audit events say happened. Each event is stored once, so each
+    is counted once, however often the activity that carried it was retried or its workflow
+    replayed, and whichever activity carried it (a ledger flush, a model or tool call)."""
     for event in events:
         pipeline = event.pipeline or "unknown"
         data = event.data
@@ -120,6 +131,25 @@ def observe_events(events: Iterable[AuditEvent]) -> None:
             RUNS_FINISHED.labels(pipeline, _FINISHED[event.action]).inc()
         elif event.action == "approval.requested":
             APPROVALS_REQUESTED.labels(pipeline, str(data.get("kind", "unknown"))).inc()
+        elif event.action == "approval.decided":
+            _observe_decision(pipeline, data)
+        elif event.action == "approval.expired":
+            APPROVALS_DECIDED.labels(pipeline, "expired").inc()
+        if event.action == "run.cancelled" and data.get("approvals_cancelled"):
+            APPROVALS_DECIDED.labels(pipeline, "cancelled").inc(len(data["approvals_cancelled"]))
+
+
+def _observe_decision(pipeline: str, data: dict[str, Any]) -> None:
+    """A decision that settles its approval (a reject, or the approve that meets the quorum);
+    an approve still short of the quorum leaves it pending and is not counted."""
+    status = str(data.get("status", ""))
+    if status not in _DECIDED:
+        return
+    APPROVALS_DECIDED.labels(pipeline, status).inc()
+    waited = data.get("waited_seconds")
+    if isinstance(waited, int | float):  # absent from runs recorded before it was added
+        APPROVAL_SECONDS.labels(pipeline).observe(max(float(waited), 0.0))
 
 
 _FINISHED = {"run.completed": "completed", "run.failed": "failed", "run.cancelled": "cancelled"}
+_DECIDED = {ApprovalStatus.APPROVED.value, ApprovalStatus.REJECTED.value}

@@ -1,10 +1,11 @@
 """Traces and worker metrics.
 
 Tracing: one OpenTelemetry trace per request runs API → StartWorkflow → RunWorkflow →
-StartActivity → RunActivity → Stead's own `stead.model.call` / `stead.tool.call` spans.
-Spans carry model, tokens, cost, tenant and pipeline; never prompts, replies or customer
-content. Spans are exported over OTLP/HTTP only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set;
-otherwise they are created (so trace ids still propagate) and dropped.
+StartActivity → RunActivity → Stead's own `model.cache_lookup`, `model.call` and `tool.call`
+spans. Spans carry model, tokens, cost, tenant and pipeline; never prompts, replies or
+customer content, and a failed span records the error's type, never its text (a provider's
+error message can quote the request). Spans are exported over OTLP/HTTP only when
+`OTEL_EXPORTER_OTLP_ENDPOINT` is set. Scrapes and health probes are never traced.
 
 Worker metrics: the Temporal SDK serves its own Prometheus metrics on a private loopback
 port; the worker's `/metrics` serves Stead's metrics followed by the SDK's, so one scrape
@@ -14,8 +15,9 @@ target per worker holds both.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Response
@@ -23,6 +25,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
@@ -64,12 +67,40 @@ def interceptors(settings: Settings) -> list[TracingInterceptor]:
 
 @contextmanager
 def span(name: str, **attributes: str | int | float | bool) -> Iterator[trace.Span]:
-    """A Stead span. Attributes are facts about the call, never its content."""
+    """A Stead span. Attributes are facts about the call, never its content. An exception
+    marks it failed with the error's kind only: OpenTelemetry's default would record the
+    exception's message, and an SDK's message can echo what was sent."""
     tracer = trace.get_tracer(TRACER_NAME)
     with tracer.start_as_current_span(
-        name, attributes={f"stead.{k}": v for k, v in attributes.items()}
+        name,
+        attributes={f"stead.{k}": v for k, v in attributes.items()},
+        record_exception=False,
+        set_status_on_exception=False,
     ) as current:
-        yield current
+        try:
+            yield current
+        except Exception as exc:
+            current.set_status(Status(StatusCode.ERROR))
+            current.set_attribute("error.type", error_kind(exc))
+            raise
+
+
+def error_kind(exc: BaseException) -> str:
+    """What failed, without what the failure said: an HTTP status, or an error type."""
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int):
+        return str(status)
+    kind = getattr(exc, "type", None)  # temporalio's ApplicationError: Stead's ErrorType
+    return kind if isinstance(kind, str) and kind else type(exc).__name__
+
+
+def untraced(scope: MutableMapping[str, Any]) -> bool:
+    """FastAPI's `telemetry={"exclude": ...}`: scrapes and probes start no trace (one every
+    few seconds per target, each a trace of its own, would bury the request traces)."""
+    return scope.get("path") in UNTRACED_PATHS
+
+
+UNTRACED_PATHS = frozenset({"/metrics", "/healthz"})
 
 
 def set_attributes(current: trace.Span, **attributes: str | int | float | bool) -> None:
@@ -98,7 +129,14 @@ def metrics_runtime() -> tuple[Runtime, str]:
 
 
 def metrics_app(sdk_metrics_url: str | None) -> FastAPI:
-    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    # FastAPI's native telemetry off: a scrape must not start a trace (or record its own
+    # HTTP metrics in OpenTelemetry).
+    app = FastAPI(
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
     client = httpx.AsyncClient(timeout=5)
 
     @app.get("/metrics")

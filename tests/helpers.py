@@ -90,3 +90,29 @@ async def record_history(handle: WorkflowHandle[Any, Any], name: str) -> None:
     history = await handle.fetch_history()
     HISTORIES.mkdir(exist_ok=True)
     (HISTORIES / f"{name}.json").write_text(history.to_json())
+
+
+async def decide_pending(
+    api: httpx.AsyncClient,
+    tenant: Tenant,
+    run_id: str,
+    decision: str = "approve",
+    user: str = "approver",
+) -> dict[str, Any]:
+    """Wait for the run's own approval in `user`'s inbox and decide it over HTTP (a 200 is
+    asserted); the decision's answer."""
+    inbox = await wait_json(
+        api,
+        "/v1/approvals",
+        tenant.auth(user),
+        lambda b: any(a["run_id"] == run_id for a in b["items"]),
+        within=30,
+    )
+    approval = next(a for a in inbox["items"] if a["run_id"] == run_id)
+    decided = await api.post(
+        f"/v1/approvals/{approval['approval_id']}/decision",
+        json={"decision": decision, "comment": "checked"},
+        headers=tenant.auth(user),
+    )
+    assert decided.status_code == 200, decided.text
+    return dict(decided.json())

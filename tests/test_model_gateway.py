@@ -123,13 +123,13 @@ async def test_a_retried_attempt_returns_the_finished_reply(
 async def test_overloaded_primary_falls_back(
     gateway: ModelActivities, tenant: Tenant, sim: SimControl, pool: Pool
 ) -> None:
-    counted = metrics.MODEL_FALLBACKS.labels(DRAFT[1])._value.get()
+    counted = metrics.MODEL_FALLBACKS.labels(DRAFT[0], DRAFT[1])._value.get()
     await sim.fault(529, model=DRAFT[0])
     reply = await run(gateway, call_for(tenant, cache=False))
     assert reply.model == DRAFT[1]
     assert reply.fallbacks == 1
     assert reply.usage.fallbacks == 1
-    assert metrics.MODEL_FALLBACKS.labels(DRAFT[1])._value.get() == counted + 1
+    assert metrics.MODEL_FALLBACKS.labels(DRAFT[0], DRAFT[1])._value.get() == counted + 1
     async with pool.acquire() as conn:
         recorded = await conn.fetchval(
             "SELECT fallbacks FROM model_usage WHERE tenant_id = $1", tenant.id

@@ -72,6 +72,9 @@ class ApprovalSteps(RunCore):
                 "status": approval.status,
                 "approvals": approval.approve_count,
                 "quorum": approval.policy.quorum,
+                # Time to decision, for its metric: this event is stored exactly once, so it
+                # is where decisions are counted (stead.metrics.observe_events).
+                "waited_seconds": (workflow.now() - approval.created_at).total_seconds(),
             },
             actor=decision.principal,
         )
