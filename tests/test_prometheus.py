@@ -104,6 +104,8 @@ PANELS: dict[tuple[str, str], tuple[Expect, ...]] = {
     ("Run failure ratio (range)", "A"): (ratio(),),  # one refused by its budget per round
     ("Approvals pending", "A"): (Expect(low=1, inclusive=True),),
     ("Model cost (range)", "A"): (positive(),),
+    # Cluster-wide; the runs here never get stuck, and other tests end theirs.
+    ("Runs stuck", "A"): (Expect(low=0, inclusive=True),),
     ("Runs started by pipeline", "A"): (
         positive(pipeline="summarize"),
         positive(pipeline="triage"),
@@ -191,6 +193,7 @@ ALERTS: dict[str, AlertCheck] = {
         },
         fires=({"pipeline": "summarize"},),
     ),
+    "SteadRunsStuck": AlertCheck({0: (Expect(low=0, inclusive=True),)}, fires=None),
     # Compares with the rate 10 minutes back, which a new Prometheus does not have.
     "SteadBudgetRejectionsSpike": AlertCheck({0: (positive(scope="run"),)}),
     # Set in the test from the store's own count (other tests may have left runs parked).
@@ -559,7 +562,7 @@ async def test_dashboards_and_alerts_on_a_real_prometheus(
     worker_settings = test_settings.model_copy(update={"worker_metrics_port": worker_port})
     worker = spawn_worker(client, worker_settings, tmp_path / "worker.log")
     services = Services(test_settings, client, pool, load_policy(), audit_writer(test_settings))
-    gauges = asyncio.create_task(refresh_gauges(pool, every=0.2))
+    gauges = asyncio.create_task(refresh_gauges(pool, client, every=0.2))
     targets = {"stead-api": api_port, "stead-worker": worker_port}
     try:
         async with (
