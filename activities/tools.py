@@ -212,39 +212,56 @@ class ToolActivities:
             )
         facts = await self._facts(conn, tenant, call.facts)
         checked = dict(arguments)
-        if spec.resource == "customer":
-            # Record-level rules (e.g. restricted customers) are checked on the record itself.
-            record = await crm.customer(conn, tenant, str(arguments["customer_id"]))
+        if spec.subject is not None:
+            # The record the call names must exist in this tenant, and the acting user (and
+            # the agent) must be allowed to read it: a call about a customer they may not see,
+            # or one that does not exist, is refused whatever else it would be allowed.
+            subject_id = str(arguments[spec.subject])
+            record = await crm.customer(conn, tenant, subject_id)
             if record is None:
-                outcome = ToolOutcome(
-                    status="failed", content="no such customer", is_error=True, arguments=arguments
+                return _deny(
+                    f"no customer {subject_id!r} in this tenant",
+                    "subject-unknown",
+                    arguments,
+                    facts,
                 )
-                return _Decision(outcome, Verdict(effect="allow", rule="lookup"), arguments, facts)
-            checked["restricted"] = record["restricted"]
-        verdict = await self._verdict(conn, call, spec, user.roles, checked, facts)
+            seen = {spec.subject: record["id"], "restricted": record["restricted"]}
+            if spec.resource == "customer":
+                checked.update(seen)
+            else:
+                read = await self._verdict(conn, call, "read", "customer", user.roles, seen, facts)
+                if not read.allowed:
+                    return _deny(
+                        f"may not read this customer ({read.reason})", read.rule, arguments, facts
+                    )
+        if spec.scope not in INTEGRATION_SCOPES.get(spec.integration, frozenset()):
+            verdict = Verdict(
+                effect="deny",
+                rule="integration-scope",
+                reason=f"{spec.integration} lacks {spec.scope}",
+            )
+        else:
+            verdict = await self._verdict(
+                conn, call, spec.action, spec.resource, user.roles, checked, facts
+            )
         return _decision_for(verdict, call, arguments, facts)
 
     async def _verdict(
         self,
         conn: Conn,
         call: ToolInvocation,
-        spec: ToolSpec,
+        action: str,
+        resource: str,
         roles: tuple[str, ...],
         checked: dict[str, Any],
         facts: dict[str, Any],
     ) -> Verdict:
-        if spec.scope not in INTEGRATION_SCOPES.get(spec.integration, frozenset()):
-            return Verdict(
-                effect="deny",
-                rule="integration-scope",
-                reason=f"{spec.integration} lacks {spec.scope}",
-            )
         overrides = await policy_store.overrides(conn, call.context.tenant)
         agent = self._policy.agent_grants(call.agent, overrides)
         user = self._policy.user_grants(roles, call.context.requested_by, overrides)
         return combine(
-            evaluate(agent, spec.action, spec.resource, checked, facts),
-            evaluate(user, spec.action, spec.resource, checked, facts),
+            evaluate(agent, action, resource, checked, facts),
+            evaluate(user, action, resource, checked, facts),
         )
 
     async def _facts(self, conn: Conn, tenant: str, given: dict[str, Any]) -> dict[str, Any]:

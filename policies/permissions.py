@@ -63,8 +63,13 @@ class Constraint(_Strict):
     min: Bound | None = None
     in_: tuple[str, ...] | None = Field(None, alias="in")
     pattern: str | None = None
+    # The argument must equal the trusted fact of this name: a value the run itself holds
+    # (the ticket's customer id, that customer's email), never one the model wrote. This is
+    # what stops a steered model from refunding or writing to another customer.
+    fact: str | None = None
     # The argument is an email address whose domain must equal the domain of the email held
-    # in this context key (e.g. only write to the customer's own domain).
+    # in this fact (e.g. anywhere at the customer's own domain). Wider than `fact`: a tenant
+    # opts into it with an override.
     domain_of: str | None = None
     # The value must equal this exactly (e.g. `restricted: false` on a record's attributes).
     equals: bool | int | str | None = None
@@ -81,7 +86,7 @@ class Constraint(_Strict):
                 raise ValueError(f"not a regular expression: {exc}") from None
         return value
 
-    def violation(  # noqa: PLR0911  # one early return per kind of bound reads best
+    def violation(  # noqa: PLR0911, PLR0912  # one early return per kind of bound reads best
         self, args: Mapping[str, Any], context: Mapping[str, Any]
     ) -> str | None:
         if self.field not in args:
@@ -101,6 +106,12 @@ class Constraint(_Strict):
             return f"{self.field} must be one of {', '.join(self.in_)}"
         if self.pattern is not None and not re.fullmatch(self.pattern, str(value)):
             return f"{self.field} does not match the allowed pattern"
+        if self.fact is not None:
+            expected = context.get(self.fact)
+            if expected is None:
+                return f"the run has no {self.fact}, so {self.field} cannot be checked"
+            if _comparable(value) != _comparable(expected):
+                return f"{self.field} must be the run's own {self.fact}"
         if self.domain_of is not None:
             expected = _domain(context.get(self.domain_of))
             if expected is None:
@@ -327,6 +338,12 @@ def _decimal(value: Any) -> Decimal | None:
         return Decimal(str(value))
     except (InvalidOperation, ValueError):
         return None
+
+
+def _comparable(value: Any) -> str:
+    """Facts compare as text; an email address case-insensitively (as mail systems route)."""
+    text = str(value).strip()
+    return text.casefold() if "@" in text else text
 
 
 def _domain(value: Any) -> str | None:

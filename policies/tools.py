@@ -61,6 +61,9 @@ class ToolSpec:
     integration: Integration
     scope: str
     editable: tuple[str, ...] = ()
+    # The argument that names the customer record the call is about, if any: the gateway
+    # checks the record exists in the tenant and that the acting user may read it.
+    subject: str | None = None
 
     def schema(self) -> dict[str, Any]:
         """The tool as offered to the model (Anthropic tool-use format)."""
@@ -82,6 +85,7 @@ TOOLS: dict[str, ToolSpec] = {
             "customer",
             "crm",
             "customers:read",
+            subject="customer_id",
         ),
         ToolSpec(
             "draft_reply",
@@ -101,6 +105,7 @@ TOOLS: dict[str, ToolSpec] = {
             "payments",
             "refunds:create",
             editable=("amount", "reason"),
+            subject="customer_id",
         ),
         ToolSpec(
             "send_email",
