@@ -40,18 +40,28 @@ def services(request: Request) -> Services:
 _bearer = HTTPBearer(auto_error=False, description="Stead API key: `Bearer stead_...`")
 
 
-async def current_principal(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    if credentials is None or credentials.scheme.lower() != "bearer":
+async def authenticate(svc: Services, authorization: str | None) -> Principal:
+    """The principal behind an `Authorization: Bearer <key>` header, or Unauthorized."""
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("missing credentials: send Authorization: Bearer <API key>")
-    pool = services(request).pool
-    async with pool.acquire() as conn:
-        principal = await principals.authenticate(conn, credentials.credentials)
+    async with svc.pool.acquire() as conn:
+        principal = await principals.authenticate(conn, key.strip())
     if principal is None:
         raise Unauthorized("invalid or revoked API key")
     return principal
+
+
+async def current_principal(
+    request: Request,
+    # Declared so that OpenAPI documents the scheme; the header itself was read, and the
+    # caller authenticated, by `api.app.Authenticate` before the body was read.
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    found = getattr(request.state, "principal", None)
+    if isinstance(found, Principal):
+        return found
+    return await authenticate(services(request), request.headers.get("authorization"))
 
 
 ServicesDep = Annotated[Services, Depends(services)]

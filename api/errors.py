@@ -108,6 +108,45 @@ def validation_issues(errors: Sequence[Any]) -> list[dict[str, Any]]:
     ]
 
 
+class BodyTooLarge(StarletteHTTPException):
+    """A streamed body passed its limit while the route was reading it."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(status_code=413)
+        self.limit = limit
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(f"the body is over {limit} bytes", code="too_large", status=413)
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(
+        {"detail": exc.detail, "code": exc.code}, status_code=exc.status, headers=headers
+    )
+
+
+def retry_shortly(service: str) -> JSONResponse:
+    return JSONResponse(
+        {"detail": f"{service} did not answer; retry shortly", "code": "unavailable"},
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )
+
+
+# PostgreSQL restarting, shutting down or refusing connections: the request did nothing
+# durable (its transaction did not commit), so the client may send it again.
+OUTAGES: tuple[type[Exception], ...] = (
+    asyncpg.exceptions.PostgresConnectionError,  # the connection broke
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    # A new pool connection while the server is down: refused on TCP, no socket file on a
+    # Unix socket. The API touches no files of its own, so an OSError here is the database.
+    OSError,
+)
+
+
 def install(app: FastAPI) -> None:
     async def invalid_request(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -119,10 +158,7 @@ def install(app: FastAPI) -> None:
 
     async def handle(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(
-            {"detail": exc.detail, "code": exc.code}, status_code=exc.status, headers=headers
-        )
+        return error_response(exc)
 
     app.add_exception_handler(ApiError, handle)
 
@@ -131,6 +167,8 @@ def install(app: FastAPI) -> None:
         # that route's methods (GET on a path that also has PUT). RFC 9110 wants every method
         # the resource supports. Found by the schemathesis drill in tests/test_drills.py.
         assert isinstance(exc, StarletteHTTPException)
+        if isinstance(exc, BodyTooLarge):
+            return error_response(too_large(exc.limit))
         if exc.status_code == 405:
             path = request.url.path
             allowed = sorted(
@@ -155,13 +193,6 @@ def install(app: FastAPI) -> None:
             status_code=422,
         )
 
-    def retry_shortly(service: str) -> JSONResponse:
-        return JSONResponse(
-            {"detail": f"{service} did not answer; retry shortly", "code": "unavailable"},
-            status_code=503,
-            headers={"Retry-After": "5"},
-        )
-
     async def temporal_unreachable(_: Request, exc: Exception) -> JSONResponse:
         # Temporal down or overloaded is a 503 the client may retry, never a 500.
         assert isinstance(exc, RPCError)
@@ -177,14 +208,7 @@ def install(app: FastAPI) -> None:
         # the restart drill (tests/test_drills.py) before this.
         return retry_shortly("PostgreSQL")
 
-    for outage in (
-        asyncpg.exceptions.PostgresConnectionError,  # the connection broke
-        asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up
-        asyncpg.exceptions.ConnectionDoesNotExistError,
-        # A new pool connection while the server is down: refused on TCP, no socket file on a
-        # Unix socket. The API touches no files of its own, so an OSError here is the database.
-        OSError,
-    ):
+    for outage in OUTAGES:
         app.add_exception_handler(outage, postgres_unreachable)
 
     for refusal in (
