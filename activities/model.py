@@ -1,10 +1,17 @@
 """The model gateway: every model call in Stead is this activity.
 
 One attempt does, in order: return the memoized reply if an earlier attempt of this call
-finished; serve an exact-match cache hit (free, recorded); count input tokens and reserve the
-worst-case cost on every applicable budget; call the route's models in order, moving to the
-next on 429, 529, 5xx or timeout (a fallback); settle the reservation from actual usage and
-write usage, memo, cache and audit in one transaction.
+finished; serve an exact-match cache hit for the model asked for (free, recorded); count input
+tokens and reserve the worst-case cost on every applicable budget, waiting while only calls in
+flight stand in the way; call the route's models in order, moving to the next on 429, 529, 5xx
+or timeout (a fallback); record the cost (settle the reservation, write the ledger row), then
+the memo, cache entry and audit events.
+
+A billed call is never left off the record. The cost is written first, in a transaction of
+identifiers and numbers that no reply can make fail, and the reply is made storable (NUL and
+lone surrogates replaced, see `store.text`) before it is memoized, cached, audited or handed to
+the workflow. If even the cost cannot be written, the attempt fails loudly and its reservation
+is charged in full, here or by the sweeper (`store.budgets.sweep_stale`).
 
 Temporal owns retries: the SDK client runs with `max_retries=0` and a timeout below the
 activity's start-to-close. When every model of the route is unavailable the attempt fails
@@ -14,10 +21,11 @@ retryably, with the provider's retry-after as the next retry delay.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anthropic
 from temporalio import activity
@@ -31,12 +39,17 @@ from stead.telemetry import set_attributes, span
 from store import budgets, usage
 from store.audit import AuditWriter, run_event
 from store.db import Pool
+from store.text import storable
 from workflows.state import AuditEvent, Usage
 
 T = TypeVar("T")
 _RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
 _AUTH_STATUS = {401, 403}
 _TOKEN_FIELDS = {"input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"}
+# Polling a busy budget: the first look soon (calls settle in milliseconds to seconds), then
+# less often, jittered so that waiters do not come back in step.
+_BUDGET_POLL_FIRST = 0.05
+_BUDGET_POLL_MAX = 1.0
 
 
 class _Unavailable(Exception):
@@ -72,6 +85,10 @@ class ModelActivities:
         *,
         cache_ttl: timedelta = timedelta(hours=24),
         heartbeat_every: float = 5.0,
+        # How long a call waits for reservations in flight to settle before its attempt fails
+        # retryably; with the call itself it stays well inside the model policy's
+        # start-to-close (policies/retries.py).
+        budget_wait: timedelta = timedelta(minutes=2),
     ) -> None:
         self._pool = pool
         self._client = client
@@ -80,6 +97,7 @@ class ModelActivities:
         self._audit = audit
         self._cache_ttl = cache_ttl
         self._heartbeat_every = heartbeat_every
+        self._budget_wait = budget_wait
 
     @activity.defn(name="model.call")
     async def call_model(self, call: ModelCall) -> ModelReply:
@@ -101,13 +119,15 @@ class ModelActivities:
                     tenant=call.context.tenant,
                     principal=call.context.requested_by,
                     call_key=key,
-                    models=models,
+                    model=models[0],
                     digest=digest if call.cache else None,
                 )
             set_attributes(lookup, **_lookup_facts(call.cache, ready))
         if ready.memo is not None:
-            await self._write_events(call.events)
-            return ModelReply.model_validate(ready.memo)
+            memo = ModelReply.model_validate(ready.memo)
+            # The attempt that memoized it may have failed before its audit write.
+            await self._write_events([*call.events, _called(call, key, memo)])
+            return memo
         if call.cache:
             metrics.MODEL_CACHE.labels("hit" if ready.cached else "miss").inc()
             if ready.cached is not None:
@@ -213,41 +233,80 @@ class ModelActivities:
             return len(repr(params).encode()) // 2 + 16
 
     async def _reserve(self, call: ModelCall, key: str, attempt: int, amount: int) -> None:
-        try:
-            async with self._pool.acquire() as conn:
-                await budgets.reserve(
-                    conn, call.context, key, attempt, amount, run_limit_nusd=call.run_budget_nusd
+        """Reserve the call's worst case. While the only obstacle is other calls' reservations
+        in flight, wait (heartbeating) for them to settle, up to `budget_wait`.
+
+        Waiting here rather than failing the attempt keeps Temporal's attempts for real
+        attempts: a wait is no failure of the call, and retries spent on it would fail runs
+        that the budget can pay for. Each look is the same conditional reservation, so spend
+        can no more pass a limit while waiting than without it.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._budget_wait.total_seconds()
+        pause = _BUDGET_POLL_FIRST
+        while True:
+            try:
+                async with self._pool.acquire() as conn:
+                    await budgets.reserve(
+                        conn,
+                        call.context,
+                        key,
+                        attempt,
+                        amount,
+                        run_limit_nusd=call.run_budget_nusd,
+                    )
+                return
+            except budgets.BudgetExhausted as exc:
+                await self._reject(call, key, attempt, exc)
+            except budgets.BudgetBusy as exc:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise failure(
+                        ErrorType.BUDGET_BUSY,
+                        f"{exc}; calls in flight did not settle within"
+                        f" {self._budget_wait.total_seconds():g}s",
+                        {"scope": exc.scope, "period": exc.period, "attempt": attempt},
+                    ) from None
+                await heartbeating(
+                    asyncio.sleep(min(random.uniform(pause / 2, pause), left)),  # noqa: S311  # jitter, not a secret
+                    self._heartbeat_every,
                 )
-        except budgets.BudgetExhausted as exc:
-            metrics.BUDGET_REJECTIONS.labels(exc.scope).inc()
-            await self._write_events(
-                [
-                    *call.events,
-                    _event(
-                        call,
-                        f"{key}:budget:{attempt}",
-                        "budget.rejected",
-                        {
-                            "step": call.step,
-                            "scope": exc.scope,
-                            "period": exc.period,
-                            "limit_nusd": exc.limit_nusd,
-                            "used_nusd": exc.spent_nusd,
-                            "requested_nusd": amount,
-                        },
-                    ),
-                ]
-            )
-            raise failure(
-                ErrorType.BUDGET_EXHAUSTED,
-                str(exc),
-                {
-                    "scope": exc.scope,
-                    "period": exc.period,
-                    "limit_nusd": exc.limit_nusd,
-                    "attempt": attempt,
-                },
-            ) from None
+                pause = min(pause * 2, _BUDGET_POLL_MAX)
+
+    async def _reject(
+        self, call: ModelCall, key: str, attempt: int, exc: budgets.BudgetExhausted
+    ) -> NoReturn:
+        metrics.BUDGET_REJECTIONS.labels(exc.scope).inc()
+        await self._write_events(
+            [
+                *call.events,
+                _event(
+                    call,
+                    f"{key}:budget:{attempt}",
+                    "budget.rejected",
+                    {
+                        "step": call.step,
+                        "scope": exc.scope,
+                        "period": exc.period,
+                        "limit_nusd": exc.limit_nusd,
+                        "used_nusd": exc.spent_nusd + exc.reserved_nusd,
+                        "spent_nusd": exc.spent_nusd,
+                        "reserved_nusd": exc.reserved_nusd,
+                        "requested_nusd": exc.requested_nusd,
+                    },
+                ),
+            ]
+        )
+        raise failure(
+            ErrorType.BUDGET_EXHAUSTED,
+            str(exc),
+            {
+                "scope": exc.scope,
+                "period": exc.period,
+                "limit_nusd": exc.limit_nusd,
+                "attempt": attempt,
+            },
+        ) from None
 
     async def _call_route(
         self, models: tuple[str, ...], request: dict[str, Any]
@@ -299,7 +358,10 @@ class ModelActivities:
         )
         return ModelReply(
             model=model,
-            content=[b.model_dump(mode="json", exclude_none=True) for b in message.content],
+            # Whatever the provider sent, the reply is stored, audited and passed on from here.
+            content=storable(
+                [b.model_dump(mode="json", exclude_none=True) for b in message.content]
+            ),
             stop_reason=message.stop_reason or "end_turn",
             usage=Usage(
                 **counts.model_dump(),
@@ -322,38 +384,20 @@ class ModelActivities:
         *,
         budgeted: bool = True,
     ) -> None:
-        """Settle, record usage, memoize, cache and audit: all or nothing."""
-        ctx, used = call.context, reply.usage
-        facts = {
-            "step": call.step,
-            "model": reply.model,
-            **used.model_dump(include=_TOKEN_FIELDS),
-            "cost_nusd": used.cost_nusd,
-            "cache_hit": reply.cache_hit,
-            "fallbacks": reply.fallbacks,
-            "latency_ms": reply.latency_ms,
-        }
-        called = _event(
-            call,
-            f"{key}:call",
-            "model.called",
-            {**facts, "attempt": attempt, "stop_reason": reply.stop_reason},
-        )
+        """Record the call: what it cost first, then what it said.
+
+        Once the cost is on record, the memo, cache entry and audit events can fail only in an
+        outage (their content is storable); a retry then finds the cost recorded and, once the
+        memo is written, the reply too, so it does not call the provider again.
+        """
+        await self._record_cost(call, key, attempt, reply, budgeted=budgeted)
+        _count_usage(reply)
         cacheable = digest is not None and call.cache and reply.stop_reason != "max_tokens"
-        async with self._pool.acquire() as conn, conn.transaction():
-            if budgeted:
-                await budgets.settle(conn, key, attempt, used.cost_nusd)
-            await usage.record_call(
+        async with self._pool.acquire() as conn:
+            await usage.remember(
                 conn,
-                {
-                    **facts,
-                    "call_key": key,
-                    "attempt": attempt,
-                    "tenant_id": ctx.tenant,
-                    "principal_id": ctx.requested_by,
-                    "pipeline": ctx.pipeline,
-                    "run_id": ctx.run_id,
-                },
+                key,
+                call.context.tenant,
                 reply.model_dump(mode="json"),
                 (
                     digest,
@@ -363,18 +407,46 @@ class ModelActivities:
                 if cacheable and digest is not None
                 else None,
             )
-            new = await self._audit.append_new(conn, [*call.events, called])
-        metrics.observe_events(new)
-        for kind, tokens in (
-            ("input", used.input_tokens),
-            ("output", used.output_tokens),
-            ("cache_read", used.cache_read_tokens),
-            ("cache_write", used.cache_write_tokens),
-        ):
-            if tokens:
-                metrics.MODEL_TOKENS.labels(reply.model, kind).inc(tokens)
-        if used.cost_nusd:
-            metrics.MODEL_COST.labels(reply.model).inc(used.cost_nusd / 1e9)
+        await self._write_events([*call.events, _called(call, key, reply)])
+
+    async def _record_cost(
+        self, call: ModelCall, key: str, attempt: int, reply: ModelReply, *, budgeted: bool
+    ) -> None:
+        """Settle the reservation and write the ledger row: numbers and our own identifiers,
+        nothing a provider wrote. If even this fails the attempt fails, loudly."""
+        ctx = call.context
+        row = {
+            **_facts(call, reply),
+            "call_key": key,
+            "attempt": attempt,
+            "tenant_id": ctx.tenant,
+            "principal_id": ctx.requested_by,
+            "pipeline": ctx.pipeline,
+            "run_id": ctx.run_id,
+        }
+        try:
+            async with self._pool.acquire() as conn:
+                if not budgeted:
+                    await usage.record_usage(conn, row)  # one statement: atomic by itself
+                    return
+                async with conn.transaction():
+                    await budgets.settle(conn, key, attempt, reply.usage.cost_nusd)
+                    await usage.record_usage(conn, row)
+        except Exception:
+            activity.logger.exception(
+                "the cost of model call %s (attempt %s: %s, %s input and %s output tokens, %s"
+                " nano-USD) could not be recorded; %s",
+                key,
+                attempt,
+                reply.model,
+                reply.usage.input_tokens,
+                reply.usage.output_tokens,
+                reply.usage.cost_nusd,
+                "its reservation is charged in full instead (now, or by the sweeper)"
+                if budgeted
+                else "no budget applies, so this line is its only record",
+            )
+            raise
 
     async def _release(
         self, call: ModelCall, key: str, attempt: int, charged: int, why: str
@@ -391,7 +463,7 @@ class ModelActivities:
         )
         async with self._pool.acquire() as conn, conn.transaction():
             await budgets.settle(conn, key, attempt, charged)
-            new = await self._audit.append_new(conn, [*call.events, failed])
+            new = await self._audit.append_new(conn, _storable_events([*call.events, failed]))
         metrics.observe_events(new)
 
     async def _release_quietly(self, key: str, attempt: int, charged: int) -> None:
@@ -402,7 +474,7 @@ class ModelActivities:
             activity.logger.warning("could not settle reservation %s/%s now", key, attempt)
 
     async def _write_events(self, events: list[AuditEvent]) -> None:
-        await self._audit.record(self._pool, events)
+        await self._audit.record(self._pool, _storable_events(events))
 
 
 def _request_body(call: ModelCall) -> dict[str, Any]:
@@ -433,6 +505,45 @@ def _lookup_facts(cache: bool, ready: usage.Prepared) -> dict[str, str]:
     if ready.cached is not None:
         return {"result": "hit", "model": ready.cached[0]}
     return {"result": "miss"}
+
+
+def _storable_events(events: list[AuditEvent]) -> list[AuditEvent]:
+    # A workflow's events may quote text from anywhere; none of it may fail a gateway write.
+    return [e.model_copy(update={"data": storable(e.data)}) for e in events]
+
+
+def _facts(call: ModelCall, reply: ModelReply) -> dict[str, Any]:
+    used = reply.usage
+    return {
+        "step": call.step,
+        "model": reply.model,
+        **used.model_dump(include=_TOKEN_FIELDS),
+        "cost_nusd": used.cost_nusd,
+        "cache_hit": reply.cache_hit,
+        "fallbacks": reply.fallbacks,
+        "latency_ms": reply.latency_ms,
+    }
+
+
+def _called(call: ModelCall, key: str, reply: ModelReply) -> AuditEvent:
+    """The call's audit event; one per call (its key has no attempt), from the reply alone,
+    so a retry that returns the memo writes the same event."""
+    data = {**_facts(call, reply), "attempt": reply.attempt, "stop_reason": reply.stop_reason}
+    return _event(call, f"{key}:call", "model.called", data)
+
+
+def _count_usage(reply: ModelReply) -> None:
+    used = reply.usage
+    for kind, tokens in (
+        ("input", used.input_tokens),
+        ("output", used.output_tokens),
+        ("cache_read", used.cache_read_tokens),
+        ("cache_write", used.cache_write_tokens),
+    ):
+        if tokens:
+            metrics.MODEL_TOKENS.labels(reply.model, kind).inc(tokens)
+    if used.cost_nusd:
+        metrics.MODEL_COST.labels(reply.model).inc(used.cost_nusd / 1e9)
 
 
 def _event(call: ModelCall, key: str, action: str, data: dict[str, Any]) -> AuditEvent:

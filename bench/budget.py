@@ -164,8 +164,9 @@ def _result(sizes: Sizes, quick: bool, reservation: int, trials: list[dict[str, 
         notes=[
             "A reservation is the call's worst case (input tokens counted, plus max_tokens, at"
             " the dearest model of the route); settlement charges the actual cost.",
-            "`unused` is budget left because in-flight worst cases were reserved: the price of"
-            " never overshooting.",
+            "`unused` is budget left too small for one more call's worst case (a call that"
+            " finds room taken only by reservations in flight waits for them to settle): the"
+            " price of never overshooting.",
         ],
     )
 

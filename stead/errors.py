@@ -18,6 +18,8 @@ class ErrorType(StrEnum):
     AUTHENTICATION = "AuthenticationFailed"  # 401/403 from a provider: retrying cannot help
     PERMISSION_DENIED = "PermissionDenied"
     BUDGET_EXHAUSTED = "BudgetExhausted"
+    # No room only beside calls in flight, for longer than the gateway waits: retried.
+    BUDGET_BUSY = "BudgetBusy"
     PROVIDER_UNAVAILABLE = "ProviderUnavailable"  # 429/529/5xx/timeout on every route model
     TOOL_FAILED = "ToolFailed"
     INTEGRATION_MISSING = "IntegrationNotConfigured"

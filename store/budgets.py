@@ -7,6 +7,12 @@ budget accepts the reservation or none is touched. After the call, `settle` swap
 reservation for the actual cost. So spend never passes a limit while calls are in flight; the
 only way past it is an actual cost above its own worst case.
 
+A refusal says which of two things it is. `BudgetExhausted`: what is already spent (settled)
+leaves no room for this call's worst case; only a bigger budget helps. `BudgetBusy`: the call
+would fit beside what is spent, but not beside the worst cases reserved by calls still in
+flight; those settle at their actual cost, usually well below, so waiting is likely to help.
+When one budget is busy and another exhausted, the call is exhausted.
+
 Reservations are keyed by (call key, attempt): reserving twice for one attempt is a no-op, and
 each attempt is charged once.
 """
@@ -38,14 +44,44 @@ class CounterKey:
         return CounterKey(value[0], value[1], value[2], date.fromisoformat(value[3]))
 
 
-class BudgetExhausted(Exception):
-    def __init__(self, scope: str, period: str, limit_nusd: int, spent_nusd: int) -> None:
+class BudgetRefused(Exception):
+    """A reservation one budget could not take; `spent` is settled, `reserved` in flight."""
+
+    def __init__(
+        self,
+        scope: str,
+        period: str,
+        limit_nusd: int,
+        spent_nusd: int,
+        reserved_nusd: int,
+        requested_nusd: int,
+    ) -> None:
         self.scope, self.period = scope, period
         self.limit_nusd, self.spent_nusd = limit_nusd, spent_nusd
-        super().__init__(
-            f"{scope} budget ({period}) exhausted: limit ${limit_nusd / 1e9:.6f}, "
-            f"spent and reserved ${spent_nusd / 1e9:.6f}"
+        self.reserved_nusd, self.requested_nusd = reserved_nusd, requested_nusd
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        return (
+            f"{self.scope} budget ({self.period}): limit ${self.limit_nusd / 1e9:.6f}, spent"
+            f" ${self.spent_nusd / 1e9:.6f}, reserved by calls in flight"
+            f" ${self.reserved_nusd / 1e9:.6f}, this call needs up to"
+            f" ${self.requested_nusd / 1e9:.6f}"
         )
+
+
+class BudgetExhausted(BudgetRefused):
+    """Settled spend leaves no room for the call: waiting cannot help."""
+
+    def describe(self) -> str:
+        return f"exhausted: {super().describe()}"
+
+
+class BudgetBusy(BudgetRefused):
+    """No room only because of reservations in flight: the call may fit once they settle."""
+
+    def describe(self) -> str:
+        return f"busy: {super().describe()}"
 
 
 def period_start(period: str, now: datetime) -> date:
@@ -93,7 +129,9 @@ async def reserve(
     run_limit_nusd: int | None = None,
     now: datetime | None = None,
 ) -> None:
-    """Reserve `amount_nusd` on every applicable budget, or raise BudgetExhausted."""
+    """Reserve `amount_nusd` on every applicable budget, or raise BudgetExhausted (no room
+    beside settled spend) or BudgetBusy (no room beside reservations in flight); a refused
+    reservation takes nothing from any budget."""
     now = now or datetime.now(UTC)
     async with conn.transaction():
         existing = await conn.fetchval(
@@ -108,6 +146,7 @@ async def reserve(
             counters = [
                 (key, run_limit_nusd if key.scope == "run" else limit) for key, limit in counters
             ]
+        busy: BudgetBusy | None = None
         for key, limit in counters:
             await conn.execute(
                 "INSERT INTO budget_counters (tenant_id, scope, subject, period, period_start,"
@@ -122,29 +161,14 @@ async def reserve(
                 key.period_start,
                 limit,
             )
-            taken = await conn.fetchrow(
-                "UPDATE budget_counters SET reserved_nusd = reserved_nusd + $6"
-                " WHERE tenant_id = $1 AND scope = $2 AND subject = $3 AND period = $4"
-                " AND period_start = $5 AND spent_nusd + reserved_nusd + $6 <= limit_nusd"
-                " RETURNING 1",
-                context.tenant,
-                key.scope,
-                key.subject,
-                key.period,
-                key.period_start,
-                amount_nusd,
-            )
-            if taken is None:
-                used = await conn.fetchval(
-                    "SELECT spent_nusd + reserved_nusd FROM budget_counters WHERE tenant_id = $1"
-                    " AND scope = $2 AND subject = $3 AND period = $4 AND period_start = $5",
-                    context.tenant,
-                    key.scope,
-                    key.subject,
-                    key.period,
-                    key.period_start,
-                )
-                raise BudgetExhausted(key.scope, key.period, limit, int(used or 0))
+            if not await _take(conn, context.tenant, key, amount_nusd):
+                refused = await _refusal(conn, context.tenant, key, limit, amount_nusd)
+                if isinstance(refused, BudgetExhausted):
+                    raise refused
+                # Keep looking: another budget may be exhausted, which waiting cannot mend.
+                busy = busy or refused
+        if busy is not None:
+            raise busy
         await conn.execute(
             "INSERT INTO budget_reservations (call_key, attempt, tenant_id, counters, amount_nusd,"
             " status) VALUES ($1, $2, $3, $4, $5, 'reserved')",
@@ -154,6 +178,43 @@ async def reserve(
             [k.as_json() for k, _ in counters],
             amount_nusd,
         )
+
+
+async def _take(conn: Conn, tenant: str, key: CounterKey, amount_nusd: int) -> bool:
+    taken = await conn.fetchrow(
+        "UPDATE budget_counters SET reserved_nusd = reserved_nusd + $6"
+        " WHERE tenant_id = $1 AND scope = $2 AND subject = $3 AND period = $4"
+        " AND period_start = $5 AND spent_nusd + reserved_nusd + $6 <= limit_nusd"
+        " RETURNING 1",
+        tenant,
+        key.scope,
+        key.subject,
+        key.period,
+        key.period_start,
+        amount_nusd,
+    )
+    return taken is not None
+
+
+async def _refusal(
+    conn: Conn, tenant: str, key: CounterKey, limit: int, amount_nusd: int
+) -> BudgetExhausted | BudgetBusy:
+    """Why the counter refused `amount_nusd`. Read after the refusal, so calls may have
+    settled or reserved since; the verdict still holds, as it rests on settled spend alone,
+    which only grows: exhausted now stays so until the limit is raised, and busy is worth
+    another try."""
+    row = await conn.fetchrow(
+        "SELECT spent_nusd, reserved_nusd FROM budget_counters WHERE tenant_id = $1"
+        " AND scope = $2 AND subject = $3 AND period = $4 AND period_start = $5",
+        tenant,
+        key.scope,
+        key.subject,
+        key.period,
+        key.period_start,
+    )
+    spent, reserved = (int(row["spent_nusd"]), int(row["reserved_nusd"])) if row else (0, 0)
+    facts = (key.scope, key.period, limit, spent, reserved, amount_nusd)
+    return BudgetExhausted(*facts) if spent + amount_nusd > limit else BudgetBusy(*facts)
 
 
 async def settle(

@@ -52,22 +52,25 @@ async def prepare(
     tenant: str,
     principal: str,
     call_key: str,
-    models: tuple[str, ...],
+    model: str,
     digest: bytes | None,
 ) -> Prepared:
-    """The call's memo (an earlier attempt finished), a fresh cache hit from the first route
-    model that has one (counted as a hit), and whether any customer or user budget applies."""
+    """The call's memo (an earlier attempt finished), a fresh cache hit (counted as a hit),
+    and whether any customer or user budget applies.
+
+    The cache answers only with an entry of `model`, the model the call asks for first: never
+    with another model of the route, which would hand an escalation the weaker model's reply
+    it was escalated from, or a healthy primary its fallback's."""
     row = await conn.fetchrow(
         """
         WITH hit AS (
             UPDATE response_cache SET hits = hits + 1
-            WHERE $5::bytea IS NOT NULL AND tenant_id = $2 AND model = ANY($4)
+            WHERE $5::bytea IS NOT NULL AND tenant_id = $2 AND model = $4
               AND request_hash = $5 AND expires_at > now()
-            RETURNING model, reply
+            RETURNING reply
         )
         SELECT (SELECT reply FROM model_calls WHERE call_key = $1) AS memo,
-               (SELECT json_agg(json_build_object('model', model, 'reply', reply)) FROM hit)
-                   AS hits,
+               (SELECT reply FROM hit) AS hit,
                EXISTS (SELECT 1 FROM budgets WHERE tenant_id = $2 AND (
                    (scope = 'customer' AND subject = '') OR (scope = 'user' AND subject = $3)
                )) AS budgeted
@@ -75,12 +78,11 @@ async def prepare(
         call_key,
         tenant,
         principal,
-        list(models),
+        model,
         digest,
     )
     assert row is not None
-    by_model = {h["model"]: dict(h["reply"]) for h in row["hits"] or []}
-    cached = next(((m, by_model[m]) for m in models if m in by_model), None)
+    cached = (model, dict(row["hit"])) if row["hit"] is not None else None
     memo = dict(row["memo"]) if row["memo"] is not None else None
     return Prepared(memo=memo, cached=cached, budgeted=bool(row["budgeted"]))
 
@@ -103,34 +105,41 @@ _USAGE_COLUMNS = (
     "fallbacks",
     "latency_ms",
 )
-_RECORD_CALL = f"""
-    WITH ledger AS (
-        INSERT INTO model_usage ({", ".join(_USAGE_COLUMNS)})
-        VALUES ({", ".join(f"${i}" for i in range(1, len(_USAGE_COLUMNS) + 1))})
-        ON CONFLICT (call_key, attempt) DO NOTHING
-    ), memo AS (
-        INSERT INTO model_calls (call_key, tenant_id, reply) VALUES ($1, $3, $17)
-        ON CONFLICT (call_key) DO NOTHING
-    ), cached AS (
-        INSERT INTO response_cache (tenant_id, model, request_hash, reply, expires_at)
-        SELECT $3, $8, $18, $19, now() + $20::interval WHERE $18::bytea IS NOT NULL
-        ON CONFLICT (tenant_id, model, request_hash) DO UPDATE SET reply = EXCLUDED.reply,
-            created_at = now(), expires_at = EXCLUDED.expires_at
-    )
-    SELECT 1
+_RECORD_USAGE = f"""
+    INSERT INTO model_usage ({", ".join(_USAGE_COLUMNS)})
+    VALUES ({", ".join(f"${i}" for i in range(1, len(_USAGE_COLUMNS) + 1))})
+    ON CONFLICT (call_key, attempt) DO NOTHING
 """  # noqa: S608  # column names and placeholders are ours
 
+_REMEMBER = """
+    WITH memo AS (
+        INSERT INTO model_calls (call_key, tenant_id, reply) VALUES ($1, $2, $3)
+        ON CONFLICT (call_key) DO NOTHING
+    )
+    INSERT INTO response_cache (tenant_id, model, request_hash, reply, expires_at)
+    SELECT $2, $4, $5, $6, now() + $7::interval WHERE $5::bytea IS NOT NULL
+    ON CONFLICT (tenant_id, model, request_hash) DO UPDATE SET reply = EXCLUDED.reply,
+        created_at = now(), expires_at = EXCLUDED.expires_at
+"""
 
-async def record_call(
+
+async def record_usage(conn: Conn, row: dict[str, Any]) -> None:
+    """The ledger row of one attempt (idempotent). Numbers and identifiers only: whatever the
+    reply holds, this write cannot fail on it."""
+    await conn.execute(_RECORD_USAGE, *(row[c] for c in _USAGE_COLUMNS))
+
+
+async def remember(
     conn: Conn,
-    row: dict[str, Any],
+    call_key: str,
+    tenant: str,
     reply: dict[str, Any],
     cache: tuple[bytes, dict[str, Any], timedelta] | None,
 ) -> None:
-    """The ledger row, the memo and (when cacheable) the cache entry, in one statement: they
-    are written after every model call, and each round trip showed in the profile."""
+    """The memo of a finished call and (when cacheable) its cache entry, under the model that
+    answered, in one statement."""
     digest, stored, ttl = cache if cache is not None else (None, None, timedelta(0))
-    await conn.execute(_RECORD_CALL, *(row[c] for c in _USAGE_COLUMNS), reply, digest, stored, ttl)
+    await conn.execute(_REMEMBER, call_key, tenant, reply, reply["model"], digest, stored, ttl)
 
 
 async def cache_purge_expired(conn: Conn) -> int:

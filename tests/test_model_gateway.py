@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from temporalio.exceptions import ApplicationError
@@ -24,7 +27,10 @@ from stead.config import Settings
 from store import budgets
 from store.audit import audit_writer
 from store.db import Pool
+from store.text import storable
+from tests.budget_kit import counter, reservation
 from tests.conftest import SimControl, Tenant
+from tests.helpers import eventually
 from worker import model_client
 from workflows.state import RunContext
 
@@ -55,8 +61,7 @@ def call_for(tenant: Tenant, text: str = "Summarize: the sky is blue.", **fields
         call_key=f"{tenant.id}:{run_id}:model:1",
         task="draft",
         messages=[{"role": "user", "content": text}],
-        max_tokens=200,
-        **fields,
+        **{"max_tokens": 200, **fields},
     )
 
 
@@ -200,16 +205,19 @@ async def test_fifty_concurrent_calls_never_overspend(
     gateway: ModelActivities, tenant: Tenant, make_tenant: Any, pool: Pool
 ) -> None:
     """Spend may pass a limit by at most one in-flight reservation; with worst-case
-    reservations it does not pass it at all."""
-    probe = await run(gateway, call_for(await make_tenant(), text="probe", cache=False))
-    worst = load_prices().worst_case_nusd(probe.model, probe.usage.input_tokens + 8, 200)
+    reservations it does not pass it at all, and calls waiting for room spend it."""
+    # A short max_tokens: fifty calls' actual cost is more than the budget.
+    small = {"cache": False, "max_tokens": 16}
+    probe = await run(gateway, call_for(await make_tenant(), text="probe", **small))
+    worst = load_prices().worst_case_nusd(probe.model, probe.usage.input_tokens + 8, 16)
+    assert probe.usage.cost_nusd * 2 < worst  # a reservation in flight holds room unused
     limit_usd = worst * 10.5 / 1e9  # room for about ten calls' reservations
     async with pool.acquire() as conn:
         await budgets.set_budget(conn, tenant.id, "customer", "", "day", limit_usd)
 
     async def attempt(i: int) -> str:
         try:
-            await run(gateway, call_for(tenant, text=f"probe {i:03d}", cache=False))
+            await run(gateway, call_for(tenant, text=f"probe {i:03d}", **small))
         except ApplicationError as exc:
             return str(exc.type)
         return "ok"
@@ -221,10 +229,14 @@ async def test_fifty_concurrent_calls_never_overspend(
             " WHERE tenant_id = $1",
             tenant.id,
         )
+        largest = await conn.fetchval(
+            "SELECT max(amount_nusd) FROM budget_reservations WHERE tenant_id = $1", tenant.id
+        )
     assert set(results) == {"ok", "BudgetExhausted"}
     assert counter is not None
     assert counter["reserved_nusd"] == 0
     assert counter["spent_nusd"] <= counter["limit_nusd"]
+    assert counter["spent_nusd"] + largest > counter["limit_nusd"]  # no room left unspent
 
 
 async def test_budget_periods_reset_at_the_boundary(tenant: Tenant, pool: Pool) -> None:
@@ -232,18 +244,20 @@ async def test_budget_periods_reset_at_the_boundary(tenant: Tenant, pool: Pool) 
         tenant=tenant.id, run_id="r_x", pipeline="summarize", requested_by="requester"
     )
     day1 = datetime(2026, 11, 27, 23, 59, tzinfo=UTC)
+    k1, k2, k3 = (f"{tenant.id}:k{i}" for i in (1, 2, 3))
     async with pool.acquire() as conn:
         await budgets.set_budget(conn, tenant.id, "user", "requester", "day", 0.000010)
-        await budgets.reserve(conn, context, "k1", 1, 10_000, now=day1)
+        await budgets.reserve(conn, context, k1, 1, 10_000, now=day1)
+        await budgets.settle(conn, k1, 1, 10_000)
         with pytest.raises(budgets.BudgetExhausted):
-            await budgets.reserve(conn, context, "k2", 1, 1, now=day1)
-        await budgets.reserve(conn, context, "k3", 1, 10_000, now=day1 + timedelta(minutes=2))
+            await budgets.reserve(conn, context, k2, 1, 1, now=day1)
+        await budgets.reserve(conn, context, k3, 1, 10_000, now=day1 + timedelta(minutes=2))
         # Reserving the same attempt twice is one reservation.
-        await budgets.reserve(conn, context, "k3", 1, 10_000, now=day1 + timedelta(minutes=2))
+        await budgets.reserve(conn, context, k3, 1, 10_000, now=day1 + timedelta(minutes=2))
         reserved = await conn.fetchval(
             "SELECT sum(reserved_nusd) FROM budget_counters WHERE tenant_id = $1", tenant.id
         )
-    assert reserved == 20_000
+    assert reserved == 10_000
 
 
 def test_prices_are_exact_and_banded() -> None:
@@ -277,3 +291,240 @@ async def test_usage_report_for_admins(
     ).status_code == 422
     backwards = "/v1/usage?from=2026-02-01T00:00:00Z&to=2026-01-01T00:00:00Z"
     assert (await api.get(backwards, headers=tenant.auth("admin"))).status_code == 422
+
+
+# --- a billed call is always recorded ---------------------------------------------------------
+
+NUL_REPLY = "Summary: before\x00after"
+
+
+async def usage_rows(pool: Pool, call: ModelCall) -> list[dict[str, Any]]:
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT attempt, model, cost_nusd, cache_hit FROM model_usage WHERE call_key = $1"
+            " ORDER BY attempt",
+            call.call_key,
+        )
+    return [dict(r) for r in rows]
+
+
+async def spend(pool: Pool, tenant: Tenant) -> tuple[int, int]:
+    used = await counter(pool, tenant)
+    return used["spent_nusd"], used["reserved_nusd"]
+
+
+async def with_budget(pool: Pool, tenant: Tenant, limit_usd: float = 1.0) -> None:
+    async with pool.acquire() as conn:
+        await budgets.set_budget(conn, tenant.id, "customer", "", "day", limit_usd)
+
+
+@asynccontextmanager
+async def refusing_inserts(database_url: str, table: str, tenant: Tenant) -> AsyncIterator[None]:
+    """PostgreSQL itself refuses the tenant's inserts into `table` (an outage of one write)."""
+    name = f"refuse_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$"
+        )
+        await conn.execute(
+            f"CREATE TRIGGER {name} BEFORE INSERT ON {table} FOR EACH ROW"
+            f" WHEN (NEW.tenant_id = '{tenant.id}') EXECUTE FUNCTION {name}()"
+        )
+        yield
+    finally:
+        await conn.execute(f"DROP TRIGGER IF EXISTS {name} ON {table}")
+        await conn.execute(f"DROP FUNCTION IF EXISTS {name}()")
+        await conn.close()
+
+
+async def fails_while_refused(
+    gateway: ModelActivities, pool: Pool, database_url: str, table: str, tenant: Tenant
+) -> ModelCall:
+    """A budgeted call's first attempt, which fails while PostgreSQL refuses `table`."""
+    await with_budget(pool, tenant)
+    call = call_for(tenant, cache=False)
+    async with refusing_inserts(database_url, table, tenant):
+        with pytest.raises(asyncpg.PostgresError):
+            await run(gateway, call, attempt=1)
+    return call
+
+
+async def test_a_reply_postgres_cannot_store_is_recorded_once_and_never_bought_twice(
+    gateway: ModelActivities, tenant: Tenant, pool: Pool, sim: SimControl
+) -> None:
+    await with_budget(pool, tenant)
+    call = call_for(tenant, text=f"Summarize this.\nsim_reply: {NUL_REPLY}")
+    before = (await sim.stats())["requests_total"]
+    first = await run(gateway, call, attempt=1)
+    assert first.text == "Summary: before\ufffdafter"  # storable everywhere it goes next
+    again = await run(gateway, call, attempt=2)  # as if the worker died before reporting
+    assert again == first
+    assert (await sim.stats())["requests_total"] == before + 1
+    rows = await usage_rows(pool, call)
+    assert [(r["attempt"], r["cost_nusd"]) for r in rows] == [(1, first.usage.cost_nusd)]
+    assert first.usage.cost_nusd > 0
+    assert await spend(pool, tenant) == (first.usage.cost_nusd, 0)
+    cached = await run(gateway, call_for(tenant, text=f"Summarize this.\nsim_reply: {NUL_REPLY}"))
+    assert (cached.cache_hit, cached.content) == (True, first.content)
+
+
+async def test_the_cost_is_recorded_before_the_writes_that_can_fail(
+    gateway: ModelActivities, tenant: Tenant, pool: Pool, database_url: str, sim: SimControl
+) -> None:
+    call = await fails_while_refused(gateway, pool, database_url, "model_calls", tenant)
+    recorded = await usage_rows(pool, call)
+    assert [r["attempt"] for r in recorded] == [1]
+    assert recorded[0]["cost_nusd"] > 0
+    # Settled at the actual cost, not charged the worst case as a lost attempt would be.
+    assert await spend(pool, tenant) == (recorded[0]["cost_nusd"], 0)
+
+    before = (await sim.stats())["requests_total"]
+    retried = await run(gateway, call, attempt=2)  # no memo: this one pays again, recorded
+    assert (await sim.stats())["requests_total"] == before + 1
+    assert [r["attempt"] for r in await usage_rows(pool, call)] == [1, 2]
+    assert await spend(pool, tenant) == (recorded[0]["cost_nusd"] + retried.usage.cost_nusd, 0)
+
+
+async def test_a_cost_that_cannot_be_recorded_fails_loudly_and_is_charged_in_full(
+    gateway: ModelActivities,
+    tenant: Tenant,
+    pool: Pool,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    call = await fails_while_refused(gateway, pool, database_url, "model_usage", tenant)
+    assert await usage_rows(pool, call) == []
+    async with pool.acquire() as conn:
+        reservation = await conn.fetchrow(
+            "SELECT status, amount_nusd, charged_nusd FROM budget_reservations WHERE call_key = $1",
+            call.call_key,
+        )
+    assert reservation is not None
+    assert reservation["status"] == "settled"
+    assert reservation["charged_nusd"] == reservation["amount_nusd"] > 0
+    assert await spend(pool, tenant) == (reservation["amount_nusd"], 0)
+    loud = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(call.call_key in r.getMessage() and "cost" in r.getMessage() for r in loud)
+
+
+def test_storable_replaces_what_postgres_cannot_hold() -> None:
+    value = {
+        "text\x00key": ["a\x00b", {"lone": "x\udc00y", "ok": "caf\u00e9 \U0001f600"}],
+        "n": 3,
+        "none": None,
+    }
+    assert storable(value) == {
+        "text\ufffdkey": ["a\ufffdb", {"lone": "x\ufffdy", "ok": "caf\u00e9 \U0001f600"}],
+        "n": 3,
+        "none": None,
+    }
+    clean = {"a": ["b", {"c": 1.5}]}
+    assert storable(clean) == clean
+
+
+# --- the cache answers only for the model asked for ---------------------------------------------
+
+
+async def test_an_escalated_call_is_not_answered_by_a_weaker_models_entry(
+    gateway: ModelActivities, tenant: Tenant, sim: SimControl
+) -> None:
+    stronger = load_routing().route("draft", "standard").escalate
+    assert stronger is not None
+    assert stronger not in DRAFT
+    plain = await run(gateway, call_for(tenant))  # cached under the primary
+    assert (plain.model, plain.cache_hit) == (DRAFT[0], False)
+    before = (await sim.stats())["requests"].get(stronger, 0)
+    escalated = await run(gateway, call_for(tenant, escalate=True))
+    assert (escalated.model, escalated.cache_hit) == (stronger, False)
+    assert (await sim.stats())["requests"].get(stronger, 0) == before + 1
+    # Each model's own entry serves its own calls from now on.
+    again = await run(gateway, call_for(tenant, escalate=True))
+    assert (again.model, again.cache_hit, again.content) == (stronger, True, escalated.content)
+    weaker = await run(gateway, call_for(tenant))
+    assert (weaker.model, weaker.cache_hit) == (DRAFT[0], True)
+
+
+async def test_a_fallbacks_entry_does_not_answer_for_the_primary(
+    gateway: ModelActivities, tenant: Tenant, sim: SimControl
+) -> None:
+    await sim.fault(529, model=DRAFT[0])
+    fell_back = await run(gateway, call_for(tenant))
+    assert fell_back.model == DRAFT[1]
+    before = (await sim.stats())["requests"].get(DRAFT[0], 0)
+    primary = await run(gateway, call_for(tenant))
+    assert (primary.model, primary.cache_hit) == (DRAFT[0], False)
+    assert (await sim.stats())["requests"].get(DRAFT[0], 0) == before + 1
+
+
+# --- a call with no room only because of calls in flight waits ----------------------------------
+
+
+async def worst_case(gateway: ModelActivities, make_tenant: Any, pool: Pool, text: str) -> int:
+    """The reservation a call of `text` makes, from a probe under a budget too large to bind."""
+    probe = await make_tenant()
+    await with_budget(pool, probe, 1000.0)
+    await run(gateway, call_for(probe, text=text, cache=False))
+    return (await reservation(pool, probe))[0]
+
+
+def in_flight(tenant: Tenant) -> RunContext:
+    return RunContext(
+        tenant=tenant.id, run_id="r_other", pipeline="summarize", requested_by="requester"
+    )
+
+
+async def test_a_call_waits_for_reservations_in_flight_to_settle(
+    gateway: ModelActivities, tenant: Tenant, make_tenant: Any, pool: Pool, sim: SimControl
+) -> None:
+    worst = await worst_case(gateway, make_tenant, pool, "waiting")
+    await with_budget(pool, tenant, 1.5 * worst / 1e9)
+    async with pool.acquire() as conn:
+        await budgets.reserve(conn, in_flight(tenant), f"{tenant.id}:other-call", 1, worst)
+    beats: list[tuple[Any, ...]] = []
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *details: beats.append(details)
+    before = (await sim.stats())["requests_total"]
+    waiting = asyncio.create_task(env.run(gateway.call_model, call_for(tenant, text="waiting")))
+
+    async def beaten() -> int:
+        if waiting.done():
+            waiting.result()  # a call that did not wait fails the test with its own error
+            raise AssertionError("the call finished while reservations were in flight")
+        return len(beats)
+
+    await eventually(beaten, lambda n: n >= 3)  # heartbeating while it waits, not failed
+    assert (await sim.stats())["requests_total"] == before
+    async with pool.acquire() as conn:
+        await budgets.settle(conn, f"{tenant.id}:other-call", 1, worst // 4)
+    reply = await waiting
+    assert reply.usage.cost_nusd > 0
+    assert (await sim.stats())["requests_total"] == before + 1
+    assert await spend(pool, tenant) == (worst // 4 + reply.usage.cost_nusd, 0)
+
+
+async def test_a_wait_that_outlasts_its_bound_is_retried_not_exhausted(
+    pool: Pool, settings: Settings, tenant: Tenant, make_tenant: Any, sim: SimControl
+) -> None:
+    client = model_client(settings)
+    impatient = ModelActivities(
+        pool,
+        client,
+        load_prices(),
+        load_routing(),
+        audit_writer(settings),
+        heartbeat_every=0.1,
+        budget_wait=timedelta(milliseconds=300),
+    )
+    try:
+        worst = await worst_case(impatient, make_tenant, pool, "impatient")
+        await with_budget(pool, tenant, 1.5 * worst / 1e9)
+        async with pool.acquire() as conn:
+            await budgets.reserve(conn, in_flight(tenant), f"{tenant.id}:stuck-call", 1, worst)
+        before = (await sim.stats())["requests_total"]
+        error = await refused(impatient, call_for(tenant, text="impatient"))
+    finally:
+        await client.close()
+    assert (error.type, error.non_retryable) == ("BudgetBusy", False)  # the policy retries it
+    assert (await sim.stats())["requests_total"] == before

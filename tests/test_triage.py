@@ -9,7 +9,9 @@ import pytest
 from temporalio.client import Client
 
 from api.routes.runs import workflow_id
-from tests.conftest import Tenant
+from policies.models import load_routing
+from store.db import Pool
+from tests.conftest import SimControl, Tenant
 from tests.helpers import record_history, wait_json
 
 
@@ -39,11 +41,25 @@ async def test_three_steps_when_the_check_passes(
 
 @pytest.mark.usefixtures("worker")
 async def test_a_rejected_draft_is_rewritten_by_the_stronger_model(
-    api: httpx.AsyncClient, tenant: Tenant, client: Client
+    api: httpx.AsyncClient, tenant: Tenant, client: Client, pool: Pool, sim: SimControl
 ) -> None:
+    stronger = load_routing().route("draft", "standard").escalate
+    assert stronger is not None
+    before = (await sim.stats())["requests"].get(stronger, 0)
     run_id, done = await run(api, tenant, "The app crashes on start.")
     assert done["usage"]["model_calls"] == 4
     assert "redraft" in done["attempts"]
+    async with pool.acquire() as conn:
+        steps = await conn.fetch(
+            "SELECT step, model, cache_hit FROM model_usage WHERE tenant_id = $1 AND run_id = $2",
+            tenant.id,
+            run_id,
+        )
+    by_step = {r["step"]: (r["model"], r["cache_hit"]) for r in steps}
+    # Written by the stronger model at the provider, not the rejected draft served from cache.
+    assert by_step["redraft"] == (stronger, False)
+    assert by_step["draft"][0] != stronger
+    assert (await sim.stats())["requests"].get(stronger, 0) == before + 1
     await record_history(
         client.get_workflow_handle(workflow_id(tenant.id, run_id)), "triage_escalated"
     )

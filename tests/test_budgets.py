@@ -1,0 +1,192 @@
+"""Budgets at the boundary and under contention.
+
+At store level: a reservation may land exactly on a limit and not one nano-USD past it, and a
+call refused only because of reservations still in flight is told apart from one that settled
+spend leaves no room for. Through real runs: concurrent runs under a small budget wait for
+in-flight calls to settle instead of failing, so the budget ends spent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from store import budgets
+from store.db import Pool
+from tests.budget_kit import counter, reservation
+from tests.conftest import SimControl, Tenant, TenantFactory
+from tests.helpers import start_run, wait_json
+from workflows.state import RunContext
+
+LIMIT = 1_000_000  # nano-USD: $0.001
+
+
+@pytest.fixture
+def keys() -> dict[str, str]:
+    """Call keys of this test's own (reservations are keyed by call and attempt only)."""
+    run = uuid.uuid4().hex[:12]
+    return {name: f"{run}:{name}" for name in ("k1", "k2", "k3", "in-flight", "waiting")}
+
+
+def context(tenant: Tenant, user: str = "requester") -> RunContext:
+    return RunContext(
+        tenant=tenant.id,
+        run_id=f"r_{uuid.uuid4().hex[:12]}",
+        pipeline="summarize",
+        requested_by=user,
+    )
+
+
+@pytest.fixture
+async def limited(tenant: Tenant, pool: Pool) -> Tenant:
+    async with pool.acquire() as conn:
+        await budgets.set_budget(conn, tenant.id, "customer", "", "day", LIMIT / 1e9)
+    return tenant
+
+
+async def test_a_reservation_may_land_exactly_on_the_limit(
+    limited: Tenant, pool: Pool, keys: dict[str, str]
+) -> None:
+    async with pool.acquire() as conn:
+        await budgets.reserve(conn, context(limited), keys["k1"], 1, LIMIT)
+    assert await counter(pool, limited) == {
+        "spent_nusd": 0,
+        "reserved_nusd": LIMIT,
+        "limit_nusd": LIMIT,
+    }
+
+
+async def test_one_nano_usd_over_the_limit_is_exhausted(
+    limited: Tenant, pool: Pool, keys: dict[str, str]
+) -> None:
+    async with pool.acquire() as conn:
+        with pytest.raises(budgets.BudgetExhausted) as caught:
+            await budgets.reserve(conn, context(limited), keys["k1"], 1, LIMIT + 1)
+    assert (caught.value.spent_nusd, caught.value.requested_nusd) == (0, LIMIT + 1)
+    async with pool.acquire() as conn:
+        (state,) = await budgets.status(conn, limited.id)
+    assert (state["spent_nusd"], state["reserved_nusd"]) == (0, 0)  # nothing was taken
+
+
+async def test_the_boundary_counts_settled_spend(
+    limited: Tenant, pool: Pool, keys: dict[str, str]
+) -> None:
+    spent = 400_000
+    async with pool.acquire() as conn:
+        await budgets.reserve(conn, context(limited), keys["k1"], 1, 500_000)
+        await budgets.settle(conn, keys["k1"], 1, spent)
+        with pytest.raises(budgets.BudgetExhausted):
+            await budgets.reserve(conn, context(limited), keys["k2"], 1, LIMIT - spent + 1)
+        await budgets.reserve(conn, context(limited), keys["k3"], 1, LIMIT - spent)
+    assert await counter(pool, limited) == {
+        "spent_nusd": spent,
+        "reserved_nusd": LIMIT - spent,
+        "limit_nusd": LIMIT,
+    }
+
+
+async def test_no_room_only_because_of_calls_in_flight_is_busy(
+    limited: Tenant, pool: Pool, keys: dict[str, str]
+) -> None:
+    async with pool.acquire() as conn:
+        await budgets.reserve(conn, context(limited), keys["in-flight"], 1, 700_000)
+        with pytest.raises(budgets.BudgetBusy) as caught:
+            await budgets.reserve(conn, context(limited), keys["waiting"], 1, 400_000)
+        busy = caught.value
+        assert (busy.spent_nusd, busy.reserved_nusd, busy.requested_nusd) == (0, 700_000, 400_000)
+        # Once the call in flight settles below its worst case, the waiting call fits.
+        await budgets.settle(conn, keys["in-flight"], 1, 600_000)
+        await budgets.reserve(conn, context(limited), keys["waiting"], 1, 400_000)
+    assert await counter(pool, limited) == {
+        "spent_nusd": 600_000,
+        "reserved_nusd": 400_000,
+        "limit_nusd": LIMIT,
+    }
+
+
+async def test_busy_on_one_budget_and_exhausted_on_another_is_exhausted(
+    limited: Tenant, pool: Pool, keys: dict[str, str]
+) -> None:
+    """Waiting cannot help when any budget is exhausted by what is already settled."""
+    async with pool.acquire() as conn:
+        await budgets.set_budget(conn, limited.id, "user", "requester", "day", 0.0005)
+        await budgets.reserve(conn, context(limited, "someone-else"), keys["in-flight"], 1, 700_000)
+        with pytest.raises(budgets.BudgetExhausted) as caught:
+            await budgets.reserve(conn, context(limited), keys["waiting"], 1, 500_001)
+    assert caught.value.scope == "user"
+
+
+# --- through real runs -----------------------------------------------------------------------
+
+RUNS = 20
+MAX_WORDS = 25  # max_tokens 100, while the simulator's summary is about 15 tokens
+
+
+def text(tenant: Tenant, index: int) -> str:
+    # Distinct and of one length: no cache hits, equal reservations.
+    return f"Note {index:04d} for {tenant.id}: revenue grew in Q3."
+
+
+async def summarize(api: httpx.AsyncClient, tenant: Tenant, index: int) -> dict[str, Any]:
+    body = {"text": text(tenant, index), "review": False, "max_words": MAX_WORDS}
+    run_id = await start_run(api, tenant, {"pipeline": "summarize", "input": body})
+    return await wait_json(
+        api,
+        f"/v1/runs/{run_id}",
+        tenant.auth("requester"),
+        lambda b: b["status"] != "running",
+        within=60,
+    )
+
+
+@pytest.fixture
+async def slow_model(sim: SimControl) -> AsyncIterator[None]:
+    """Calls that take a while, so concurrent runs' reservations are in flight together."""
+    (await sim.http.post("/_sim/config", json={"latency_ms": 300})).raise_for_status()
+    yield
+    (await sim.http.post("/_sim/config", json={"latency_ms": 0})).raise_for_status()
+
+
+@pytest.mark.usefixtures("worker", "slow_model")
+async def test_concurrent_runs_wait_for_calls_in_flight_and_spend_the_budget(
+    api: httpx.AsyncClient, make_tenant: TenantFactory, pool: Pool
+) -> None:
+    # One call's worst case and actual cost, from a run under a budget too large to bind.
+    probe = await make_tenant()
+    async with pool.acquire() as conn:
+        await budgets.set_budget(conn, probe.id, "customer", "", "day", 1000.0)
+    assert (await summarize(api, probe, 0))["status"] == "completed"
+    worst, actual = await reservation(pool, probe)
+    assert actual is not None
+    assert actual * 3 < worst  # the slack that reservations in flight used to waste
+
+    tenant = await make_tenant()
+    limit = round(4.5 * worst)  # four calls' worst cases in flight at once, no more
+    async with pool.acquire() as conn:
+        await budgets.set_budget(conn, tenant.id, "customer", "", "day", limit / 1e9)
+    ends = await asyncio.gather(*(summarize(api, tenant, i) for i in range(RUNS)))
+
+    used = await counter(pool, tenant)
+    assert used["reserved_nusd"] == 0
+    assert used["spent_nusd"] <= limit
+    # Most of the budget is spent: what is left cannot pay for one more call's worst case.
+    assert used["spent_nusd"] + worst > limit
+    failed = [e for e in ends if e["status"] != "completed"]
+    assert {e["status"] for e in failed} <= {"failed"}
+    assert {e["last_error"]["type"] for e in failed} <= {"BudgetExhausted"}
+    async with pool.acquire() as conn:
+        rejections = await conn.fetch(
+            "SELECT data::jsonb AS data FROM audit_log"
+            " WHERE tenant_id = $1 AND action = 'budget.rejected'",
+            tenant.id,
+        )
+    assert len(rejections) == len(failed)
+    for row in rejections:
+        refused = row["data"]
+        # Refused only when settled spend, not calls in flight, left no room.
+        assert refused["spent_nusd"] + refused["requested_nusd"] > refused["limit_nusd"]
