@@ -3,12 +3,12 @@ tenant, a role or an approval state."""
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from store.text import unstorable_path
 from workflows.state import (
     MAX_BUDGET_USD,
     ApprovalState,
@@ -40,33 +40,6 @@ def _not_a_number(value: object) -> object:
 DateTimeParam = Annotated[datetime, BeforeValidator(_not_a_number)]
 
 
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-
-
-def unstorable_text(value: Any, path: str = "") -> str | None:
-    """Where `value` holds text PostgreSQL cannot store (NUL) or UTF-8 cannot encode (an
-    unpaired surrogate), as a dotted path; None when it holds none. Such text reached the
-    model provider and then failed every usage write: billed calls went unrecorded."""
-    if isinstance(value, str):
-        if _UNSTORABLE.search(value):
-            return path or "value"
-        return None
-    if isinstance(value, BaseModel):
-        value = {name: getattr(value, name) for name in type(value).model_fields}
-    if isinstance(value, dict):
-        for key, item in value.items():
-            where = f"{path}.{key}" if path else str(key)
-            found = unstorable_text(str(key), where) or unstorable_text(item, where)
-            if found:
-                return found
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            found = unstorable_text(item, f"{path}[{index}]")
-            if found:
-                return found
-    return None
-
-
 class Request(BaseModel):
     """Every request body: unknown fields refused, numbers finite, text storable."""
 
@@ -74,7 +47,7 @@ class Request(BaseModel):
 
     @model_validator(mode="after")
     def _storable(self) -> Request:
-        where = unstorable_text(self)
+        where = unstorable_path(self.model_dump())
         if where:
             raise ValueError(f"{where}: text must not contain NUL or unpaired surrogates")
         return self

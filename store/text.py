@@ -24,6 +24,25 @@ def storable(value: T) -> T:
     return cast(T, _clean(value))  # the same shape comes back
 
 
+def unstorable_path(value: Any, path: str = "") -> str | None:
+    """Where `value` holds text PostgreSQL cannot store, as a dotted path (`input.text`,
+    `items[2]`); None when it holds none. The API refuses such input by name."""
+    if isinstance(value, str):
+        return (path or "value") if _UNSTORABLE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            found = unstorable_path(str(key), where) or unstorable_path(item, where)
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = unstorable_path(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
+
+
 def _clean(value: Any) -> Any:
     if isinstance(value, str):
         return _UNSTORABLE.sub(REPLACEMENT, value)
