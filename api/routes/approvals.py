@@ -22,6 +22,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import CurrentPrincipal, Services, ServicesDep, require
 from api.errors import ApiError, Conflict, Forbidden, Invalid, NotFound, Unavailable
+from api.proposals import proposal_viewer
 from api.schemas import ApprovalOut, DecisionIn, DecisionOut, Page
 from policies.permissions import evaluate
 from policies.tools import TOOLS
@@ -88,7 +89,8 @@ async def inbox(
             limit=limit + 1,
             after=_after(cursor),
         )
-    items = [ApprovalOut.of_row(r) for r in rows[:limit]]
+        viewer = await proposal_viewer(svc, conn, principal)
+    items = [viewer.show(ApprovalOut.of_row(r)) for r in rows[:limit]]
     return Page(items=items, next_cursor=_cursor(items[-1]) if len(rows) > limit else None)
 
 
@@ -99,9 +101,10 @@ async def get_approval(
     require(svc, principal, "approvals:read")
     async with svc.pool.acquire() as conn:
         row = await approvals_store.get(conn, principal.tenant, approval_id)
+        viewer = await proposal_viewer(svc, conn, principal)
     if row is None:
         raise NotFound("no such approval")
-    return ApprovalOut.of_row(row)
+    return viewer.show(ApprovalOut.of_row(row))
 
 
 @router.post("/{approval_id}/decision")
