@@ -2,7 +2,7 @@
 
 stead dev                      everything, locally (what `make dev` runs)
 stead api | worker | sim | integrations     one process each
-stead migrate                  apply schema migrations to DATABASE_URL
+stead migrate                  apply schema migrations as the owner (STEAD_MIGRATE_DATABASE_URL)
 stead audit verify [--tenant T]   recompute audit hash chains; non-zero exit on tampering
 stead admin ...                tenants, users, keys, roles, grants, budgets
 """
@@ -103,13 +103,24 @@ def _run(coro: Callable[[], Coroutine[Any, Any, int]]) -> int:
     return asyncio.run(coro())
 
 
+def _owner_database_url(settings: Settings) -> str:
+    """The owner's URL for migrations and gc: STEAD_MIGRATE_DATABASE_URL, else DATABASE_URL,
+    else the embedded server's superuser."""
+    owner = settings.owner_database_url
+    if owner is not None:
+        return owner.get_secret_value()
+    return _database_url(settings)
+
+
 def cmd_migrate(_: argparse.Namespace) -> int:
     from store.migrate import migrate  # noqa: PLC0415
 
-    url = _database_url(_settings())
+    settings = _settings()
+    url = _owner_database_url(settings)
+    app_url = settings.database_url.get_secret_value() if settings.database_url else None
 
     async def go() -> int:
-        applied = await migrate(url)
+        applied = await migrate(url, app_url=app_url, app_role=settings.db_app_role)
         print(
             f"applied {len(applied)} migration(s): {applied}" if applied else "schema is up to date"
         )

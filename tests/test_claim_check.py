@@ -94,15 +94,20 @@ async def test_a_missing_or_altered_payload_is_refused(pool: Pool, database_url:
         await PostgresPayloadStore(pool).retrieve(StorageDriverRetrieveContext(), [claim])
 
 
-async def test_remembered_payloads_stay_within_their_byte_limit(pool: Pool) -> None:
+async def test_remembered_payloads_stay_within_their_byte_limit(
+    pool: Pool, database_url: str
+) -> None:
     store = PostgresPayloadStore(pool, recent_bytes=3000)
     payloads = [Payload(data=uuid.uuid4().bytes * 70) for _ in range(3)]  # 1,123 B each
     claims = await store.store(StorageDriverStoreContext(), payloads)
-    async with pool.acquire() as conn:  # gone from the database: only memory can serve them
-        await conn.execute(
+    owner = await asyncpg.connect(database_url)  # only the owner deletes stored payloads
+    try:  # gone from the database: only memory can serve them
+        await owner.execute(
             "DELETE FROM payload_store WHERE sha256 = ANY($1)",
             [base64.urlsafe_b64decode(c.claim_data["h"]) for c in claims],
         )
+    finally:
+        await owner.close()
     with pytest.raises(PayloadMissing):  # the oldest was let go to stay under 3,000 bytes
         await store.retrieve(StorageDriverRetrieveContext(), claims[:1])
     assert await store.retrieve(StorageDriverRetrieveContext(), claims[1:]) == payloads[1:]
