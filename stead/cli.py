@@ -14,7 +14,6 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable, Coroutine
-from datetime import timedelta
 from typing import Any
 
 from stead.config import ConfigError, Settings, load_settings
@@ -211,19 +210,35 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
 
 def cmd_payloads_gc(args: argparse.Namespace) -> int:
+    """Exit 0 after collecting, 2 when gc refuses (a nonsense or unsafe age, or a history it
+    cannot read) or cannot reach Temporal or PostgreSQL: nothing is deleted then."""
     import asyncpg  # noqa: PLC0415
+    from temporalio.service import RPCError  # noqa: PLC0415
 
-    from store.payloads import collect  # noqa: PLC0415
+    from stead.payload_gc import GcRefused, collect_unreferenced  # noqa: PLC0415
+    from stead.temporal import connect  # noqa: PLC0415
 
-    url = _database_url(_settings())
+    settings = _settings()
+    url = _owner_database_url(settings)  # only the owner may delete stored payloads
 
     async def go() -> int:
-        conn = await asyncpg.connect(url)
         try:
-            removed = await collect(conn, timedelta(days=args.older_than_days))
-        finally:
-            await conn.close()
-        print(f"removed {removed} stored payload(s) older than {args.older_than_days} days")
+            client = await connect(settings)
+            conn = await asyncpg.connect(url)
+            try:
+                result = await collect_unreferenced(client, conn, args.older_than_days)
+            finally:
+                await conn.close()
+        except GcRefused as exc:
+            print(f"stead: payloads gc: {exc}", file=sys.stderr)
+            return 2
+        except (OSError, RuntimeError, RPCError, asyncpg.PostgresError) as exc:
+            print(f"stead: payloads gc: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
+        print(
+            f"removed {result.removed} stored payload(s) older than {args.older_than_days} days;"
+            f" kept {result.kept} that {result.histories} open or retained histories reference"
+        )
         return 0
 
     return _run(go)
@@ -280,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     payloads = sub.add_parser("payloads", help="the claim-check store of large payloads")
     payloads_sub = payloads.add_subparsers(dest="payloads_command", required=True)
     gc = payloads_sub.add_parser(
-        "gc", help="delete payloads older than the namespace retention (no history needs them)"
+        "gc",
+        help="delete stored payloads older than the namespace retention plus a day that no"
+        " open or retained history references",
     )
     gc.add_argument("--older-than-days", type=int, required=True)
     gc.set_defaults(func=cmd_payloads_gc)
