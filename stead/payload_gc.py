@@ -5,15 +5,19 @@ a parked run could never be approved and its state would be unreadable. What can
 payload last stored (`created_at`) before the cutoff:
 
 - an open run, however old (a review parked for months);
-- a closed run still within the namespace's retention, if it started before the cutoff (a run
-  that lived long and closed lately); a run started after the cutoff stored its payloads after
-  it too, since a payload stored again restarts its age.
+- a closed run still within the namespace's retention that started before the cutoff (it
+  lived long and closed lately);
+- a closed run started later by resetting an older one (a re-drive): its history begins with
+  a copy of its base's events, references included. While its base is retained, the base
+  holds the same references; once the base is gone (it closed at the reset, more than the
+  retention ago), the reset run started more than the retention ago too.
 
-So gc refuses a cutoff younger than the namespace's retention plus a day's margin (for clock
-skew and histories Temporal is still deleting), walks the histories of every open run and of
-every run started before the cutoff, collects their claim-check references, and deletes only
-payloads older than the cutoff that none of them holds. A history it cannot read completely
-stops it before anything is deleted.
+A run started after that stored its payloads after it, since a payload stored again restarts
+its age. So gc refuses a cutoff younger than the namespace's retention plus a day's margin (for
+clock skew and histories Temporal is still deleting), walks the histories of every open run
+and of every run started more than the retention ago, collects their claim-check references,
+and deletes only payloads older than the cutoff that none of them holds. A history it cannot
+read completely stops it before anything is deleted.
 """
 
 from __future__ import annotations
@@ -80,10 +84,10 @@ async def check_age(client: Client, older_than_days: int) -> timedelta:
     return retention
 
 
-async def referencing_histories(client: Client, cutoff: datetime) -> tuple[set[bytes], int]:
-    """Claim-check digests held by every open run and every run started before `cutoff`, and
-    how many histories were read."""
-    query = f'ExecutionStatus = "Running" OR StartTime < "{cutoff:%Y-%m-%dT%H:%M:%SZ}"'
+async def referencing_histories(client: Client, started_before: datetime) -> tuple[set[bytes], int]:
+    """Claim-check digests held by every open run and every run started before
+    `started_before`, and how many histories were read."""
+    query = f'ExecutionStatus = "Running" OR StartTime < "{started_before:%Y-%m-%dT%H:%M:%SZ}"'
     deadline = time.monotonic() + MAX_SECONDS
     digests: set[bytes] = set()
     seen: set[tuple[str, str]] = set()
@@ -108,7 +112,7 @@ async def collect_unreferenced(client: Client, conn: Conn, older_than_days: int)
     """Delete stored payloads older than `older_than_days` that no readable history holds."""
     retention = await check_age(client, older_than_days)
     age = timedelta(days=older_than_days)
-    keep, histories = await referencing_histories(client, datetime.now(UTC) - age)
+    keep, histories = await referencing_histories(client, datetime.now(UTC) - retention)
     removed = await collect(conn, age, keep)
     kept = await conn.fetchval(
         "SELECT count(*) FROM payload_store WHERE sha256 = ANY($1::bytea[])"
