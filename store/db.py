@@ -4,9 +4,9 @@ The application logs in as its own role (`STEAD_DB_APP_ROLE`, default `stead_app
 migrations): it may only insert into and read the audit log, so a bug or an injected query in
 the application cannot rewrite history. That holds only if nothing on the connection can leave
 the role, so each new connection checks its login first and the pool refuses one that is a
-superuser, owns the schema, or may switch to any other role (`SET ROLE`, which `RESET ROLE`
-would undo). Migrations and other owner tasks connect separately
-(`STEAD_MIGRATE_DATABASE_URL`). JSON columns decode to Python.
+superuser, owns the schema, or may `SET ROLE` to any other role. (The app used to log in as
+the owner and `SET ROLE` to stead_app: one `RESET ROLE` undid that.) Migrations and other
+owner tasks connect separately (`STEAD_MIGRATE_DATABASE_URL`). JSON columns decode to Python.
 """
 
 from __future__ import annotations

@@ -100,11 +100,7 @@ async def test_proposals_are_redacted_for_each_viewer(
         f"{path}/decision", json={"decision": "approve"}, headers=tenant.auth("approver")
     )
     assert decided.status_code == 200, decided.text
-    done = await wait_json(
-        api,
-        f"/v1/runs/{run_id}",
-        tenant.auth("requester"),
-        lambda b: b["status"] == "completed",
-    )
+    run_path, requester = f"/v1/runs/{run_id}", tenant.auth("requester")
+    done = await wait_json(api, run_path, requester, lambda b: b["status"] == "completed")
     assert GITHUB in done["result"]["summary"]
     assert done["approvals"][0]["proposal"] == {"summary": "[redacted]"}
