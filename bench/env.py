@@ -275,9 +275,10 @@ def _spawn_stack(dev: DevStack, settings: Settings, url: str, spec: SteadSpec) -
 async def _start(dev: DevStack, settings: Settings, spec: EnvSpec) -> BenchEnv:
     postgres = EmbeddedPostgres(settings.pg_dir.resolve())
     dev.postgres = postgres  # DevStack.stop() stops it
-    url = postgres.start()
+    url = postgres.start()  # the owner's: migrations and the driver's own pool
     await migrate(url)
-    base_env = _child_env(settings, url, {})
+    app_url = postgres.url(user=settings.db_app_role)  # what Stead's processes log in as
+    base_env = _child_env(settings, app_url, {})
     dev.spawn("temporal", dev.temporal_args(), base_env)
     dev.spawn("sim", [STEAD, "sim"], base_env)
     http_api = f"http://{settings.host}:{settings.temporal_http_port}"
@@ -285,15 +286,15 @@ async def _start(dev: DevStack, settings: Settings, spec: EnvSpec) -> BenchEnv:
     await _until("Temporal", dev, lambda: _http_ok(f"{http_api}/api/v1/namespaces/default"))
     await _until("the simulator", dev, lambda: _http_ok(f"{sim_url}/_sim/stats", SIM_HEADERS))
     # Children are spawned before this process starts any threads (the Temporal client's).
-    stacks = {s.name: _spawn_stack(dev, settings, url, s) for s in spec.stead}
+    stacks = {s.name: _spawn_stack(dev, settings, app_url, s) for s in spec.stead}
     bare = None
     if spec.bare:
-        bare_env = _child_env(settings, url, {"STEAD_TASK_QUEUE": BARE_QUEUE})
+        bare_env = _child_env(settings, app_url, {"STEAD_TASK_QUEUE": BARE_QUEUE})
         command = spec.bare_command or (sys.executable, "-m", "bench.bare")
         bare = dev.spawn("bare-worker", list(command), bare_env)
     driver = settings.model_copy(
         update={
-            "database_url": SecretStr(url),
+            "database_url": SecretStr(app_url),
             "temporal_address": f"{settings.host}:{settings.temporal_port}",
             "model_base_url": sim_url,
         }

@@ -2,7 +2,7 @@
 
 stead dev                      everything, locally (what `make dev` runs)
 stead api | worker | sim | integrations     one process each
-stead migrate                  apply schema migrations to DATABASE_URL
+stead migrate                  apply schema migrations as the owner (STEAD_MIGRATE_DATABASE_URL)
 stead audit verify [--tenant T]   recompute audit hash chains; non-zero exit on tampering
 stead admin ...                tenants, users, keys, roles, grants, budgets
 """
@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine
-from datetime import timedelta
 from typing import Any
 
 from stead.config import ConfigError, Settings, load_settings
@@ -135,13 +134,24 @@ def _run(coro: Callable[[], Coroutine[Any, Any, int]]) -> int:
     return 1
 
 
+def _owner_database_url(settings: Settings) -> str:
+    """The owner's URL for migrations and gc: STEAD_MIGRATE_DATABASE_URL, else DATABASE_URL,
+    else the embedded server's superuser."""
+    owner = settings.owner_database_url
+    if owner is not None:
+        return owner.get_secret_value()
+    return _database_url(settings)
+
+
 def cmd_migrate(_: argparse.Namespace) -> int:
     from store.migrate import migrate  # noqa: PLC0415
 
-    url = _database_url(_settings())
+    settings = _settings()
+    url = _owner_database_url(settings)
+    app_url = settings.database_url.get_secret_value() if settings.database_url else None
 
     async def go() -> int:
-        applied = await migrate(url)
+        applied = await migrate(url, app_url=app_url, app_role=settings.db_app_role)
         print(
             f"applied {len(applied)} migration(s): {applied}" if applied else "schema is up to date"
         )
@@ -264,19 +274,35 @@ def _missing(args: argparse.Namespace) -> str:
 
 
 def cmd_payloads_gc(args: argparse.Namespace) -> int:
+    """Exit 0 after collecting, 2 when gc refuses (a nonsense or unsafe age, or a history it
+    cannot read) or cannot reach Temporal or PostgreSQL: nothing is deleted then."""
     import asyncpg  # noqa: PLC0415
+    from temporalio.service import RPCError  # noqa: PLC0415
 
-    from store.payloads import collect  # noqa: PLC0415
+    from stead.payload_gc import GcRefused, collect_unreferenced  # noqa: PLC0415
+    from stead.temporal import connect  # noqa: PLC0415
 
-    url = _database_url(_settings())
+    settings = _settings()
+    url = _owner_database_url(settings)  # only the owner may delete stored payloads
 
     async def go() -> int:
-        conn = await asyncpg.connect(url)
         try:
-            removed = await collect(conn, timedelta(days=args.older_than_days))
-        finally:
-            await conn.close()
-        print(f"removed {removed} stored payload(s) older than {args.older_than_days} days")
+            client = await connect(settings)
+            conn = await asyncpg.connect(url)
+            try:
+                result = await collect_unreferenced(client, conn, args.older_than_days)
+            finally:
+                await conn.close()
+        except GcRefused as exc:
+            print(f"stead: payloads gc: {exc}", file=sys.stderr)
+            return 2
+        except (OSError, RuntimeError, RPCError, asyncpg.PostgresError) as exc:
+            print(f"stead: payloads gc: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
+        print(
+            f"removed {result.removed} stored payload(s) older than {args.older_than_days} days;"
+            f" kept {result.kept} that {result.histories} open or retained histories reference"
+        )
         return 0
 
     return _run(go)
@@ -337,7 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     payloads = sub.add_parser("payloads", help="the claim-check store of large payloads")
     payloads_sub = payloads.add_subparsers(dest="payloads_command", required=True)
     gc = payloads_sub.add_parser(
-        "gc", help="delete payloads older than the namespace retention (no history needs them)"
+        "gc",
+        help="delete stored payloads older than the namespace retention plus a day that no"
+        " open or retained history references",
     )
     gc.add_argument("--older-than-days", type=int, required=True)
     gc.set_defaults(func=cmd_payloads_gc)

@@ -69,11 +69,15 @@ class Settings(BaseSettings):
     worker_workflow_cache: int = Field(500, ge=0, le=100_000)
 
     # PostgreSQL. Unset: `stead dev` runs embedded PostgreSQL under data_dir/pg.
+    # The application's login: the role `db_app_role` itself (insert/select on the audit log),
+    # never the owner or a superuser; the pool refuses a login that could leave that role.
     database_url: SecretStr | None = Field(
         None, validation_alias=AliasChoices("STEAD_DATABASE_URL", "DATABASE_URL")
     )
-    # The role the application switches to after connecting: insert/select on the audit log.
-    db_app_role: str | None = "stead_app"
+    db_app_role: str = Field("stead_app", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    # The owner's login, for `stead migrate` and `stead payloads gc` only; give it to no API or
+    # worker process. Unset: database_url (which then must be the owner while migrating).
+    migrate_database_url: SecretStr | None = None
     db_pool_max: int = Field(10, ge=1, le=200)
 
     # Model endpoint. With neither base URL nor API key, Stead uses its local simulator.
@@ -144,6 +148,10 @@ class Settings(BaseSettings):
     @property
     def database_embedded(self) -> bool:
         return self.database_url is None
+
+    @property
+    def owner_database_url(self) -> SecretStr | None:
+        return self.migrate_database_url or self.database_url
 
     @property
     def temporal_target(self) -> str:

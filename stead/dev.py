@@ -441,10 +441,14 @@ class DevStack:
         env.setdefault("STEAD_PAYMENTS_TOKEN", token)
         env.setdefault("STEAD_EMAIL_TOKEN", token)
 
-        database_url = await self.start_postgres()
-        env["STEAD_DATABASE_URL"] = database_url
+        # Migrations and the demo seed run as the owner; the API and worker log in as the
+        # application role and never see the owner's URL.
+        owner_url = await self.start_postgres()
+        app_url = self.app_database_url()
+        env["STEAD_DATABASE_URL"] = app_url
         env.pop("DATABASE_URL", None)
-        keys = await self.prepare_database(database_url)
+        env.pop("STEAD_MIGRATE_DATABASE_URL", None)
+        keys = await self.prepare_database(owner_url, app_url)
 
         servers: tuple[str, ...] = ("postgres",) if s.database_embedded else ()
         if s.temporal_embedded:
@@ -465,10 +469,16 @@ class DevStack:
         return info
 
     async def start_postgres(self) -> str:
+        """The owner's URL: the embedded server's superuser, or STEAD_MIGRATE_DATABASE_URL."""
         if not self.settings.database_embedded:
-            assert self.settings.database_url is not None
-            url = self.settings.database_url.get_secret_value()
-            if (problem := await database_problem(url, "DATABASE_URL")) is not None:
+            assert self.settings.owner_database_url is not None
+            url = self.settings.owner_database_url.get_secret_value()
+            named = (
+                "STEAD_MIGRATE_DATABASE_URL"
+                if self.settings.migrate_database_url
+                else "DATABASE_URL"
+            )
+            if (problem := await database_problem(url, named)) is not None:
                 raise DevError(problem)
             return url
         self.postgres = EmbeddedPostgres(self.settings.pg_dir.resolve())
@@ -484,8 +494,16 @@ class DevStack:
         # goes back to traverse-only, so nobody else can list it.
         self.data_dir.chmod(self.data_dir_mode())
 
-    async def prepare_database(self, url: str) -> dict[str, str]:
-        await migrate(url)
+    def app_database_url(self) -> str:
+        """The application's login: DATABASE_URL, or the embedded server's socket as the
+        application role (the socket trusts local users: no password)."""
+        if self.postgres is None:
+            assert self.settings.database_url is not None
+            return self.settings.database_url.get_secret_value()
+        return self.postgres.url(user=self.settings.db_app_role)
+
+    async def prepare_database(self, url: str, app_url: str) -> dict[str, str]:
+        await migrate(url, app_url=app_url, app_role=self.settings.db_app_role)
         existing: dict[str, str] = {}
         dev_json = self.data_dir / "dev.json"
         with contextlib.suppress(OSError, ValueError, KeyError):

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from datetime import timedelta
+from typing import Any
 
+from google.protobuf import json_format
+from google.protobuf.message import Message
 from temporalio.api.common.v1 import Payload
+from temporalio.api.sdk.v1 import ExternalStorageReference
 from temporalio.converter import (
     StorageDriver,
     StorageDriverClaim,
@@ -28,6 +33,11 @@ from temporalio.converter import (
 )
 
 from store.db import Conn, Pool
+
+_DRIVER = "stead-postgres"
+_REFERENCE_TYPE = ExternalStorageReference.DESCRIPTOR.full_name.encode()
+# The SDK marks references it has passed through the codec with this metadata key.
+_REFERENCE_MARKER = "__temporal_external_storage_reference"
 
 
 class PayloadMissing(Exception):
@@ -63,7 +73,7 @@ class PostgresPayloadStore(StorageDriver):
         self._recent = _Recent(recent_bytes)
 
     def name(self) -> str:
-        return "stead-postgres"
+        return _DRIVER
 
     async def store(
         self, context: StorageDriverStoreContext, payloads: Sequence[Payload]
@@ -71,9 +81,10 @@ class PostgresPayloadStore(StorageDriver):
         blobs = [p.SerializeToString() for p in payloads]
         digests = [hashlib.sha256(b).digest() for b in blobs]
         async with self._pool.acquire() as conn:
+            # Stored again: its age restarts, since a history of today now references it.
             await conn.executemany(
                 "INSERT INTO payload_store (sha256, data, size) VALUES ($1, $2, $3)"
-                " ON CONFLICT (sha256) DO NOTHING",
+                " ON CONFLICT (sha256) DO UPDATE SET created_at = now()",
                 [(d, b, len(b)) for d, b in zip(digests, blobs, strict=True)],
             )
         for digest, blob in zip(digests, blobs, strict=True):
@@ -116,10 +127,70 @@ def _digest(claim: StorageDriverClaim) -> bytes:
     return bytes.fromhex(data["sha256"])  # references written before the shorter form
 
 
-async def collect(conn: Conn, older_than: timedelta) -> int:
-    """Delete stored payloads older than `older_than` (set it above the namespace's
-    retention: no history can still reference them)."""
+def claim_digest(payload: Payload) -> bytes | None:
+    """The digest a claim-check reference (as the SDK writes it into a history) points at in
+    this store; None for any other payload. Raises ValueError for a reference that cannot be
+    read (what it points at cannot be shown to be unreferenced)."""
+    try:
+        return _claim_digest(payload)
+    except (json_format.ParseError, KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ValueError(f"unreadable claim-check reference ({type(exc).__name__})") from None
+
+
+def _claim_digest(payload: Payload) -> bytes | None:
+    encoding = payload.metadata.get("encoding")
+    if encoding == b"json/protobuf" and payload.metadata.get("messageType") == _REFERENCE_TYPE:
+        reference = json_format.Parse(payload.data, ExternalStorageReference())
+        driver, claim = reference.driver_name, dict(reference.claim_data)
+    elif encoding == b"json/external-storage-reference":  # the SDK's earlier form
+        legacy = json.loads(payload.data)
+        driver, claim = legacy.get("driver_name"), legacy.get("driver_claim", {}).get("claim_data")
+    elif payload.metadata.get(_REFERENCE_MARKER) == b"true":
+        # A codec-encoded reference (a later SDK's option): unreadable here, so whatever it
+        # points at cannot be shown to be unreferenced.
+        raise ValueError("an encoded claim-check reference")
+    else:
+        return None
+    if driver != _DRIVER:
+        return None
+    return _digest(StorageDriverClaim(claim))
+
+
+def referenced(message: Message) -> set[bytes]:
+    """Digests of every payload of this store that `message` (a history event, anything
+    holding payloads at any depth) references."""
+    found: set[bytes] = set()
+    for payload in _payloads(message):
+        digest = claim_digest(payload)
+        if digest is not None:
+            found.add(digest)
+    return found
+
+
+def _payloads(message: Message) -> Iterator[Payload]:
+    if isinstance(message, Payload):
+        yield message
+        return
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            if field.message_type.fields_by_name["value"].message_type is None:
+                continue
+            items: Iterable[Any] = value.values()
+        else:
+            items = value if field.is_repeated else [value]
+        for item in items:
+            yield from _payloads(item)
+
+
+async def collect(conn: Conn, older_than: timedelta, keep: Collection[bytes] = ()) -> int:
+    """Delete stored payloads last stored more than `older_than` ago, except `keep` (those a
+    history still references). `stead payloads gc` decides both: see stead/payload_gc.py."""
     done = await conn.execute(
-        "DELETE FROM payload_store WHERE created_at < now() - $1::interval", older_than
+        "DELETE FROM payload_store WHERE created_at < now() - $1::interval"
+        " AND NOT sha256 = ANY($2::bytea[])",
+        older_than,
+        list(keep),
     )
     return int(done.split()[-1])

@@ -76,14 +76,22 @@ def postgres(tmp_root: Path) -> Iterator[EmbeddedPostgres]:
 
 @pytest.fixture(scope="session")
 async def database_url(postgres: EmbeddedPostgres) -> str:
+    """The owner's (a superuser's) URL: migrations, and tests that inspect or tamper."""
     url = postgres.url()
     await migrate(url)
     return url
 
 
 @pytest.fixture(scope="session")
-async def pool(database_url: str) -> AsyncIterator[Pool]:
-    created = await create_pool(database_url, app_role="stead_app", max_size=20)
+def app_database_url(postgres: EmbeddedPostgres, database_url: str) -> str:
+    """The application's login, as in production: the `stead_app` role itself (the embedded
+    server trusts its Unix socket, so no password)."""
+    return postgres.url(user="stead_app")
+
+
+@pytest.fixture(scope="session")
+async def pool(app_database_url: str) -> AsyncIterator[Pool]:
+    created = await create_pool(app_database_url, app_role="stead_app", max_size=20)
     yield created
     await created.close()
 
@@ -115,12 +123,17 @@ async def integrations(tmp_root: Path) -> AsyncIterator[Integrations]:
 
 @pytest.fixture(scope="session")
 def settings(
-    database_url: str, sim_url: str, integrations: Integrations, tmp_root: Path
+    database_url: str,
+    app_database_url: str,
+    sim_url: str,
+    integrations: Integrations,
+    tmp_root: Path,
 ) -> Settings:
     return Settings(
         env="test",
         data_dir=tmp_root / "data",
-        database_url=database_url,
+        database_url=app_database_url,
+        migrate_database_url=database_url,
         model_base_url=sim_url,
         payload_keys=PAYLOAD_KEYS,
         payments_url=integrations.payments,

@@ -365,6 +365,47 @@ async def test_redaction_happens_before_storage(
     assert "[redacted:card_number]" in revealed.data["comment"]
 
 
+async def test_tokens_passwords_and_cards_never_reach_the_log(
+    pool: Pool, database_url: str, test_settings: Settings, tenant: Tenant
+) -> None:
+    """Secrets in every shape the drop rules name, in free text and under field names of any
+    case, are in neither the stored entry nor its sealed part."""
+    key = tenant.keys["requester"]  # a real key, as `create_key` mints them
+    secrets_planted = {
+        "stead_key": key,
+        "github_token": "ghp_" + "R8fQ2kLm9ZxW4vT7bN1cY6sH3jD5gA0eU2iO",
+        "slack_token": "xoxb-1234567890-0987654321-AbCdEfGhIjKlMnOpQrStUvWx",
+        "credential": "hunter2-correct-horse",
+        "card_number": "4111_1111_1111_1111",
+    }
+    data = {
+        "note": (
+            f"retry with {secrets_planted['stead_key']} or {secrets_planted['github_token']};"
+            f" slack {secrets_planted['slack_token']}; password: {secrets_planted['credential']}"
+        ),
+        "cards": ["paid 4111_1111_1111_1111", "and 5555.5555.5555.4444"],
+        "comment": f"Bearer {key}",  # masked field: its sealed original is scrubbed too
+        "Nested": {"PASSWORD": "p-1", "Api_Key": "k-1"},
+    }
+    writer = audit_writer(test_settings)
+    await append(pool, writer, [event(tenant.id, "tool.executed", data, run_id=new_run_id())])
+    (row,) = await raw_rows(database_url, tenant.id)
+    private = (
+        Sealer(test_settings.encryption_keys)
+        .open(bytes(row["private"]), associated=f"{tenant.id}:{row['event_key']}".encode())
+        .decode()
+    )
+    for text in (row["data"], private):
+        for planted in (*secrets_planted.values(), "5555.5555.5555.4444", "p-1", "k-1"):
+            assert planted not in text
+    stored = json.loads(row["data"])
+    for rule in ("stead_key", "github_token", "slack_token", "credential"):
+        assert f"[redacted:{rule}]" in stored["note"]
+    assert stored["cards"] == ["paid [redacted:card_number]", "and [redacted:card_number]"]
+    assert stored["Nested"] == {"PASSWORD": "[redacted]", "Api_Key": "[redacted]"}
+    assert "Bearer [redacted:stead_key]" in private
+
+
 async def test_tenant_declared_fields_are_redacted(
     api: httpx.AsyncClient, tenant: Tenant, pool: Pool, database_url: str, test_settings: Settings
 ) -> None:

@@ -51,6 +51,7 @@ COMPOSE_ENV = {
     "POSTGRES_PASSWORD": "test-postgres",
     "TEMPORAL_DB_PASSWORD": "test-temporal",
     "STEAD_DB_PASSWORD": "test-stead",
+    "STEAD_APP_DB_PASSWORD": "test-stead-app",
     "STEAD_PAYLOAD_KEYS": "k1:AAAAAAAAAAAAAAAAAAAAAA==",
     "GRAFANA_ADMIN_PASSWORD": "test-grafana",
     "STEAD_CODEC_TOKEN": "test-codec-token-0123",

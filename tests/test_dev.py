@@ -198,13 +198,18 @@ def test_busy_port_is_one_line(dev_env: dict[str, str]) -> None:
 
 
 def test_external_temporal_and_postgres_are_used_instead(
-    dev_env: dict[str, str], tmp_path: Path, database_url: str, client: Client
+    dev_env: dict[str, str],
+    tmp_path: Path,
+    database_url: str,
+    app_database_url: str,
+    client: Client,
 ) -> None:
     """With STEAD_TEMPORAL_ADDRESS and DATABASE_URL set, stead dev starts neither server."""
     env = {
         **dev_env,
         "STEAD_TEMPORAL_ADDRESS": client.service_client.config.target_host,
-        "DATABASE_URL": database_url,
+        "DATABASE_URL": app_database_url,
+        "STEAD_MIGRATE_DATABASE_URL": database_url,
         "STEAD_TASK_QUEUE": f"dev-external-{uuid.uuid4().hex[:8]}",
     }
     data_dir = Path(env["STEAD_DATA_DIR"])

@@ -207,8 +207,8 @@ async def test_review_parks_and_approval_completes_with_edits(
     api: httpx.AsyncClient, tenant: Tenant, library: Library, client: Client
 ) -> None:
     run_id = await ask(api, tenant, f"{QUESTION}\nsim_reply: 45 days [1].", review=True)
-    parked = await wait_json(
-        api, f"/v1/runs/{run_id}", tenant.auth("requester"), lambda b: b["stage"] == "review"
+    parked = await wait_json(  # the approver reads the proposal in clear (others: masked)
+        api, f"/v1/runs/{run_id}", tenant.auth("approver"), lambda b: b["stage"] == "review"
     )
     approval = parked["pending_approvals"][0]
     assert approval["kind"] == "answer"

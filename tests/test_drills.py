@@ -478,10 +478,12 @@ async def test_restart_temporal_and_postgres_mid_run(
     pg = EmbeddedPostgres(tmp_path / "pg")
     url = await asyncio.to_thread(pg.start)
     await migrate(url)
+    app_url = pg.url(user="stead_app")  # the application's login, as in production
     temporal_port, ui_port, http_port, metrics_port = free_ports(4)
     own = settings.model_copy(
         update={
-            "database_url": SecretStr(url),
+            "database_url": SecretStr(app_url),
+            "migrate_database_url": SecretStr(url),
             "data_dir": tmp_path / "data",
             "task_queue": "drill-restart",
             "temporal_address": f"127.0.0.1:{temporal_port}",
@@ -494,7 +496,7 @@ async def test_restart_temporal_and_postgres_mid_run(
     own.data_dir.mkdir()
     server = TemporalServer(DevStack(own).temporal_args(), tmp_path / "temporal.log")
     server.start()
-    pool = await create_pool(url, app_role="stead_app", max_size=10)
+    pool = await create_pool(app_url, app_role="stead_app", max_size=10)
     workers: WorkerProcesses | None = None
     try:
         client = await eventually(lambda: _connect(own, pool), lambda c: c is not None, within=90)

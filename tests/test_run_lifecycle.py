@@ -108,7 +108,9 @@ async def test_exhausted_retries_then_restart(
     assert restarted.status_code == 202
     new_id = restarted.json()["run_id"]
     assert new_id != run_id
-    review = await run_state(api, tenant, new_id, lambda b: b["stage"] == "review")
+    review = await wait_json(
+        api, f"/v1/runs/{new_id}", tenant.auth("approver"), lambda b: b["stage"] == "review"
+    )  # the approver reads the proposal in clear (others see it masked)
     assert review["pending_approvals"][0]["proposal"]["summary"].startswith("Summary: Alpha")
 
 

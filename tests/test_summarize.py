@@ -45,8 +45,9 @@ async def finished(api: httpx.AsyncClient, tenant: Tenant, run_id: str) -> dict[
 @pytest.mark.usefixtures("worker")
 async def test_approve(api: httpx.AsyncClient, tenant: Tenant, client: Client) -> None:
     run_id = await start(api, tenant)
+    # The approver reads the proposal in clear (others see it masked: tests/test_proposals.py).
     run = await wait_json(
-        api, f"/v1/runs/{run_id}", tenant.auth("requester"), lambda b: b["stage"] == "review"
+        api, f"/v1/runs/{run_id}", tenant.auth("approver"), lambda b: b["stage"] == "review"
     )
     approval = run["pending_approvals"][0]
     # The simulator summarizes deterministically from the text it was given.

@@ -27,6 +27,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import CurrentPrincipal, Services, ServicesDep, attest, require
 from api.errors import ApiError, Conflict, Forbidden, Invalid, NotFound, Unavailable
+from api.proposals import proposal_viewer
 from api.schemas import ApprovalOut, DecisionIn, DecisionOut, Page
 from policies.permissions import evaluate
 from policies.tools import TOOLS
@@ -95,9 +96,10 @@ async def inbox(
             limit=limit + 1,
             after=_after(cursor),
         )
+        viewer = await proposal_viewer(svc, conn, principal)
     page = rows[:limit]
     ended = await _ended_runs(svc, principal.tenant, page)
-    items = [ApprovalOut.of_row(r) for r in page if r["workflow_id"] not in ended]
+    items = [viewer.show(ApprovalOut.of_row(r)) for r in page if r["workflow_id"] not in ended]
     more = len(rows) > limit
     return Page(items=items, next_cursor=_cursor(ApprovalOut.of_row(page[-1])) if more else None)
 
@@ -141,9 +143,10 @@ async def get_approval(
     require(svc, principal, "approvals:read")
     async with svc.pool.acquire() as conn:
         row = await approvals_store.get(conn, principal.tenant, approval_id)
+        viewer = await proposal_viewer(svc, conn, principal)
     if row is None:
         raise NotFound("no such approval")
-    return ApprovalOut.of_row(row)
+    return viewer.show(ApprovalOut.of_row(row))
 
 
 @router.post("/{approval_id}/decision")

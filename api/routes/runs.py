@@ -43,6 +43,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from api.deps import CurrentPrincipal, Services, ServicesDep, attest, require
 from api.errors import Conflict, Forbidden, Invalid, NotFound, Unavailable
 from api.pipelines import PIPELINES, STARTED_BY_ROUTE
+from api.proposals import proposal_viewer
 from api.schemas import (
     ApprovalOut,
     Page,
@@ -406,6 +407,10 @@ async def get_run(run_id: str, svc: ServicesDep, principal: CurrentPrincipal) ->
             stuck_error=stuck_error,
         )
     approvals = [ApprovalOut.of_state(run_id, view.pipeline, a) for a in view.approvals]
+    if approvals:
+        async with svc.pool.acquire() as conn:
+            viewer = await proposal_viewer(svc, conn, principal)
+        approvals = [viewer.show(a) for a in approvals]
     return RunOut(
         run_id=run_id,
         pipeline=view.pipeline,

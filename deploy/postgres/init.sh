@@ -5,7 +5,8 @@
 # One server, two owners that cannot read each other's data:
 #   temporal  owns `temporal` and `temporal_visibility`; temporal-schema fills them.
 #   stead     owns `stead` and may create roles, because `stead migrate` creates `stead_app`,
-#             the role the API and workers switch to (insert-only on the audit log).
+#             the role the API and workers log in as (read and append only on the audit log,
+#             no way to switch to another role), and sets its password from DATABASE_URL.
 # Passwords arrive as psql variables, so they are quoted by psql, never pasted into SQL text.
 set -eu
 
