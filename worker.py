@@ -35,7 +35,7 @@ from api.pipelines import PIPELINES
 from policies.models import load_prices, load_routing
 from policies.permissions import load_policy
 from stead.attest import AttestationInterceptor
-from stead.config import Settings, load_settings
+from stead.config import ConfigError, Settings, load_settings
 from stead.serving import serving
 from stead.telemetry import interceptors, metrics_app, metrics_runtime, setup_tracing
 from stead.temporal import connect
@@ -96,6 +96,24 @@ def integrations(settings: Settings, http: httpx.AsyncClient) -> Integrations:
         email=HttpIntegration("email", settings.email_url, secret(settings.email_token)),
         http=http,
     )
+
+
+def unconfigured_integrations(settings: Settings) -> list[str]:
+    """What a worker without an integration's settings will do, said at start: a tool call
+    to it is refused (IntegrationNotConfigured: not retried; the agent is told and the run
+    goes on), so the operator learns it now rather than from every run."""
+    wanted = {
+        "payments": (settings.payments_url, settings.payments_token, "PAYMENTS"),
+        "email": (settings.email_url, settings.email_token, "EMAIL"),
+    }
+    found = []
+    for name, (url, token, prefix) in wanted.items():
+        if not url or token is None:
+            found.append(
+                f"integration {name} is not configured (STEAD_{prefix}_URL and"
+                f" STEAD_{prefix}_TOKEN): its tools are refused as IntegrationNotConfigured"
+            )
+    return found
 
 
 def build_workers(
@@ -189,7 +207,17 @@ async def run(settings: Settings) -> None:
             log.info("metrics at %s/metrics", url)
         sweeper = asyncio.create_task(sweep_forever(pool))
         tasks = [asyncio.create_task(w.run()) for w in workers]
-        log.info("worker polling %s and %s-model", settings.task_queue, settings.task_queue)
+        await client.service_client.check_health()
+        for missing in unconfigured_integrations(settings):
+            log.warning("%s", missing)
+        log.info(
+            "ready: polling %s (and %s-model) on %s, namespace %s%s",
+            settings.task_queue,
+            settings.task_queue,
+            settings.temporal_target,
+            settings.temporal_namespace,
+            f"; metrics on :{settings.worker_metrics_port}" if settings.worker_metrics_port else "",
+        )
         await stop.wait()
         sweeper.cancel()
         await asyncio.gather(*(w.shutdown() for w in workers))
@@ -206,7 +234,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for chatty in ("httpx", "httpx2"):  # one INFO line per request drowns everything else
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    settings = load_settings()
+    try:
+        settings = load_settings()
+        settings.check_serving("worker")
+    except ConfigError as exc:
+        raise SystemExit(f"stead: {exc}") from None
     # uvloop's C event loop: the worker's hot path is socket I/O (Temporal's bridge wake-ups,
     # PostgreSQL, the model endpoint); measured in bench/throughput.
     uvloop.run(run(settings))

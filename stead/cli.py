@@ -77,9 +77,19 @@ def _serve(app: Any, host: str, port: int) -> int:
     return 0
 
 
+def _serving(settings: Settings, process: str) -> Settings:
+    try:
+        settings.check_serving(process)
+    except ConfigError as exc:
+        print(f"stead: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return settings
+
+
 def cmd_api(_: argparse.Namespace) -> int:
     settings = _settings()
     _required_database_url(settings, "API")
+    _serving(settings, "API")
     from api.app import create_app  # noqa: PLC0415
 
     return _serve(create_app(settings), settings.host, settings.api_port)
@@ -87,7 +97,9 @@ def cmd_api(_: argparse.Namespace) -> int:
 
 def cmd_worker(_: argparse.Namespace) -> int:
     # worker.main() reads the settings again; checked here, a bad one is a line, not a trace.
-    _required_database_url(_settings(), "worker")
+    settings = _settings()
+    _required_database_url(settings, "worker")
+    _serving(settings, "worker")
     import worker  # noqa: PLC0415
 
     worker.main()

@@ -115,6 +115,9 @@ class Settings(BaseSettings):
 
     # Payload encryption: comma-separated `key_id:base64key`, the first one encrypts.
     payload_keys: SecretStr | None = None
+    # Encrypt Temporal payloads. A process without payload keys refuses to start unless this is
+    # explicitly false: a worker missing its keys once wrote plaintext payloads unnoticed.
+    payload_encryption: bool = True
     # Accept unencrypted payloads (runs started before encryption was turned on). Off: a
     # plaintext payload, which only something other than Stead can have written, is refused.
     payload_allow_plaintext: bool = False
@@ -188,6 +191,20 @@ class Settings(BaseSettings):
         if self.payload_keys is None:
             return []
         return parse_payload_keys(self.payload_keys.get_secret_value())
+
+    def check_serving(self, process: str) -> None:
+        """Refuse to run a process that would silently weaken what it guards (`stead dev`
+        hands its children keys; every other process must be given them)."""
+        if self.payload_encryption and not self.encryption_keys:
+            raise ConfigError(
+                f"the {process} has no payload keys: set STEAD_PAYLOAD_KEYS (the same in every"
+                " process), or STEAD_PAYLOAD_ENCRYPTION=false to keep payloads in clear"
+            )
+        if self.attestor is None:
+            raise ConfigError(
+                f"the {process} has no key for decisions: with STEAD_PAYLOAD_ENCRYPTION=false,"
+                " set STEAD_ATTESTATION_KEYS (the same in every API and worker process)"
+            )
 
     @cached_property
     def attestor(self) -> Attestor | None:

@@ -6,13 +6,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from temporalio.client import Client
 
-from tests.conftest import Tenant
+from stead.config import Settings
+from tests.conftest import PAYLOAD_KEYS, Tenant
 from tests.helpers import free_ports
 
 BIN = Path(sys.executable).parent
@@ -116,3 +119,48 @@ def test_a_user_for_a_tenant_that_does_not_exist(env: dict[str, str], database_u
     assert one_line_error(done) == (
         f"stead: no tenant '{missing}'; create it with `stead admin tenant-create {missing}`"
     )
+
+
+def test_a_worker_without_payload_keys_refuses_to_start(
+    env: dict[str, str], database_url: str
+) -> None:
+    """A worker missing its keys once wrote plaintext payloads unnoticed."""
+    env["DATABASE_URL"] = database_url
+    line = one_line_error(stead(env, "worker"))
+    assert "STEAD_PAYLOAD_KEYS" in line
+    assert "STEAD_PAYLOAD_ENCRYPTION=false" in line
+    env["STEAD_PAYLOAD_ENCRYPTION"] = "false"
+    line = one_line_error(stead(env, "worker"))
+    assert "STEAD_ATTESTATION_KEYS" in line  # decisions still need a key
+    for command in ("api",):
+        assert "STEAD_ATTESTATION_KEYS" in one_line_error(stead(env, command))
+
+
+def test_a_worker_says_when_it_is_ready_and_what_it_lacks(
+    env: dict[str, str], settings: Settings, client: Client
+) -> None:
+    assert settings.database_url is not None
+    env |= {
+        "STEAD_DATABASE_URL": settings.database_url.get_secret_value(),
+        "STEAD_TEMPORAL_ADDRESS": client.service_client.config.target_host,
+        "STEAD_TASK_QUEUE": f"tq-{uuid.uuid4().hex[:8]}",
+        "STEAD_PAYLOAD_KEYS": PAYLOAD_KEYS,
+        "STEAD_WORKER_METRICS_PORT": "0",
+    }
+    process = subprocess.Popen(
+        [str(BIN / "stead"), "worker"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    lines: list[str] = []
+    try:
+        assert process.stderr is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("ready:" in line for line in lines):
+            lines.append(process.stderr.readline())
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    output = "".join(lines)
+    assert f"ready: polling {env['STEAD_TASK_QUEUE']}" in output, output
+    # No integration settings: said at start, with what it means for the tools.
+    assert "integration payments is not configured (STEAD_PAYMENTS_URL" in output
+    assert "refused as IntegrationNotConfigured" in output
