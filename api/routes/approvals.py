@@ -20,8 +20,8 @@ from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeou
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import CurrentPrincipal, Services, ServicesDep, require
-from api.errors import ApiError, Conflict, Forbidden, Invalid, NotFound, Unavailable
+from api.deps import CurrentPrincipal, Services, ServicesDep, limited, require
+from api.errors import RATE_LIMITED, ApiError, Conflict, Forbidden, Invalid, NotFound, Unavailable
 from api.schemas import ApprovalOut, DecisionIn, DecisionOut, Page
 from policies.permissions import evaluate
 from policies.tools import TOOLS
@@ -104,7 +104,11 @@ async def get_approval(
     return ApprovalOut.of_row(row)
 
 
-@router.post("/{approval_id}/decision")
+@router.post(
+    "/{approval_id}/decision",
+    dependencies=[limited("approvals.decide", "approvals:decide")],
+    responses=RATE_LIMITED,
+)
 async def decide(
     approval_id: str, body: DecisionIn, svc: ServicesDep, principal: CurrentPrincipal
 ) -> DecisionOut:

@@ -17,13 +17,12 @@ from fastapi import APIRouter, Query, status
 from pydantic import BaseModel, Field, field_validator
 from temporalio.service import RPCError
 
-from api.deps import CurrentPrincipal, Services, ServicesDep, require
-from api.errors import ApiError, Invalid, NotFound, Unavailable
+from api.deps import ApiKeyId, CurrentPrincipal, Services, ServicesDep, admit_start, require
+from api.errors import RATE_LIMITED, ApiError, Invalid, NotFound, Unavailable
 from api.routes.runs import input_digest, launch, new_run_id
 from api.schemas import Page, Request, StartRun
 from stead import metrics
 from store import documents
-from store import principals as principals_store
 from store.principals import Principal
 from workflows.ingest import IngestWorkflow
 from workflows.state import RunContext, RunInput
@@ -85,9 +84,9 @@ def new_document_id() -> str:
     return "d_" + base64.b32encode(secrets.token_bytes(20)).decode().lower()[:26]
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post("", status_code=status.HTTP_201_CREATED, responses=RATE_LIMITED)
 async def upload(
-    body: DocumentIn, svc: ServicesDep, principal: CurrentPrincipal
+    body: DocumentIn, svc: ServicesDep, principal: CurrentPrincipal, key_id: ApiKeyId
 ) -> DocumentCreated:
     """Store a document and start its ingest run (chunking and indexing). 413 when the text
     is over the size limit; follow `GET /v1/runs/{run_id}` for progress."""
@@ -96,8 +95,9 @@ async def upload(
     if size > MAX_TEXT_BYTES:
         raise TooLarge(f"text is {size} bytes; the limit is {MAX_TEXT_BYTES}")
     document_id, run_id = new_document_id(), new_run_id(principal.tenant, None)
+    # Ingestion never waits for a person: not held back by the approval backlog.
+    plan, _ = await admit_start(svc, principal, key_id, IngestWorkflow.pipeline, with_cap=False)
     async with svc.pool.acquire() as conn:
-        plan = await principals_store.tenant_plan(conn, principal.tenant) or "standard"
         await documents.create(
             conn, principal.tenant, document_id, body.title, body.text, principal.id, run_id
         )

@@ -38,8 +38,8 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import CurrentPrincipal, Services, ServicesDep, require
-from api.errors import Conflict, Forbidden, Invalid, NotFound
+from api.deps import ApiKeyId, CurrentPrincipal, Services, ServicesDep, admit_start, require
+from api.errors import RATE_LIMITED, Conflict, Forbidden, Invalid, NotFound
 from api.pipelines import PIPELINES, STARTED_BY_ROUTE
 from api.schemas import (
     ApprovalOut,
@@ -54,7 +54,6 @@ from api.schemas import (
 from policies import approvals as approval_policies
 from stead import metrics
 from stead.config import Settings
-from store import approvals as approvals_store
 from store.principals import Principal
 from workflows import search
 from workflows.base import PipelineWorkflow
@@ -105,13 +104,17 @@ def run_status(value: WorkflowExecutionStatus | None) -> RunStatus:
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses={200: {"model": RunStarted, "description": "an existing run (same Idempotency-Key)"}},
+    responses={
+        200: {"model": RunStarted, "description": "an existing run (same Idempotency-Key)"},
+        **RATE_LIMITED,
+    },
 )
 async def start_run(
     body: StartRun,
     response: Response,
     svc: ServicesDep,
     principal: CurrentPrincipal,
+    key_id: ApiKeyId,
     idempotency_key: Annotated[
         str | None, Header(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")
     ] = None,
@@ -134,10 +137,7 @@ async def start_run(
 
     run_id = new_run_id(principal.tenant, idempotency_key)
     digest = input_digest(body)
-    async with svc.pool.acquire() as conn:
-        plan, overrides = await approvals_store.start_settings(
-            conn, principal.tenant, body.pipeline
-        )
+    plan, overrides = await admit_start(svc, principal, key_id, body.pipeline)
     context = RunContext(
         tenant=principal.tenant,
         run_id=run_id,
@@ -373,9 +373,13 @@ def _own_or_admin(
         raise Forbidden("only the run's requester or an admin may do this")
 
 
-@router.post("/{run_id}/retry", status_code=status.HTTP_202_ACCEPTED)
+@router.post("/{run_id}/retry", status_code=status.HTTP_202_ACCEPTED, responses=RATE_LIMITED)
 async def retry_run(
-    run_id: str, svc: ServicesDep, principal: CurrentPrincipal, body: RetryIn | None = None
+    run_id: str,
+    svc: ServicesDep,
+    principal: CurrentPrincipal,
+    key_id: ApiKeyId,
+    body: RetryIn | None = None,
 ) -> RunStarted:
     """Re-drive a failed run, the dead-letter view's action.
 
@@ -394,6 +398,7 @@ async def retry_run(
     events = [e async for e in handle.fetch_history_events()]
     if mode == "restart":
         original = await _original_input(svc, events)
+        await admit_start(svc, principal, key_id, original.context.pipeline)  # a new start
         context = original.context.model_copy(update={"run_id": new_run_id(principal.tenant, None)})
         run = RunInput(context=context, input=original.input)
         await launch(svc, run, (await described.memo()).get("input_digest", ""))
