@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from temporalio.service import RPCError, RPCStatusCode
 class ApiError(Exception):
     status: int = 400
     code: str = "bad_request"
+    headers: dict[str, str] | None = None
 
     def __init__(self, detail: str, *, code: str | None = None, status: int | None = None) -> None:
         super().__init__(detail)
@@ -50,6 +52,15 @@ class Invalid(ApiError):
 
 class Unavailable(ApiError):
     status, code = 503, "unavailable"
+
+
+class RateLimited(ApiError):
+    status, code = 429, "rate_limited"
+
+    def __init__(self, detail: str, *, retry_after: float) -> None:
+        super().__init__(detail)
+        # Retry-After is whole seconds (RFC 9110); rounding down would invite a second refusal.
+        self.headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
 
 
 class ErrorOut(BaseModel):
@@ -86,6 +97,20 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": InvalidOut, "description": "Invalid request"},
     503: {"model": ErrorOut, "description": "A service behind the API did not answer in time"},
 }
+# Declared by the routes that enforce the plan's request limits (policies/limits.yaml).
+RATE_LIMITED: dict[int | str, dict[str, Any]] = {
+    429: {
+        "model": ErrorOut,
+        "description": "Over the plan's request limit for this API key or tenant (code"
+        " `rate_limited`); retry after `Retry-After` seconds",
+        "headers": {
+            "Retry-After": {
+                "description": "seconds until the request can be admitted",
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        },
+    }
+}
 
 
 def _clean(text: str) -> str:
@@ -121,7 +146,7 @@ def too_large(limit: int) -> ApiError:
 
 
 def error_response(exc: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else exc.headers
     return JSONResponse(
         {"detail": exc.detail, "code": exc.code}, status_code=exc.status, headers=headers
     )

@@ -27,6 +27,7 @@ import bench.cache
 import bench.history
 import bench.latency
 import bench.profile
+import bench.ratelimit
 import bench.scale
 import bench.throughput
 from bench.env import RunOptions
@@ -50,6 +51,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "cache": bench.cache.run,
     "budget": bench.budget.run,
     "profile": bench.profile.run,
+    "ratelimit": bench.ratelimit.run,
 }
 assert tuple(BENCHMARKS) == ORDER
 

@@ -49,6 +49,7 @@ from store.payloads import PostgresPayloadStore
 BIN = Path(sys.executable).parent
 STEAD = str(BIN / "stead")
 BARE_QUEUE = "bare"
+BENCH_LIMITS = Path(__file__).with_name("limits.yaml")  # limits no benchmark reaches
 SIM_HEADERS = {"x-api-key": "bench"}
 # Settings that would point a child at something other than this environment.
 _FOREIGN = ("STEAD_", "TEMPORAL_", "OTEL_")
@@ -221,6 +222,7 @@ def _child_env(settings: Settings, database_url: str, extra: Mapping[str, str]) 
             "STEAD_PAYLOAD_KEYS": settings.payload_keys.get_secret_value(),
             "STEAD_SIM_PORT": str(settings.sim_port),
             "STEAD_MODEL_BASE_URL": f"http://{settings.host}:{settings.sim_port}",
+            "STEAD_LIMITS_FILE": str(BENCH_LIMITS),
             **extra,
         }
     )

@@ -77,7 +77,7 @@ API_RULES: tuple[Rule, ...] = (
     ("payload encryption (AES-GCM)", _on_stack("Sealer.")),
     ("asyncpg pool: reset query on every release", _on_stack("PoolConnectionHolder.release")),
     ("auth: API key lookup", _on_stack("current_principal")),
-    ("start: plan and approval policies", _on_stack("tenant_plan", "overrides (store")),
+    ("start: plan, approval policies, limits", _on_stack("admit_start (api", "overrides (store")),
     ("start: Temporal start_workflow", _on_stack("launch (api")),
     ("start: the rest of the route", _on_stack("start_run (api")),
     (

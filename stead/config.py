@@ -17,7 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, FilePath, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -108,6 +108,8 @@ class Settings(BaseSettings):
     api_port: int = Field(8000, ge=1, le=65535)
     worker_metrics_port: int = Field(9464, ge=0, le=65535)
     public_api_url: str | None = None
+    # Request limits per plan; unset: policies/limits.yaml.
+    limits_file: FilePath | None = None
 
     # Payloads larger than this (bytes, after encryption) are kept in PostgreSQL and referenced
     # by hash from the workflow history; 0 keeps everything inline.

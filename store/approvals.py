@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+import asyncpg
+
 from store.db import Conn
 from workflows.state import (
     ApprovalPolicy,
@@ -133,19 +135,24 @@ def is_open(row: dict[str, Any]) -> bool:
     return bool(row["status"] == ApprovalStatus.PENDING.value)
 
 
+# $1 tenant, $2 pipeline. A query of its own, so the start path can add to this one read.
+START_SETTINGS_SQL = (
+    "SELECT t.plan, coalesce((SELECT json_agg(json_build_object('step', o.step,"
+    " 'policy', o.policy) ORDER BY o.pipeline = '*' DESC) FROM approval_overrides o"
+    " WHERE o.tenant_id = t.id AND o.pipeline IN ($2, '*')), '[]') AS overrides"
+    " FROM tenants t WHERE t.id = $1"
+)
+
+
 async def start_settings(
     conn: Conn, tenant: str, pipeline: str
 ) -> tuple[str, dict[str, ApprovalPolicy]]:
     """What a new run of `pipeline` needs from the store, in one read: the tenant's plan and
     its approval-policy overrides for the pipeline."""
-    row = await conn.fetchrow(
-        "SELECT t.plan, coalesce((SELECT json_agg(json_build_object('step', o.step,"
-        " 'policy', o.policy) ORDER BY o.pipeline = '*' DESC) FROM approval_overrides o"
-        " WHERE o.tenant_id = t.id AND o.pipeline IN ($2, '*')), '[]') AS overrides"
-        " FROM tenants t WHERE t.id = $1",
-        tenant,
-        pipeline,
-    )
+    return start_settings_of(await conn.fetchrow(START_SETTINGS_SQL, tenant, pipeline))
+
+
+def start_settings_of(row: asyncpg.Record | None) -> tuple[str, dict[str, ApprovalPolicy]]:
     if row is None:
         return "standard", {}
     found = {o["step"]: ApprovalPolicy.model_validate(o["policy"]) for o in row["overrides"]}

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Response, status
 from pydantic import BaseModel, Field, ValidationError
 
-from api.deps import CurrentPrincipal, Services, ServicesDep, require
-from api.errors import Conflict, Forbidden, Invalid, NotFound
+from api.deps import CurrentPrincipal, Services, ServicesDep, limited, require
+from api.errors import RATE_LIMITED, Conflict, Forbidden, Invalid, NotFound
 from api.pipelines import PIPELINES
 from api.schemas import Request
 from policies.permissions import Constraint, Override
@@ -23,8 +23,13 @@ from store import policy as policy_store
 from store.principals import Principal
 from workflows.state import MAX_BUDGET_USD, ApprovalPolicy
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"])
 RIGHT = "admin:manage"
+router = APIRouter(
+    prefix="/v1/admin",
+    tags=["admin"],
+    dependencies=[limited("admin.write", RIGHT)],  # writes only
+    responses=RATE_LIMITED,
+)
 PrincipalId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$")]
 
 

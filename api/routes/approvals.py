@@ -25,8 +25,8 @@ from temporalio.client import (
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import CurrentPrincipal, Services, ServicesDep, attest, require
-from api.errors import ApiError, Conflict, Forbidden, Invalid, NotFound, Unavailable
+from api.deps import CurrentPrincipal, Services, ServicesDep, attest, limited, require
+from api.errors import RATE_LIMITED, ApiError, Conflict, Forbidden, Invalid, NotFound, Unavailable
 from api.proposals import proposal_viewer
 from api.schemas import ApprovalOut, DecisionIn, DecisionOut, Page
 from policies.permissions import evaluate
@@ -149,7 +149,11 @@ async def get_approval(
     return viewer.show(ApprovalOut.of_row(row))
 
 
-@router.post("/{approval_id}/decision")
+@router.post(
+    "/{approval_id}/decision",
+    dependencies=[limited("approvals.decide", "approvals:decide")],
+    responses=RATE_LIMITED,
+)
 async def decide(
     approval_id: str, body: DecisionIn, svc: ServicesDep, principal: CurrentPrincipal
 ) -> DecisionOut:

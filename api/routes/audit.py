@@ -24,8 +24,8 @@ from pydantic import BaseModel, Field, StringConstraints
 from temporalio.client import WorkflowExecutionDescription
 from temporalio.service import RPCError
 
-from api.deps import CurrentPrincipal, Services, ServicesDep, require
-from api.errors import Invalid, NotFound
+from api.deps import CurrentPrincipal, Services, ServicesDep, limited, require
+from api.errors import RATE_LIMITED, Invalid, NotFound
 from api.ledger import (
     Ledger,
     LedgerOut,
@@ -313,7 +313,11 @@ async def get_redaction(svc: ServicesDep, principal: CurrentPrincipal) -> Redact
     return _redaction_out(svc, current)
 
 
-@router.put("/v1/admin/redaction")
+@router.put(
+    "/v1/admin/redaction",
+    dependencies=[limited("admin.write", "redaction:write")],
+    responses=RATE_LIMITED,
+)
 async def put_redaction(
     body: RedactionIn, svc: ServicesDep, principal: CurrentPrincipal
 ) -> RedactionOut:

@@ -19,13 +19,12 @@ from pydantic import BaseModel, Field, field_validator
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
-from api.deps import CurrentPrincipal, Services, ServicesDep, require
-from api.errors import ApiError, Conflict, Invalid, NotFound, Unavailable
+from api.deps import ApiKeyId, CurrentPrincipal, Services, ServicesDep, admit_start, require
+from api.errors import RATE_LIMITED, ApiError, Conflict, Invalid, NotFound, Unavailable
 from api.routes.runs import IdempotencyKey, input_digest, launch, new_run_id
 from api.schemas import Page, Request, StartRun
 from stead import metrics
 from store import documents
-from store import principals as principals_store
 from store.principals import Principal
 from workflows.ingest import IngestWorkflow
 from workflows.state import RunContext, RunInput
@@ -100,7 +99,8 @@ def _sha256(text: str) -> str:
     "",
     status_code=status.HTTP_201_CREATED,
     responses={
-        200: {"model": DocumentCreated, "description": "an existing upload (same Idempotency-Key)"}
+        **RATE_LIMITED,
+        200: {"model": DocumentCreated, "description": "an existing upload (same Idempotency-Key)"},
     },
 )
 async def upload(
@@ -108,6 +108,7 @@ async def upload(
     response: Response,
     svc: ServicesDep,
     principal: CurrentPrincipal,
+    key_id: ApiKeyId,
     idempotency_key: IdempotencyKey = None,
 ) -> DocumentCreated:
     """Store a document and start its ingest run (chunking and indexing). 413 when the text
@@ -122,8 +123,9 @@ async def upload(
     run_id = new_run_id(
         principal.tenant, None if idempotency_key is None else f"doc\0{idempotency_key}"
     )
+    # Ingestion never waits for a person: not held back by the approval backlog.
+    plan, _ = await admit_start(svc, principal, key_id, IngestWorkflow.pipeline, with_cap=False)
     async with svc.pool.acquire() as conn:
-        plan = await principals_store.tenant_plan(conn, principal.tenant) or "standard"
         doc, created = await documents.create(
             conn, principal.tenant, document_id, body.title, body.text, principal.id, run_id
         )

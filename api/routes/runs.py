@@ -40,8 +40,16 @@ from temporalio.common import (
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import CurrentPrincipal, Services, ServicesDep, attest, require
-from api.errors import Conflict, Forbidden, Invalid, NotFound, Unavailable
+from api.deps import (
+    ApiKeyId,
+    CurrentPrincipal,
+    Services,
+    ServicesDep,
+    admit_start,
+    attest,
+    require,
+)
+from api.errors import RATE_LIMITED, Conflict, Forbidden, Invalid, NotFound, Unavailable
 from api.pipelines import PIPELINES, STARTED_BY_ROUTE
 from api.proposals import proposal_viewer
 from api.schemas import (
@@ -127,13 +135,17 @@ def run_status(value: WorkflowExecutionStatus | None) -> RunStatus:
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses={200: {"model": RunStarted, "description": "an existing run (same Idempotency-Key)"}},
+    responses={
+        200: {"model": RunStarted, "description": "an existing run (same Idempotency-Key)"},
+        **RATE_LIMITED,
+    },
 )
 async def start_run(
     body: StartRun,
     response: Response,
     svc: ServicesDep,
     principal: CurrentPrincipal,
+    key_id: ApiKeyId,
     idempotency_key: IdempotencyKey = None,
 ) -> RunStarted:
     """Start a run of a pipeline. Repeating the call with the same `Idempotency-Key` returns
@@ -154,7 +166,7 @@ async def start_run(
 
     run_id = new_run_id(principal.tenant, idempotency_key)
     digest = input_digest(body)
-    context = await new_context(svc, principal, body.pipeline, run_id, body.budget_usd)
+    context = await new_context(svc, principal, key_id, body.pipeline, run_id, body.budget_usd)
     try:
         await launch(svc, RunInput(context=context, input=body.input), digest)
     except WorkflowAlreadyStartedError:
@@ -164,20 +176,25 @@ async def start_run(
 
 
 async def new_context(
-    svc: Services, principal: Principal, pipeline: str, run_id: str, budget_usd: float | None
+    svc: Services,
+    principal: Principal,
+    key_id: str,
+    pipeline: str,
+    run_id: str,
+    budget_usd: float | None,
 ) -> RunContext:
-    """A new run's context: the caller, and the tenant's plan and approval policies as they
-    are now (a run keeps them to its end; a restart takes them afresh)."""
-    async with svc.pool.acquire() as conn:
-        try:
-            plan, overrides = await approvals_store.start_settings(conn, principal.tenant, pipeline)
-        except ValidationError as exc:
-            # A stored override that today's bounds refuse (written before they existed).
-            where = ".".join(str(p) for p in exc.errors()[0]["loc"])
-            raise Conflict(
-                f"the tenant's approval policy for {pipeline} is invalid ({where}): an admin must"
-                " set it again"
-            ) from None
+    """A new run's context, once the plan's limits admit it: the caller, and the tenant's plan
+    and approval policies as they are now (a run keeps them to its end; a restart takes them
+    afresh)."""
+    try:
+        plan, overrides = await admit_start(svc, principal, key_id, pipeline)
+    except ValidationError as exc:
+        # A stored override that today's bounds refuse (written before they existed).
+        where = ".".join(str(p) for p in exc.errors()[0]["loc"])
+        raise Conflict(
+            f"the tenant's approval policy for {pipeline} is invalid ({where}): an admin must"
+            " set it again"
+        ) from None
     return RunContext(
         tenant=principal.tenant,
         run_id=run_id,
@@ -484,9 +501,13 @@ def _own_or_admin(
         raise Forbidden("only the run's requester or an admin may do this")
 
 
-@router.post("/{run_id}/retry", status_code=status.HTTP_202_ACCEPTED)
+@router.post("/{run_id}/retry", status_code=status.HTTP_202_ACCEPTED, responses=RATE_LIMITED)
 async def retry_run(
-    run_id: str, svc: ServicesDep, principal: CurrentPrincipal, body: RetryIn | None = None
+    run_id: str,
+    svc: ServicesDep,
+    principal: CurrentPrincipal,
+    key_id: ApiKeyId,
+    body: RetryIn | None = None,
 ) -> RunStarted:
     """Re-drive a failed run, the dead-letter view's action.
 
@@ -511,6 +532,7 @@ async def retry_run(
         context = await new_context(
             svc,
             principal,
+            key_id,
             original.context.pipeline,
             new_run_id(principal.tenant, None),
             original.context.budget_usd,
