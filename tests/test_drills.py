@@ -423,10 +423,13 @@ async def test_model_faults_fall_back_and_budgets_stay_exact(
 
 @pytest.mark.usefixtures("worker")
 async def test_concurrent_starts_with_one_idempotency_key(
-    client: Client, test_settings: Settings, pool: Pool, tenant: Tenant
+    client: Client, test_settings: Settings, pool: Pool, make_tenant: TenantFactory
 ) -> None:
     """100 concurrent `POST /v1/runs` over HTTP with one `Idempotency-Key`: one 201 and 99 200s
-    naming the same run, one workflow, one run in the audit log and the usage ledger."""
+    naming the same run, one workflow, one run in the audit log and the usage ledger. (An
+    enterprise tenant: a standard key's start burst is smaller than 100, and every replay is
+    a request the limiter counts.)"""
+    tenant = await make_tenant(plan="enterprise")
     services = Services(test_settings, client, pool, load_policy(), audit_writer(test_settings))
     body = summarize("idempotent", review=False)
     headers = {**tenant.auth("requester"), "Idempotency-Key": f"drill-{uuid.uuid4().hex}"}

@@ -172,13 +172,13 @@ async def test_starts_over_the_key_limit_are_429(api_with: ApiFactory, team: Ten
 
 
 async def test_two_api_processes_share_one_allowance(
-    client: Client, test_settings: Settings, database_url: str, team: Tenant
+    client: Client, test_settings: Settings, app_database_url: str, team: Tenant
 ) -> None:
     """Two API apps, each with its own connection pool and HTTP server, share the database
     only. 60 concurrent starts from two keys, spread over both: no more are admitted than the
     key's burst for either key, nor than the tenant's for both."""
     limits = policy({"runs.start": {"per_key": bucket(8), "per_tenant": bucket(12)}})
-    pools = [await create_pool(database_url, app_role="stead_app", max_size=10) for _ in "ab"]
+    pools = [await create_pool(app_database_url, app_role="stead_app", max_size=10) for _ in "ab"]
     try:
         apps = [
             create_app(
