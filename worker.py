@@ -231,7 +231,10 @@ async def run(settings: Settings) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # force: `stead worker` configured logging for WARNING before it handed over to us.
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
+    )
     for chatty in ("httpx", "httpx2"):  # one INFO line per request drowns everything else
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:

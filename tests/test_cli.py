@@ -4,6 +4,7 @@ stderr naming the problem and a non-zero exit, never a traceback, never the pass
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import time
@@ -155,7 +156,9 @@ def test_a_worker_says_when_it_is_ready_and_what_it_lacks(
         assert process.stderr is not None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any("ready:" in line for line in lines):
-            lines.append(process.stderr.readline())
+            readable, _, _ = select.select([process.stderr], [], [], 1)
+            if readable:
+                lines.append(process.stderr.readline())
     finally:
         process.terminate()
         process.wait(timeout=30)
