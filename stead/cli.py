@@ -28,12 +28,13 @@ def _settings() -> Settings:
         raise SystemExit(2) from None
 
 
-def _checked(url: str) -> str:
+def _checked(url: str, variable: str | None = None) -> str:
     """`url` if a connection to it works; else one line naming the problem, and exit 2."""
     from stead.dbcheck import database_problem  # noqa: PLC0415  # imports asyncpg
 
     # pydantic-settings reads STEAD_DATABASE_URL first: name the one the user set.
-    variable = "STEAD_DATABASE_URL" if "STEAD_DATABASE_URL" in os.environ else "DATABASE_URL"
+    if variable is None:
+        variable = "STEAD_DATABASE_URL" if "STEAD_DATABASE_URL" in os.environ else "DATABASE_URL"
     problem = asyncio.run(database_problem(url, variable))
     if problem is not None:
         print(f"stead: {problem}", file=sys.stderr)
@@ -149,9 +150,9 @@ def _run(coro: Callable[[], Coroutine[Any, Any, int]]) -> int:
 def _owner_database_url(settings: Settings) -> str:
     """The owner's URL for migrations and gc: STEAD_MIGRATE_DATABASE_URL, else DATABASE_URL,
     else the embedded server's superuser."""
-    owner = settings.owner_database_url
-    if owner is not None:
-        return owner.get_secret_value()
+    if settings.migrate_database_url is not None:
+        url = settings.migrate_database_url.get_secret_value()
+        return _checked(url, "STEAD_MIGRATE_DATABASE_URL")
     return _database_url(settings)
 
 

@@ -4,9 +4,9 @@ stderr naming the problem and a non-zero exit, never a traceback, never the pass
 from __future__ import annotations
 
 import os
-import select
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -152,13 +152,15 @@ def test_a_worker_says_when_it_is_ready_and_what_it_lacks(
         [str(BIN / "stead"), "worker"], env=env, stderr=subprocess.PIPE, text=True
     )
     lines: list[str] = []
+    stderr = process.stderr
+    assert stderr is not None
+    # A thread reads: a blocking readline must not hang the test if the line never comes.
+    reader = threading.Thread(target=lambda: lines.extend(stderr), daemon=True)
+    reader.start()
     try:
-        assert process.stderr is not None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any("ready:" in line for line in lines):
-            readable, _, _ = select.select([process.stderr], [], [], 1)
-            if readable:
-                lines.append(process.stderr.readline())
+            time.sleep(0.1)
     finally:
         process.terminate()
         process.wait(timeout=30)
