@@ -25,13 +25,13 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
  && pip install -r /tmp/runtime.txt -c requirements.lock
 
 # Then the project itself, without touching the dependencies resolved above. The whole context
-# (minus .dockerignore) is copied; pyproject.toml's `only-include` decides what the wheel holds,
+# (minus .dockerignore) is copied; pyproject.toml's wheel `packages` decides what it holds,
 # so a new package needs no change here.
 COPY . ./
 # The smoke import runs from / so that it loads the installed wheel, not this source tree: a
 # module or data file missing from the wheel fails the build, not the first pod.
 RUN pip install --no-deps . \
- && cd / && python -c "import api.app, worker, store.migrate; assert store.migrate.discover()"
+ && cd / && python -c "import stead.api.app, stead.worker, stead.store.migrate as m; assert m.discover()"
 
 
 FROM ${PYTHON_IMAGE}

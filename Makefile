@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml requirements.lock
 # The worker's sandbox re-imports a workflow's module for every new run: without cached bytecode
 # (PYTHONDONTWRITEBYTECODE, a read-only tree) that is a compile per run. Incremental, well under 1 s.
 bytecode: $(STAMP)
-	@$(BIN)/python -m compileall -q activities api bench policies sim stead store workflows worker.py
+	@$(BIN)/python -m compileall -q activities api bench policies stead workflows worker.py
 
 dev: $(STAMP) bytecode ## run the whole platform locally (Temporal, Postgres, simulator, worker, API)
 	$(BIN)/stead dev

@@ -21,7 +21,7 @@ from typing import Any
 from bench.env import BenchEnv, EnvSpec, RunOptions, SteadSpec, Tenant, bench_env
 from bench.load import BenchError, SteadApi, bounded, wait_closed
 from bench.report import Comparison, Result, Table, at_most, say
-from store import budgets
+from stead.store import budgets
 
 
 @dataclass(frozen=True)

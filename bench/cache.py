@@ -23,18 +23,18 @@ from typing import Any
 
 from temporalio.testing import ActivityEnvironment
 
-from activities.model import ModelActivities
-from activities.types import ModelCall
-from api.routes.runs import workflow_id
 from bench.env import BenchEnv, EnvSpec, RunOptions, SteadSpec, Tenant, bench_env
 from bench.load import SteadApi
 from bench.report import Comparison, Result, Table, say
 from bench.stats import ratio, summary_ms
-from policies.models import load_prices, load_routing
-from store.audit import audit_writer
-from store.db import create_pool
-from worker import model_client
-from workflows.state import RunContext
+from stead.api.routes.runs import workflow_id
+from stead.calls import ModelCall
+from stead.contract import RunContext
+from stead.gateway.model import ModelActivities
+from stead.policy.models import load_prices, load_routing
+from stead.store.audit import audit_writer
+from stead.store.db import create_pool
+from stead.worker import model_client
 
 QUESTION = "What is our refund policy for duplicate charges? Answer in two sentences."
 

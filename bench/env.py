@@ -38,13 +38,13 @@ from temporalio.client import Client
 from bench.report import REPO, say
 from stead.config import Settings
 from stead.dev import Child, DevStack
+from stead.store import principals
+from stead.store.db import Pool, create_pool
+from stead.store.embedded import EmbeddedPostgres
+from stead.store.migrate import migrate
+from stead.store.payloads import PostgresPayloadStore
 from stead.telemetry import free_loopback_port
 from stead.temporal import connect
-from store import principals
-from store.db import Pool, create_pool
-from store.embedded import EmbeddedPostgres
-from store.migrate import migrate
-from store.payloads import PostgresPayloadStore
 
 BIN = Path(sys.executable).parent
 STEAD = str(BIN / "stead")

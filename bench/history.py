@@ -23,12 +23,12 @@ from typing import Any
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
 
-from api.routes.runs import workflow_id
 from bench.env import BenchEnv, EnvSpec, RunOptions, SteadSpec, Tenant, bench_env
 from bench.load import BenchError, SteadApi
 from bench.report import Comparison, Result, Table, at_most, say
 from bench.stats import ratio
-from store import crm
+from stead.api.routes.runs import workflow_id
+from stead.store import crm
 
 TARGET_BYTES = 2048
 HISTORY_LIMIT = 50 * 2**20

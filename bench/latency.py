@@ -25,13 +25,13 @@ from typing import Any
 
 from temporalio.client import WorkflowHandle
 
-from api.routes.runs import workflow_id
 from bench.bare import BareApproval, BareDecision, BareInput, BareThreeSteps
 from bench.env import BARE_QUEUE, BenchEnv, EnvSpec, RunOptions, SteadSpec, Tenant, bench_env
 from bench.load import BenchError, SteadApi
 from bench.report import Comparison, Result, Table, at_most, say
 from bench.stats import ratio, summary_ms
 from bench.throughput import triage_input
+from stead.api.routes.runs import workflow_id
 
 
 @dataclass(frozen=True)

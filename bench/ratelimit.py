@@ -27,16 +27,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from api.routes.runs import workflow_id
 from bench.env import BenchEnv, EnvSpec, RunOptions, SteadSpec, Tenant, bench_env
 from bench.latency import Samples, pending_approval
 from bench.load import SteadApi, bounded
 from bench.report import Comparison, Result, Table, say
 from bench.stats import ratio, summary_ms
 from bench.throughput import triage_input
-from policies.limits import LIMITS_FILE, LimitPolicy, load_limits
-from store import approvals as approvals_store
-from store import ratelimits
+from stead.api.routes.runs import workflow_id
+from stead.policy.limits import LIMITS_FILE, LimitPolicy, load_limits
+from stead.store import approvals as approvals_store
+from stead.store import ratelimits
 
 
 @dataclass(frozen=True)

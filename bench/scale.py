@@ -29,13 +29,13 @@ from datetime import UTC, datetime
 
 from temporalio.client import WorkflowHandle
 
-from api.routes.runs import workflow_id
 from bench.bare import BareApproval, BareDecision, BareInput
 from bench.env import BARE_QUEUE, BenchEnv, EnvSpec, RunOptions, SteadSpec, Tenant, bench_env
 from bench.latency import settled
 from bench.load import BenchError, SteadApi, bounded, last_close, since, wait_closed
 from bench.report import Comparison, Result, Table, at_most, say
 from bench.stats import ratio
+from stead.api.routes.runs import workflow_id
 
 WORKER_TARGET_MIB = 300
 

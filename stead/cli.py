@@ -53,7 +53,7 @@ def _required_database_url(settings: Settings, who: str) -> str:
 def _database_url(settings: Settings) -> str:
     if settings.database_url is not None:
         return _checked(settings.database_url.get_secret_value())
-    from store.embedded import EmbeddedPostgres  # noqa: PLC0415  # only needed without a URL
+    from stead.store.embedded import EmbeddedPostgres  # noqa: PLC0415  # only needed without a URL
 
     pg = EmbeddedPostgres(settings.pg_dir.resolve())
     if not pg.initialized() or not pg.running():
@@ -91,7 +91,7 @@ def cmd_api(_: argparse.Namespace) -> int:
     settings = _settings()
     _required_database_url(settings, "API")
     _serving(settings, "API")
-    from api.app import create_app  # noqa: PLC0415
+    from stead.api.app import create_app  # noqa: PLC0415
 
     return _serve(create_app(settings), settings.host, settings.api_port)
 
@@ -101,14 +101,14 @@ def cmd_worker(_: argparse.Namespace) -> int:
     settings = _settings()
     _required_database_url(settings, "worker")
     _serving(settings, "worker")
-    import worker  # noqa: PLC0415
+    from stead import worker  # noqa: PLC0415
 
     worker.main()
     return 0
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from sim.messages import SimConfig, create_app  # noqa: PLC0415
+    from stead.sim.messages import SimConfig, create_app  # noqa: PLC0415
 
     settings = _settings()
     return _serve(
@@ -117,7 +117,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_integrations(args: argparse.Namespace) -> int:
-    from sim.integrations import run_integrations  # noqa: PLC0415
+    from stead.sim.integrations import run_integrations  # noqa: PLC0415
 
     settings = _settings()
     token = args.token or (
@@ -157,7 +157,7 @@ def _owner_database_url(settings: Settings) -> str:
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
-    from store.migrate import migrate  # noqa: PLC0415
+    from stead.store.migrate import migrate  # noqa: PLC0415
 
     settings = _settings()
     url = _owner_database_url(settings)
@@ -177,7 +177,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Exit 0 if every chain checked is intact, 1 if one is broken, 2 for an unknown tenant."""
     import asyncpg  # noqa: PLC0415
 
-    from store.audit import verify  # noqa: PLC0415
+    from stead.store.audit import verify  # noqa: PLC0415
 
     url = _database_url(_settings())
 
@@ -217,8 +217,8 @@ def cmd_admin(args: argparse.Namespace) -> int:
     """Platform administration straight on the database (the operator's own credentials)."""
     import asyncpg  # noqa: PLC0415
 
-    from policies.permissions import PLATFORM_TENANT, load_policy  # noqa: PLC0415
-    from store import budgets, principals  # noqa: PLC0415
+    from stead.policy.permissions import PLATFORM_TENANT, load_policy  # noqa: PLC0415
+    from stead.store import budgets, principals  # noqa: PLC0415
 
     url = _database_url(_settings())
     platform_roles = load_policy().platform_roles

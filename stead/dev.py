@@ -51,12 +51,12 @@ import yaml
 
 from stead.config import Settings
 from stead.dbcheck import database_problem
+from stead.search import SEARCH_ATTRIBUTES
+from stead.store.embedded import EmbeddedPostgres
+from stead.store.migrate import migrate
+from stead.store.seed import seed_demo
 from stead.supervisor import GiveUp, Supervisor
 from stead.temporal import dev_server_args
-from store.embedded import EmbeddedPostgres
-from store.migrate import migrate
-from store.seed import seed_demo
-from workflows.search import SEARCH_ATTRIBUTES
 
 _PR_SET_PDEATHSIG = 1
 # Resolved before any fork: the child then makes a plain call, no dynamic loading.

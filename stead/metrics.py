@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from workflows.state import ApprovalStatus, AuditEvent
+from stead.contract import ApprovalStatus, AuditEvent
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 

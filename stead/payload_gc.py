@@ -30,8 +30,8 @@ from datetime import UTC, datetime, timedelta
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
 
-from store.db import Conn
-from store.payloads import collect, referenced
+from stead.store.db import Conn
+from stead.store.payloads import collect, referenced
 
 MARGIN = timedelta(days=1)
 MAX_DAYS = 36_500

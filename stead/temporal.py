@@ -128,7 +128,7 @@ async def ensure_search_attributes(client: Client) -> list[str]:
         ListSearchAttributesRequest,
     )
 
-    from workflows.search import SEARCH_ATTRIBUTES  # noqa: PLC0415
+    from stead.search import SEARCH_ATTRIBUTES  # noqa: PLC0415
 
     kinds = {
         "Keyword": IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from store.db import Pool
+from stead.store.db import Pool
 from tests.conftest import Tenant
 
 

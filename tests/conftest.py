@@ -29,24 +29,24 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from api.app import create_app
-from api.deps import Services
-from policies.permissions import PLATFORM_TENANT, load_policy
-from sim.integrations import create_email_app, create_payments_app
-from sim.messages import SimConfig
-from sim.messages import create_app as create_sim
+from stead import search
+from stead.api.app import create_app
+from stead.api.deps import Services
 from stead.config import Settings
+from stead.policy.permissions import PLATFORM_TENANT, load_policy
+from stead.sim.integrations import create_email_app, create_payments_app
+from stead.sim.messages import SimConfig
+from stead.sim.messages import create_app as create_sim
+from stead.store import principals
+from stead.store.audit import audit_writer
+from stead.store.db import Pool, create_pool
+from stead.store.embedded import EmbeddedPostgres
+from stead.store.migrate import migrate
+from stead.store.payloads import PostgresPayloadStore
 from stead.telemetry import tracing_interceptor
 from stead.temporal import data_converter, dev_server_args, ensure_search_attributes
-from store import principals
-from store.audit import audit_writer
-from store.db import Pool, create_pool
-from store.embedded import EmbeddedPostgres
-from store.migrate import migrate
-from store.payloads import PostgresPayloadStore
+from stead.worker import build_workers, make_deps
 from tests.servers import serve_app
-from worker import build_workers, make_deps
-from workflows import search
 
 # Spans from every test land here (one process-wide provider, as in production).
 SPANS = InMemorySpanExporter()

@@ -27,11 +27,11 @@ from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
 
-from api.routes.runs import workflow_id
+from stead.api.routes.runs import workflow_id
 from stead.config import Settings
-from store import budgets
-from store.audit import verify
-from store.db import Pool
+from stead.store import budgets
+from stead.store.audit import verify
+from stead.store.db import Pool
 from tests.conftest import Integrations, Tenant, spawn_worker
 from tests.helpers import eventually
 

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import httpx
 from temporalio.client import WorkflowHandle
 
-from store.db import Pool
+from stead.store.db import Pool
 from tests.conftest import Tenant
 
 HISTORIES = Path(__file__).parent / "histories"

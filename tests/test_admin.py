@@ -8,13 +8,13 @@ from temporalio.client import Client
 from temporalio.service import RetryConfig
 from temporalio.testing import WorkflowEnvironment
 
-from api.app import create_app
-from api.deps import Services
-from policies.permissions import load_policy
+from stead.api.app import create_app
+from stead.api.deps import Services
 from stead.config import Settings
+from stead.policy.permissions import load_policy
+from stead.store.audit import audit_writer
+from stead.store.db import Pool, create_pool
 from stead.temporal import data_converter
-from store.audit import audit_writer
-from store.db import Pool, create_pool
 from tests.conftest import TEMPORAL, Tenant
 from tests.helpers import free_ports, wait_json
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from api.routes.runs import workflow_id
-from store import principals
+from stead.api.routes.runs import workflow_id
+from stead.store import principals
 from tests.conftest import Tenant, TenantFactory
 from tests.helpers import record_history, start_run, wait_json
 

@@ -12,11 +12,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from stead.attest import Attestor, derive_keys
 from stead.config import Settings, parse_payload_keys
-from store.db import Pool
-from tests.conftest import PAYLOAD_KEYS, Tenant
-from tests.helpers import eventually, record_history
-from workflows.base import PipelineWorkflow
-from workflows.state import (
+from stead.contract import (
     ApprovalPolicy,
     ApprovalStatus,
     DecideInput,
@@ -25,6 +21,10 @@ from workflows.state import (
     RunInput,
     RunView,
 )
+from stead.pipeline.base import PipelineWorkflow
+from stead.store.db import Pool
+from tests.conftest import PAYLOAD_KEYS, Tenant
+from tests.helpers import eventually, record_history
 from workflows.summarize import SummarizeWorkflow
 
 pytestmark = pytest.mark.usefixtures("time_worker")

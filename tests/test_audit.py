@@ -19,15 +19,15 @@ import httpx
 import pytest
 from temporalio.testing import ActivityEnvironment
 
-from activities.ledger import LedgerActivities
-from activities.types import FlushAudit
+from stead.calls import FlushAudit
 from stead.config import Settings
+from stead.contract import ActorKind, AuditEvent
 from stead.crypto import Sealer
-from store.audit import AuditWriter, audit_writer, row_hash, verify
-from store.db import Pool
+from stead.gateway.ledger import LedgerActivities
+from stead.store.audit import AuditWriter, audit_writer, row_hash, verify
+from stead.store.db import Pool
 from tests.conftest import SimControl, Tenant, TenantFactory
 from tests.helpers import wait_json
-from workflows.state import ActorKind, AuditEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -15,10 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from api.app import create_app
-from store import crm
-from store import policy as policy_store
-from store.db import Pool
+from stead.api.app import create_app
+from stead.store import crm
+from stead.store import policy as policy_store
+from stead.store.db import Pool
 from tests.conftest import Tenant, TenantFactory
 from tests.helpers import wait_json
 

@@ -15,12 +15,12 @@ from typing import Any
 import httpx
 import pytest
 
-from api.pipelines import PIPELINES, STARTED_BY_ROUTE
-from store.db import Pool
+from stead.api.pipelines import PIPELINES, STARTED_BY_ROUTE
+from stead.contract import Proposal
+from stead.pipeline.proposals import InvalidEdits, apply_edits
+from stead.store.db import Pool
 from tests.conftest import Tenant
 from tests.helpers import wait_json
-from workflows.proposals import InvalidEdits, apply_edits
-from workflows.state import Proposal
 
 # One valid input per pipeline started through POST /v1/runs, and a text field to poison.
 INPUTS: dict[str, tuple[dict[str, Any], str]] = {

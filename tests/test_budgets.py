@@ -16,12 +16,12 @@ from typing import Any
 import httpx
 import pytest
 
-from store import budgets
-from store.db import Pool
+from stead.contract import RunContext
+from stead.store import budgets
+from stead.store.db import Pool
 from tests.budget_kit import counter, reservation
 from tests.conftest import SimControl, Tenant, TenantFactory
 from tests.helpers import start_run, wait_json
-from workflows.state import RunContext
 
 LIMIT = 1_000_000  # nano-USD: $0.001
 

@@ -25,19 +25,19 @@ from temporalio.converter import (
 )
 from temporalio.worker import Replayer
 
-from api.app import create_app
-from api.deps import Services
-from api.routes.runs import workflow_id
-from policies.permissions import load_policy
+from stead.api.app import create_app
+from stead.api.deps import Services
+from stead.api.routes.runs import workflow_id
 from stead.config import Settings
 from stead.payload_gc import minimum_days, namespace_retention
+from stead.policy.permissions import load_policy
+from stead.store.audit import audit_writer
+from stead.store.db import Pool
+from stead.store.payloads import PayloadMissing, PostgresPayloadStore, referenced
 from stead.temporal import data_converter
-from store.audit import audit_writer
-from store.db import Pool
-from store.payloads import PayloadMissing, PostgresPayloadStore, referenced
+from stead.worker import WORKFLOWS
 from tests.conftest import Tenant, running_workers
 from tests.helpers import wait_json
-from worker import WORKFLOWS
 
 STEAD = Path(sys.executable).parent / "stead"
 

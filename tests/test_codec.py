@@ -46,26 +46,26 @@ from temporalio.converter import (
     StorageDriverStoreContext,
 )
 
-from api.app import create_app
-from api.deps import Services
-from api.routes import codec as codec_route
-from api.routes.runs import launch, new_run_id, workflow_id
-from policies.permissions import load_policy
+from stead.api.app import create_app
+from stead.api.deps import Services
+from stead.api.routes import codec as codec_route
+from stead.api.routes.runs import launch, new_run_id, workflow_id
 from stead.codec import ENCODING, KEY_ID, REFUSED, EncryptionCodec
 from stead.config import ConfigError, Settings, load_settings
+from stead.contract import RunContext, RunInput
 from stead.crypto import SealError
 from stead.dev import DevStack
+from stead.pipeline.base import PipelineWorkflow
+from stead.policy.permissions import load_policy
+from stead.search import SEARCH_ATTRIBUTES
 from stead.serving import serving
+from stead.store.audit import audit_writer
+from stead.store.db import Pool
+from stead.store.payloads import PostgresPayloadStore
 from stead.temporal import data_converter, dev_server_args
-from store.audit import audit_writer
-from store.db import Pool
-from store.payloads import PostgresPayloadStore
 from tests.conftest import Tenant, running_workers
 from tests.helpers import eventually, free_ports, wait_json
 from tests.servers import serve_app
-from workflows.base import PipelineWorkflow
-from workflows.search import SEARCH_ATTRIBUTES
-from workflows.state import RunContext, RunInput
 
 BIN = Path(sys.executable).parent
 TEMPORAL = BIN / "temporal"

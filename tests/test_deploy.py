@@ -34,8 +34,8 @@ from temporalio.runtime import PrometheusConfig, TelemetryConfig
 import stead.telemetry
 from stead.config import Settings, load_settings
 from stead.metrics import REGISTRY
+from stead.search import SEARCH_ATTRIBUTES
 from stead.temporal import DEV_SERVER_CONFIG
-from workflows.search import SEARCH_ATTRIBUTES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -370,7 +370,8 @@ def test_dockerignore_keeps_secrets_and_local_state_out() -> None:
     assert {".env", ".venv", ".stead", ".git", "tests"} <= ignored
     # ...but never what the wheel is built from.
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    wheel = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["only-include"]
+    wheel = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
+    assert wheel == ["stead"]  # one import root
     assert not ignored & {*wheel, "pyproject.toml", "requirements.lock", "README.md"}
 
 

@@ -13,14 +13,14 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.retrieval import RetrievalActivities, chunk_text
-from activities.types import ChunkDocument, Passage
-from api.routes.runs import workflow_id
-from store import documents
-from store.db import Pool
+from stead.api.routes.runs import workflow_id
+from stead.calls import ChunkDocument, Passage
+from stead.gateway.retrieval import RetrievalActivities, chunk_text
+from stead.pipeline.base import PipelineWorkflow
+from stead.store import documents
+from stead.store.db import Pool
 from tests.conftest import Tenant, TenantFactory
 from tests.helpers import audit_actions, record_history, start_run, wait_json
-from workflows.base import PipelineWorkflow
 from workflows.doc_qa import NOT_FOUND, cited
 
 # Ten words that share none with the questions below, repeated to make a document long enough

@@ -25,21 +25,21 @@ import pytest
 from pydantic import SecretStr
 from temporalio.client import Client
 
-from api.app import create_app
-from api.deps import Services
-from api.routes.runs import workflow_id
-from policies.limits import ACTIONS, LimitPolicy
-from policies.permissions import load_policy
-from sim.integrations import create_payments_app
+from stead.api.app import create_app
+from stead.api.deps import Services
+from stead.api.routes.runs import workflow_id
 from stead.config import Settings
 from stead.dev import DevStack
+from stead.policy.limits import ACTIONS, LimitPolicy
+from stead.policy.permissions import load_policy
+from stead.sim.integrations import create_payments_app
+from stead.store import budgets, crm, principals
+from stead.store.audit import audit_writer
+from stead.store.db import Pool, create_pool
+from stead.store.embedded import EmbeddedPostgres
+from stead.store.migrate import migrate
+from stead.store.payloads import PostgresPayloadStore
 from stead.temporal import connect
-from store import budgets, crm, principals
-from store.audit import audit_writer
-from store.db import Pool, create_pool
-from store.embedded import EmbeddedPostgres
-from store.migrate import migrate
-from store.payloads import PostgresPayloadStore
 from tests.conftest import Integrations, SimControl, Tenant, TenantFactory
 from tests.drills_support import (
     CUSTOMER,

@@ -23,15 +23,15 @@ from temporalio.client import (
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 
-from api.routes.runs import workflow_id
+from stead.api.routes.runs import workflow_id
 from stead.attest import Attestor, derive_keys
 from stead.config import Settings
+from stead.contract import CancelInput, DecideInput
 from stead.errors import ErrorType
-from store.db import Pool
+from stead.pipeline.base import PipelineWorkflow
+from stead.store.db import Pool
 from tests.conftest import Tenant, running_workers
 from tests.helpers import audit_actions, eventually, wait_json
-from workflows.base import PipelineWorkflow
-from workflows.state import CancelInput, DecideInput
 
 TEXT = {"pipeline": "summarize", "input": {"text": "Revenue grew 12% in Q3. Costs fell 3%."}}
 

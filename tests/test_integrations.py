@@ -19,7 +19,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from sim.integrations import create_email_app, create_payments_app
+from stead.sim.integrations import create_email_app, create_payments_app
 from tests.servers import serve_app
 
 TOKEN = "s3cret-token"
@@ -513,7 +513,7 @@ async def test_email_keys_survive_a_restart(tmp_path: Path) -> None:
 RUNNER = """
 import logging, sys
 from pathlib import Path
-from sim.integrations import run_integrations
+from stead.sim.integrations import run_integrations
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 run_integrations("127.0.0.1", 0, 0, sys.argv[1], Path(sys.argv[2]))
 """

@@ -9,9 +9,9 @@ import uuid
 import asyncpg
 import pytest
 
-from store.db import Pool, UnsafeLogin, create_pool
-from store.embedded import EmbeddedPostgres
-from store.migrate import discover, migrate, scram_verifier, set_app_password
+from stead.store.db import Pool, UnsafeLogin, create_pool
+from stead.store.embedded import EmbeddedPostgres
+from stead.store.migrate import discover, migrate, scram_verifier, set_app_password
 
 
 async def test_migrations_apply_once(database_url: str) -> None:

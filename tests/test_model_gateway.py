@@ -19,20 +19,20 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.model import ModelActivities
-from activities.types import ModelCall, ModelReply
-from policies.models import TokenCounts, load_prices, load_routing
 from stead import metrics
+from stead.calls import ModelCall, ModelReply
 from stead.config import Settings
-from store import budgets
-from store.audit import audit_writer
-from store.db import Pool
-from store.text import storable
+from stead.contract import RunContext
+from stead.gateway.model import ModelActivities
+from stead.policy.models import TokenCounts, load_prices, load_routing
+from stead.store import budgets
+from stead.store.audit import audit_writer
+from stead.store.db import Pool
+from stead.store.text import storable
+from stead.worker import model_client
 from tests.budget_kit import counter, reservation
 from tests.conftest import SimControl, Tenant
 from tests.helpers import eventually
-from worker import model_client
-from workflows.state import RunContext
 
 DRAFT = load_routing().route("draft", "standard").models  # (primary, fallback)
 

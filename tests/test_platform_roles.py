@@ -17,8 +17,8 @@ import asyncpg
 import httpx
 import pytest
 
-from policies.permissions import PLATFORM_TENANT, load_policy
-from store import principals
+from stead.policy.permissions import PLATFORM_TENANT, load_policy
+from stead.store import principals
 from tests.conftest import Tenant
 
 PLATFORM_ROLES = sorted(load_policy().platform_roles)

@@ -34,15 +34,15 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from temporalio.client import Client
 
-from api.app import create_app, refresh_gauges
-from api.deps import Services
-from policies.models import load_routing
-from policies.permissions import load_policy
+from stead.api.app import create_app, refresh_gauges
+from stead.api.deps import Services
 from stead.config import Settings
+from stead.policy.models import load_routing
+from stead.policy.permissions import load_policy
 from stead.serving import serving
-from store import crm
-from store.audit import audit_writer
-from store.db import Pool
+from stead.store import crm
+from stead.store.audit import audit_writer
+from stead.store.db import Pool
 from tests.conftest import SimControl, Tenant, spawn_worker
 from tests.helpers import decide_pending, eventually, free_ports, start_run, wait_json
 

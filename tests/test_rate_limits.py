@@ -18,15 +18,15 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from api.app import create_app
-from api.deps import Services
-from api.routes.runs import workflow_id
-from policies.limits import LimitPolicy, load_limits
-from policies.permissions import load_policy
+from stead.api.app import create_app
+from stead.api.deps import Services
+from stead.api.routes.runs import workflow_id
 from stead.config import Settings
-from store import ratelimits
-from store.audit import audit_writer
-from store.db import Pool, create_pool
+from stead.policy.limits import LimitPolicy, load_limits
+from stead.policy.permissions import load_policy
+from stead.store import ratelimits
+from stead.store.audit import audit_writer
+from stead.store.db import Pool, create_pool
 from tests.conftest import Tenant, TenantFactory
 from tests.helpers import wait_json
 from tests.servers import serve_app

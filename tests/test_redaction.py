@@ -11,7 +11,7 @@ import secrets
 
 import pytest
 
-from policies.redaction import Redactor, load_policy, luhn_spans, reveal
+from stead.policy.redaction import Redactor, load_policy, luhn_spans, reveal
 
 REDACTOR = Redactor(load_policy())
 

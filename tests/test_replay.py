@@ -17,10 +17,10 @@ from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
 from stead.config import Settings
+from stead.contract import RunInput, RunResult
 from stead.temporal import data_converter
+from stead.worker import WORKFLOWS
 from tests.helpers import HISTORIES
-from worker import WORKFLOWS
-from workflows.state import RunInput, RunResult
 from workflows.summarize import SummarizeWorkflow
 
 # Current recordings, plus earlier generations (v1/, ...) kept to prove that runs started by

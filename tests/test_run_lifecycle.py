@@ -14,10 +14,10 @@ import pytest
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client
 
-from api.routes.runs import workflow_id
+from stead.api.routes.runs import workflow_id
 from stead.config import Settings
-from store import budgets
-from store.db import Pool
+from stead.store import budgets
+from stead.store.db import Pool
 from tests.conftest import SimControl, Tenant, TenantFactory, running_workers, spawn_worker
 from tests.helpers import audit_actions, eventually, record_history, start_run, wait_json
 

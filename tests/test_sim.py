@@ -23,7 +23,7 @@ from anthropic.types import (
 )
 from fastapi import FastAPI
 
-from sim.messages import SimConfig, SimState, count_tokens, create_app
+from stead.sim.messages import SimConfig, SimState, count_tokens, create_app
 from tests.servers import serve_app
 
 MODEL = "claude-sim-test"

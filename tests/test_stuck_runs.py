@@ -18,19 +18,18 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.worker import Worker
 
-from activities.ledger import LedgerActivities
-from api.app import refresh_gauges
-from api.routes.runs import new_run_id, workflow_id
-from stead import metrics
+from stead import metrics, search
+from stead.api.app import refresh_gauges
+from stead.api.routes.runs import new_run_id, workflow_id
 from stead.attest import AttestationInterceptor
 from stead.config import Settings
-from store.audit import audit_writer
-from store.db import Pool
+from stead.contract import RunContext, RunInput, RunResult
+from stead.gateway.ledger import LedgerActivities
+from stead.pipeline.base import PipelineWorkflow
+from stead.store.audit import audit_writer
+from stead.store.db import Pool
 from tests.conftest import Tenant
 from tests.helpers import audit_actions, eventually, wait_json
-from workflows import search
-from workflows.base import PipelineWorkflow
-from workflows.state import RunContext, RunInput, RunResult
 
 TEXT = {"pipeline": "summarize", "input": {"text": "Revenue grew 12% in Q3. Costs fell 3%."}}
 

@@ -12,11 +12,11 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from api.routes.runs import workflow_id
+from stead.api.routes.runs import workflow_id
 from stead.config import Settings
-from store import crm, principals
-from store import policy as policy_store
-from store.db import Pool
+from stead.store import crm, principals
+from stead.store import policy as policy_store
+from stead.store.db import Pool
 from tests.conftest import Integrations, Tenant, spawn_worker
 from tests.helpers import eventually, record_history, wait_json
 from tests.helpers import start_run as start

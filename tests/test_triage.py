@@ -8,9 +8,9 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from api.routes.runs import workflow_id
-from policies.models import load_routing
-from store.db import Pool
+from stead.api.routes.runs import workflow_id
+from stead.policy.models import load_routing
+from stead.store.db import Pool
 from tests.conftest import SimControl, Tenant
 from tests.helpers import record_history, wait_json
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from store import crm
-from store.db import Pool
+from stead.store import crm
+from stead.store.db import Pool
 from tests.conftest import Integrations, Tenant
 from tests.helpers import start_run as start
 from tests.test_support_agent import (

@@ -18,12 +18,12 @@ from typing import Any
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from activities.retrieval import RetrievalActivities
-    from activities.types import FoundPassages, ModelCall, ModelReply, Passage, SearchPassages
-    from policies import retries
-    from workflows.base import PipelineWorkflow
+    from stead import retries
+    from stead.calls import FoundPassages, ModelCall, ModelReply, Passage, SearchPassages
+    from stead.contract import Proposal, RunInput, RunResult, Stage
+    from stead.gateway.retrieval import RetrievalActivities
+    from stead.pipeline.base import PipelineWorkflow
     from workflows.inputs import DocQaInput
-    from workflows.state import Proposal, RunInput, RunResult, Stage
 
 
 NOT_FOUND = "I could not find this in your documents."

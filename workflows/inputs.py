@@ -40,9 +40,3 @@ class DocQaInput(BaseModel):
     question: str = Field(min_length=1, max_length=4000)
     top_k: int = Field(5, ge=1, le=20)
     review: bool = False
-
-
-class IngestInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    document_id: str = Field(pattern=r"^d_[a-z2-7]{26}$")

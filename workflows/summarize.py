@@ -11,10 +11,10 @@ from typing import Any
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from activities.types import ModelCall
-    from workflows.base import PipelineWorkflow
+    from stead.calls import ModelCall
+    from stead.contract import Proposal, RunInput, RunResult, Stage
+    from stead.pipeline.base import PipelineWorkflow
     from workflows.inputs import SummarizeInput
-    from workflows.state import Proposal, RunInput, RunResult, Stage
 
 
 SYSTEM = (

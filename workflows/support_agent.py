@@ -18,11 +18,11 @@ from typing import Any
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from activities.types import ModelCall
     from policies.tools import TOOLS
-    from workflows.base import PipelineWorkflow
+    from stead.calls import ModelCall
+    from stead.contract import RunInput, RunResult, Stage
+    from stead.pipeline.base import PipelineWorkflow
     from workflows.inputs import SupportTicket
-    from workflows.state import RunInput, RunResult, Stage
 
 
 SYSTEM = (

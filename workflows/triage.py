@@ -13,10 +13,10 @@ from typing import Any
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from activities.types import ModelCall, TaskClass
-    from workflows.base import PipelineWorkflow
+    from stead.calls import ModelCall, TaskClass
+    from stead.contract import RunInput, RunResult, Stage
+    from stead.pipeline.base import PipelineWorkflow
     from workflows.inputs import TriageInput
-    from workflows.state import RunInput, RunResult, Stage
 
 
 CLASSIFY = (

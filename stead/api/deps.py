@@ -1,0 +1,187 @@
+"""Request dependencies: the shared clients, and the authenticated caller.
+
+Routes declare what they need with these `Annotated` aliases; nothing reads globals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from temporalio.client import Client
+
+from stead import metrics
+from stead.api.errors import Conflict, Forbidden, RateLimited, Unauthorized, Unavailable
+from stead.config import Settings
+from stead.contract import ApprovalPolicy, CancelInput, DecideInput
+from stead.policy.limits import LIMITS_FILE, Action, LimitPolicy, Rate, load_limits
+from stead.policy.permissions import PLATFORM_RIGHT_PREFIX, PLATFORM_TENANT, PermissionPolicy
+from stead.store import approvals as approvals_store
+from stead.store import principals, ratelimits
+from stead.store.audit import AuditWriter
+from stead.store.db import Pool
+from stead.store.principals import Principal
+
+
+@dataclass
+class Services:
+    settings: Settings
+    temporal: Client
+    pool: Pool
+    permissions: PermissionPolicy
+    audit: AuditWriter
+    # None: the file the settings name (policies/limits.yaml unless set). Tests pass their own.
+    limit_policy: LimitPolicy | None = None
+
+    def __post_init__(self) -> None:
+        # Loaded as the process starts, so a bad file stops it before it serves anything.
+        self.limits = self.limit_policy or load_limits(self.settings.limits_file or LIMITS_FILE)
+
+
+def services(request: Request) -> Services:
+    found: Services = request.app.state.services
+    return found
+
+
+_bearer = HTTPBearer(auto_error=False, description="Stead API key: `Bearer stead_...`")
+
+
+async def authenticate(svc: Services, authorization: str | None) -> Principal:
+    """The principal behind an `Authorization: Bearer <key>` header, or Unauthorized."""
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized("missing credentials: send Authorization: Bearer <API key>")
+    async with svc.pool.acquire() as conn:
+        principal = await principals.authenticate(conn, key.strip())
+    if principal is None:
+        raise Unauthorized("invalid or revoked API key")
+    return principal
+
+
+async def current_principal(
+    request: Request,
+    # Declared so that OpenAPI documents the scheme; the header itself was read, and the
+    # caller authenticated, by `api.app.Authenticate` before the body was read.
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    found = getattr(request.state, "principal", None)
+    if isinstance(found, Principal):
+        return found
+    return await authenticate(services(request), request.headers.get("authorization"))
+
+
+ServicesDep = Annotated[Services, Depends(services)]
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+AttestedT = TypeVar("AttestedT", DecideInput, CancelInput)
+
+
+def attest(svc: Services, workflow_id: str, message: AttestedT) -> AttestedT:
+    """Sign a decision or cancel after the caller's authorization passed (see stead.attest)."""
+    attestor = svc.settings.attestor
+    if attestor is None:
+        raise Unavailable(
+            "decisions need attestation keys: set STEAD_PAYLOAD_KEYS or STEAD_ATTESTATION_KEYS"
+        )
+    return message.model_copy(update={"attestation": attestor.sign(workflow_id, message.claim())})
+
+
+def require(svc: Services, principal: Principal, right: str) -> None:
+    """403 unless the caller's roles grant `right`. A platform right counts only for a member
+    of the platform tenant: a role that reached a customer tenant's user by any path (an old
+    row, a hand edit) still reaches no other tenant."""
+    platform_only = right.startswith(PLATFORM_RIGHT_PREFIX)
+    if (platform_only and principal.tenant != PLATFORM_TENANT) or not svc.permissions.has_right(
+        principal.roles, right
+    ):
+        metrics.PERMISSION_DENIALS.labels("api", right).inc()
+        raise Forbidden(f"this action needs the right {right!r}, which your roles do not grant")
+
+
+# --- request limits (policies/limits.yaml, enforced in store/ratelimits.py) ------------------
+
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def api_key_id(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """The id part of the caller's key, `stead_<id>_<secret>`: the subject of per-key limits.
+    Meaningful only beside `CurrentPrincipal`, which checks the key."""
+    parts = credentials.credentials.split("_", 2) if credentials else []
+    return parts[1] if len(parts) == 3 else ""
+
+
+ApiKeyId = Annotated[str, Depends(api_key_id)]
+
+
+def limited(action: Action, right: str) -> Any:
+    """A route dependency for writes: the caller holds `right` and is within the plan's
+    limits for `action` (429 otherwise). Reads pass untouched. The right is checked first, so a
+    caller refused anyway spends none of the allowance the tenant's real callers need."""
+
+    async def check(
+        request: Request, svc: ServicesDep, principal: CurrentPrincipal, key_id: ApiKeyId
+    ) -> None:
+        if request.method in _READS:
+            return
+        require(svc, principal, right)
+        await enforce(svc, principal, key_id, action)
+
+    return Depends(check)
+
+
+async def enforce(svc: Services, principal: Principal, key_id: str, action: Action) -> None:
+    """Charge one request of `action` to the caller's key and tenant, or refuse it (429)."""
+    if not svc.limits.enforced(action):
+        return
+    async with svc.pool.acquire() as conn:
+        verdict = await ratelimits.admit(
+            conn, principal.tenant, action, key_id, svc.limits.for_store(action)
+        )
+    _refuse_unless_admitted(svc, verdict, action)
+
+
+async def admit_start(
+    svc: Services, principal: Principal, key_id: str, pipeline: str, *, with_cap: bool = True
+) -> tuple[str, dict[str, ApprovalPolicy]]:
+    """The plan and approval-policy overrides a new run of `pipeline` starts with, once the
+    plan's limits admit it: 429 over a rate, 409 (`approval_backlog`) at the cap on runs
+    waiting for approval. One round trip, the read every start makes anyway."""
+    async with svc.pool.acquire() as conn:
+        if not svc.limits.enforced("runs.start", with_cap=with_cap):
+            return await approvals_store.start_settings(conn, principal.tenant, pipeline)
+        limits = svc.limits.for_store("runs.start", with_cap=with_cap)
+        verdict, overrides = await ratelimits.admit_start(
+            conn, principal.tenant, pipeline, key_id, limits
+        )
+    _refuse_unless_admitted(svc, verdict, "runs.start")
+    return verdict.plan, overrides
+
+
+def _refuse_unless_admitted(svc: Services, verdict: ratelimits.Verdict, action: Action) -> None:
+    if verdict.admitted:
+        return
+    limits = svc.limits.plan(verdict.plan).of(action)
+    if verdict.refused_by == "awaiting_approval":
+        # 409, not 429: waiting does not clear it, a person deciding does. A 429 would send
+        # clients that retry on Retry-After into a loop no delay can end.
+        raise Conflict(
+            f"{limits.max_runs_awaiting_approval} of this tenant's runs are waiting for"
+            " approval, the most its plan allows; decide some before starting more",
+            code="approval_backlog",
+        )
+    by_key = verdict.refused_by == "key"
+    raise RateLimited(
+        f"{'this API key' if by_key else 'this tenant'} is over its {action} limit"
+        f" ({_rate(limits.per_key if by_key else limits.per_tenant)});"
+        f" retry in {verdict.retry_after:.1f} s",
+        retry_after=verdict.retry_after,
+    )
+
+
+def _rate(rate: Rate | None) -> str:
+    return f"{rate.burst} at once, then {rate.per_second:g} a second" if rate else "no limit"

@@ -1,0 +1,209 @@
+"""API request and response bodies. Requests forbid unknown fields: a body can never set a
+tenant, a role or an approval state."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from stead.contract import (
+    MAX_BUDGET_USD,
+    ApprovalState,
+    ApprovalStatus,
+    ErrorInfo,
+    RunStatus,
+    Stage,
+    StageEntry,
+    Usage,
+)
+from stead.store.text import unstorable_path
+
+T = TypeVar("T")
+
+
+def _not_a_number(value: object) -> object:
+    # pydantic reads a bare number as a Unix timestamp (`to=0.5` is 1970-01-01T00:00:00.5Z);
+    # the schema says date-time, and a number here is a mistake, not a time. Found by the
+    # schemathesis drill in tests/test_drills.py (a schema-violating request was accepted).
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return value
+        raise ValueError("must be an ISO 8601 date-time, e.g. 2026-01-31T00:00:00Z")
+    return value
+
+
+# A date-time query parameter: ISO 8601 only.
+DateTimeParam = Annotated[datetime, BeforeValidator(_not_a_number)]
+
+
+class Request(BaseModel):
+    """Every request body: unknown fields refused, numbers finite, text storable."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _storable(self) -> Request:
+        where = unstorable_path(self.model_dump())
+        if where:
+            raise ValueError(f"{where}: text must not contain NUL or unpaired surrogates")
+        return self
+
+
+class StartRun(Request):
+    pipeline: str = Field(min_length=1, max_length=64, examples=["summarize"])
+    input: dict[str, Any] = Field(examples=[{"text": "Quarterly revenue grew 12%..."}])
+    budget_usd: float | None = Field(None, gt=0, le=MAX_BUDGET_USD, description="cap for this run")
+
+
+class RunStarted(BaseModel):
+    run_id: str
+    pipeline: str
+    status: RunStatus
+    created: bool = Field(description="false when an Idempotency-Key matched an existing run")
+
+
+class UsageOut(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    cost_usd: float
+    model_calls: int
+    cache_hits: int
+    fallbacks: int
+
+    @staticmethod
+    def of(usage: Usage) -> UsageOut:
+        return UsageOut(**usage.model_dump(exclude={"cost_nusd"}), cost_usd=usage.cost_usd)
+
+
+class ApprovalOut(BaseModel):
+    approval_id: str
+    run_id: str
+    pipeline: str
+    kind: str
+    title: str
+    proposal: dict[str, Any]
+    editable: list[str]
+    requested_by: str
+    status: ApprovalStatus
+    eligible_roles: list[str]
+    eligible_principals: list[str]
+    quorum: int
+    approvals: int
+    deadline_at: datetime
+    created_at: datetime
+
+    @staticmethod
+    def of_state(run_id: str, pipeline: str, approval: ApprovalState) -> ApprovalOut:
+        return ApprovalOut(
+            approval_id=approval.approval_id,
+            run_id=run_id,
+            pipeline=pipeline,
+            kind=approval.proposal.kind,
+            title=approval.proposal.title,
+            proposal=approval.final_data or approval.proposal.data,
+            editable=list(approval.proposal.editable),
+            requested_by=approval.requested_by,
+            status=approval.status,
+            eligible_roles=list(approval.eligible_roles),
+            eligible_principals=list(approval.policy.principals),
+            quorum=approval.policy.quorum,
+            approvals=approval.approve_count,
+            deadline_at=approval.deadline_at,
+            created_at=approval.created_at,
+        )
+
+    @staticmethod
+    def of_row(row: dict[str, Any]) -> ApprovalOut:
+        return ApprovalOut(
+            approval_id=row["id"],
+            run_id=row["run_id"],
+            pipeline=row["pipeline"],
+            kind=row["kind"],
+            title=row["title"],
+            proposal=row["proposal"]["data"],
+            editable=row["proposal"].get("editable", []),
+            requested_by=row["requested_by"],
+            status=ApprovalStatus(row["status"]),
+            eligible_roles=row["eligible_roles"],
+            eligible_principals=row["eligible_principals"],
+            quorum=row["quorum"],
+            approvals=row["approvals"],
+            deadline_at=row["deadline_at"],
+            created_at=row["created_at"],
+        )
+
+
+class RunOut(BaseModel):
+    run_id: str
+    pipeline: str
+    status: RunStatus
+    stage: Stage
+    requested_by: str
+    started_at: datetime | None
+    closed_at: datetime | None = None
+    stages: list[StageEntry] = []
+    pending_approvals: list[ApprovalOut] = []
+    approvals: list[ApprovalOut] = []
+    attempts: dict[str, int] = {}
+    usage: UsageOut | None = None
+    last_error: ErrorInfo | None = None
+    result: dict[str, Any] | None = None
+    progress: dict[str, int] = Field(default_factory=dict)
+    state_available: bool = Field(
+        True,
+        description="false when no worker answered the state query; facts then come "
+        "from Temporal visibility alone",
+    )
+    stuck: bool = Field(
+        False,
+        description="the run's workflow task keeps failing (a bug or a bad value): it makes "
+        "no progress until the code is fixed; cancel ends it",
+    )
+    stuck_error: ErrorInfo | None = Field(None, description="why its workflow task fails")
+
+
+class RunSummary(BaseModel):
+    run_id: str
+    pipeline: str
+    status: RunStatus
+    stage: Stage | None
+    requested_by: str | None
+    pending_approval: bool
+    stuck: bool = False
+    error_type: str | None = None
+    started_at: datetime | None
+    closed_at: datetime | None
+
+
+class Page(BaseModel, Generic[T]):  # Python 3.11 has no PEP 695 syntax
+    items: list[T]
+    next_cursor: str | None = Field(None, description="pass as `cursor` for the next page")
+
+
+class DecisionIn(Request):
+    decision: Literal["approve", "reject"]
+    comment: str = Field("", max_length=4000)
+    edits: dict[str, Any] | None = Field(
+        None, description="with approve: changed fields of the proposal (editable ones only)"
+    )
+
+
+class DecisionOut(BaseModel):
+    approval_id: str
+    status: ApprovalStatus
+    approvals: int
+    quorum: int
+
+
+class RetryIn(Request):
+    mode: Literal["resume", "restart"] = Field(
+        "resume",
+        description="resume: re-run from the failed step, keeping what succeeded; "
+        "restart: a new run with the same input",
+    )

@@ -1,0 +1,177 @@
+"""Inputs and results of every activity: one typed model each, shared by workflows and workers."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from stead.contract import (
+    ApprovalState,
+    AuditEvent,
+    Frozen,
+    RunContext,
+    Usage,
+)
+
+TaskClass = Literal["classify", "draft", "reason", "answer", "agent"]
+
+
+class FlushAudit(Frozen):
+    """Audit events to store; with them, approvals whose projection is behind (the API wrote
+    the decision to the inbox already; this makes the workflow's own version durable)."""
+
+    events: list[AuditEvent]
+    approvals: list[ApprovalState] = Field(default_factory=list)
+    context: RunContext | None = None
+    workflow_id: str = ""
+
+
+class PublishApproval(Frozen):
+    """Project an approval's current state into the store (the inbox) and audit the change."""
+
+    context: RunContext
+    workflow_id: str
+    approval: ApprovalState
+    events: list[AuditEvent] = Field(default_factory=list)
+
+
+class RaiseBudget(Frozen):
+    """An approved budget increase (customer or user scope) to apply."""
+
+    tenant: str
+    scope: Literal["customer", "user"]
+    subject: str
+    period: str
+    limit_nusd: int
+    approval_id: str
+    approved_by: tuple[str, ...]
+
+
+class ModelCall(Frozen):
+    """One model step. `step` names it in the run (for the ledger); `task` picks the route."""
+
+    context: RunContext
+    step: str
+    # Stable across retries, replays and re-drives: the workflow derives it from its own history.
+    call_key: str = ""
+    task: TaskClass
+    system: str | None = None
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    max_tokens: int = Field(1024, ge=1, le=64_000)
+    escalate: bool = False
+    cache: bool = True
+    # The run's budget in force (raised by an approval, it differs from the context's).
+    run_budget_nusd: int | None = None
+    events: list[AuditEvent] = Field(default_factory=list)
+
+
+class ModelReply(Frozen):
+    model: str
+    content: list[dict[str, Any]]
+    stop_reason: str
+    usage: Usage
+    cache_hit: bool = False
+    fallbacks: int = 0
+    attempt: int = 1
+    latency_ms: float = 0.0
+
+    @property
+    def text(self) -> str:
+        return "".join(b.get("text", "") for b in self.content if b.get("type") == "text")
+
+    @property
+    def tool_uses(self) -> list[dict[str, Any]]:
+        return [b for b in self.content if b.get("type") == "tool_use"]
+
+
+class ApprovalGrant(Frozen):
+    """Proof that humans approved a tool call, with the (possibly edited) arguments."""
+
+    approval_id: str
+    decided_by: tuple[str, ...]
+    arguments: dict[str, Any]
+
+
+class ToolInvocation(Frozen):
+    """One tool call by an agent acting for the run's requester.
+
+    `facts` are trusted values from the run itself (e.g. the ticket's customer id), never from
+    the model; constraints such as "email only the customer's own domain" are checked
+    against them. `op_key` is the side effect's idempotency key.
+    """
+
+    context: RunContext
+    agent: str
+    call_id: str
+    tool: str
+    arguments: dict[str, Any]
+    op_key: str
+    facts: dict[str, Any] = Field(default_factory=dict)
+    approval: ApprovalGrant | None = None
+    events: list[AuditEvent] = Field(default_factory=list)
+
+
+ToolStatus = Literal["executed", "denied", "needs_approval", "failed"]
+
+
+class ToolOutcome(Frozen):
+    status: ToolStatus
+    content: str
+    is_error: bool = False
+    rule: str = ""
+    reason: str = ""
+    approver_roles: tuple[str, ...] = ()
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    facts: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+# --- Retrieval (doc-qa) ------------------------------------------------------------------------
+
+
+class ChunkDocument(Frozen):
+    """Chunk a stored document and store chunks `first_chunk` up to `first_chunk + max_chunks`.
+
+    Only the id travels: the activity reads the text from PostgreSQL. Chunking is a pure
+    function of the text and the sizes, so every batch (and every retry) sees the same chunks.
+    """
+
+    tenant: str
+    document_id: str
+    first_chunk: int = Field(0, ge=0)
+    max_chunks: int = Field(256, ge=1, le=10_000)
+    chunk_words: int = Field(200, ge=20, le=2_000)
+    overlap_words: int = Field(40, ge=0, le=500)
+
+
+class ChunkedDocument(Frozen):
+    document_id: str
+    total: int  # the document's chunk count
+    done: int  # chunks stored so far (`first_chunk` of the next batch)
+    written: int  # chunks this call stored that were not stored before
+
+
+class SearchPassages(Frozen):
+    tenant: str
+    query: str
+    limit: int = Field(5, ge=1, le=50)
+
+
+class Passage(Frozen):
+    document_id: str
+    chunk_no: int
+    title: str
+    text: str
+    rank: float
+
+
+class FoundPassages(Frozen):
+    passages: list[Passage]
+
+
+class MarkDocument(Frozen):
+    tenant: str
+    document_id: str
+    status: Literal["indexing", "ready", "failed"]

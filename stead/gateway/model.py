@@ -1,0 +1,556 @@
+"""The model gateway: every model call in Stead is this activity.
+
+One attempt does, in order: return the memoized reply if an earlier attempt of this call
+finished; serve an exact-match cache hit for the model asked for (free, recorded); count input
+tokens and reserve the worst-case cost on every applicable budget, waiting while only calls in
+flight stand in the way; call the route's models in order, moving to the next on 429, 529, 5xx
+or timeout (a fallback); record the cost (settle the reservation, write the ledger row), then
+the memo, cache entry and audit events.
+
+A billed call is never left off the record. The cost is written first, in a transaction of
+identifiers and numbers that no reply can make fail, and the reply is made storable (NUL and
+lone surrogates replaced, see `store.text`) before it is memoized, cached, audited or handed to
+the workflow. If even the cost cannot be written, the attempt fails loudly and its reservation
+is charged in full, here or by the sweeper (`store.budgets.sweep_stale`).
+
+Temporal owns retries: the SDK client runs with `max_retries=0` and a timeout below the
+activity's start-to-close. When every model of the route is unavailable the attempt fails
+retryably, with the provider's retry-after as the next retry delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any, NoReturn, TypeVar
+
+import anthropic
+from temporalio import activity
+
+from stead import metrics
+from stead.calls import ModelCall, ModelReply
+from stead.contract import AuditEvent, Usage
+from stead.errors import ErrorType, failure
+from stead.gateway.heartbeat import heartbeating
+from stead.policy.models import PriceTable, RoutingPolicy, TokenCounts
+from stead.store import budgets, usage
+from stead.store.audit import AuditWriter, run_event
+from stead.store.db import Pool
+from stead.store.text import storable
+from stead.telemetry import set_attributes, span
+
+T = TypeVar("T")
+_RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
+_AUTH_STATUS = {401, 403}
+_TOKEN_FIELDS = {"input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"}
+# Polling a busy budget: the first look soon (calls settle in milliseconds to seconds), then
+# less often, jittered so that waiters do not come back in step.
+_BUDGET_POLL_FIRST = 0.05
+_BUDGET_POLL_MAX = 1.0
+
+
+class _Unavailable(Exception):
+    type = ErrorType.PROVIDER_UNAVAILABLE  # what a failed span records (stead.telemetry)
+
+    def __init__(self, retry_after: float | None, detail: str) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+def _retry_after(exc: anthropic.APIStatusError) -> float | None:
+    raw = exc.response.headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(float(raw), 0.0)
+    except ValueError:
+        pass
+    try:
+        return max((parsedate_to_datetime(raw) - datetime.now(UTC)).total_seconds(), 0.0)
+    except (TypeError, ValueError):
+        return None
+
+
+class ModelActivities:
+    def __init__(
+        self,
+        pool: Pool,
+        client: anthropic.AsyncAnthropic,
+        prices: PriceTable,
+        routing: RoutingPolicy,
+        audit: AuditWriter,
+        *,
+        cache_ttl: timedelta = timedelta(hours=24),
+        heartbeat_every: float = 5.0,
+        # How long a call waits for reservations in flight to settle before its attempt fails
+        # retryably; with the call itself it stays well inside the model policy's
+        # start-to-close (policies/retries.py).
+        budget_wait: timedelta = timedelta(minutes=2),
+    ) -> None:
+        self._pool = pool
+        self._client = client
+        self._prices = prices
+        self._routing = routing
+        self._audit = audit
+        self._cache_ttl = cache_ttl
+        self._heartbeat_every = heartbeat_every
+        self._budget_wait = budget_wait
+
+    @activity.defn(name="model.call")
+    async def call_model(self, call: ModelCall) -> ModelReply:
+        attempt = activity.info().attempt
+        key = call.call_key or _fallback_key()
+        route = self._routing.route(call.task, call.context.plan)
+        models = route.candidates(call.escalate)
+        request = _request_body(call)
+        digest = usage.request_hash(request)
+        with span(
+            "model.cache_lookup",
+            tenant=call.context.tenant,
+            pipeline=call.context.pipeline,
+            step=call.step,
+        ) as lookup:
+            async with self._pool.acquire() as conn:
+                ready = await usage.prepare(
+                    conn,
+                    tenant=call.context.tenant,
+                    principal=call.context.requested_by,
+                    call_key=key,
+                    model=models[0],
+                    digest=digest if call.cache else None,
+                )
+            set_attributes(lookup, **_lookup_facts(call.cache, ready))
+        if ready.memo is not None:
+            memo = ModelReply.model_validate(ready.memo)
+            # The attempt that memoized it may have failed before its audit write.
+            await self._write_events([*call.events, _called(call, key, memo)])
+            return memo
+        if call.cache:
+            metrics.MODEL_CACHE.labels("hit" if ready.cached else "miss").inc()
+            if ready.cached is not None:
+                return await self._serve_cached(call, key, attempt, *ready.cached)
+        # Without a budget to enforce there is nothing to reserve, and no reason to spend a
+        # provider round trip counting tokens.
+        budgeted = ready.budgeted or call.run_budget_nusd is not None
+        worst = 0
+        if budgeted:
+            input_tokens = await self._count_tokens(models[0], request)
+            worst = max(
+                self._prices.worst_case_nusd(m, input_tokens, call.max_tokens) for m in models
+            )
+            await self._reserve(call, key, attempt, worst)
+
+        settled = False
+        try:
+            started = time.perf_counter()
+            with span(
+                "model.call",
+                tenant=call.context.tenant,
+                pipeline=call.context.pipeline,
+                step=call.step,
+                task=call.task,
+                attempt=attempt,
+            ) as current:
+                model, message, fallbacks = await heartbeating(
+                    self._call_route(models, request), self._heartbeat_every
+                )
+                latency_ms = (time.perf_counter() - started) * 1000
+                reply = self._reply(model, message, fallbacks, attempt, latency_ms)
+                set_attributes(
+                    current,
+                    model=model,
+                    fallbacks=fallbacks,
+                    input_tokens=reply.usage.input_tokens,
+                    output_tokens=reply.usage.output_tokens,
+                    cost_usd=reply.usage.cost_usd,
+                    cache_hit=False,
+                )
+            await self._finish(call, key, attempt, reply, digest, budgeted=budgeted)
+            settled = True
+            return reply
+        except _Unavailable as exc:
+            await self._release(call, key, attempt, 0, f"all route models unavailable: {exc}")
+            settled = True
+            delay = timedelta(seconds=exc.retry_after) if exc.retry_after else None
+            raise failure(
+                ErrorType.PROVIDER_UNAVAILABLE,
+                f"every model of the route failed: {exc}",
+                {"attempt": attempt},
+                next_retry_delay=delay,
+            ) from None
+        except anthropic.APIStatusError as exc:
+            await self._release(call, key, attempt, 0, f"provider refused: {exc.status_code}")
+            settled = True
+            kind = (
+                ErrorType.AUTHENTICATION
+                if exc.status_code in _AUTH_STATUS
+                else ErrorType.BAD_REQUEST
+            )
+            # The provider's own words stay in the details (encrypted in the history, for an
+            # operator with the codec): the message reaches traces, and a provider's message
+            # can quote the request.
+            raise failure(
+                kind,
+                f"the provider refused the request ({exc.status_code} {type(exc).__name__})",
+                {"attempt": attempt, "provider_message": _provider_message(exc)},
+            ) from None
+        finally:
+            if not settled and budgeted:
+                # Cancelled or crashed mid-call: the provider may bill what it generated, so
+                # the reservation is charged in full.
+                await asyncio.shield(self._release_quietly(key, attempt, worst))
+
+    # --- steps -------------------------------------------------------------------------------
+
+    async def _serve_cached(
+        self, call: ModelCall, key: str, attempt: int, model: str, stored: dict[str, Any]
+    ) -> ModelReply:
+        """A cache hit is the activity's result (replay stays deterministic) and costs nothing."""
+        reply = ModelReply(
+            model=model,
+            content=stored["content"],
+            stop_reason=stored["stop_reason"],
+            usage=Usage(model_calls=1, cache_hits=1),
+            cache_hit=True,
+            attempt=attempt,
+        )
+        await self._finish(call, key, attempt, reply, None, budgeted=False)
+        return reply
+
+    async def _count_tokens(self, model: str, request: dict[str, Any]) -> int:
+        params = {k: v for k, v in request.items() if k != "max_tokens"}
+        try:
+            counted = await heartbeating(
+                self._client.messages.count_tokens(model=model, **params), self._heartbeat_every
+            )
+            return int(counted.input_tokens)
+        except (TimeoutError, anthropic.APIError):
+            # Counting is advisory; never block a call on it. Two bytes a token overestimates
+            # every tokenizer we know, so the reservation stays a worst case.
+            return len(repr(params).encode()) // 2 + 16
+
+    async def _reserve(self, call: ModelCall, key: str, attempt: int, amount: int) -> None:
+        """Reserve the call's worst case. While the only obstacle is other calls' reservations
+        in flight, wait (heartbeating) for them to settle, up to `budget_wait`.
+
+        Waiting here rather than failing the attempt keeps Temporal's attempts for real
+        attempts: a wait is no failure of the call, and retries spent on it would fail runs
+        that the budget can pay for. Each look is the same conditional reservation, so spend
+        can no more pass a limit while waiting than without it.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._budget_wait.total_seconds()
+        pause = _BUDGET_POLL_FIRST
+        while True:
+            try:
+                async with self._pool.acquire() as conn:
+                    await budgets.reserve(
+                        conn,
+                        call.context,
+                        key,
+                        attempt,
+                        amount,
+                        run_limit_nusd=call.run_budget_nusd,
+                    )
+                return
+            except budgets.BudgetExhausted as exc:
+                await self._reject(call, key, attempt, exc)
+            except budgets.BudgetBusy as exc:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise failure(
+                        ErrorType.BUDGET_BUSY,
+                        f"{exc}; calls in flight did not settle within"
+                        f" {self._budget_wait.total_seconds():g}s",
+                        {"scope": exc.scope, "period": exc.period, "attempt": attempt},
+                    ) from None
+                await heartbeating(
+                    asyncio.sleep(min(random.uniform(pause / 2, pause), left)),  # noqa: S311  # jitter, not a secret
+                    self._heartbeat_every,
+                )
+                pause = min(pause * 2, _BUDGET_POLL_MAX)
+
+    async def _reject(
+        self, call: ModelCall, key: str, attempt: int, exc: budgets.BudgetExhausted
+    ) -> NoReturn:
+        metrics.BUDGET_REJECTIONS.labels(exc.scope).inc()
+        await self._write_events(
+            [
+                *call.events,
+                _event(
+                    call,
+                    f"{key}:budget:{attempt}",
+                    "budget.rejected",
+                    {
+                        "step": call.step,
+                        "scope": exc.scope,
+                        "period": exc.period,
+                        "limit_nusd": exc.limit_nusd,
+                        "used_nusd": exc.spent_nusd + exc.reserved_nusd,
+                        "spent_nusd": exc.spent_nusd,
+                        "reserved_nusd": exc.reserved_nusd,
+                        "requested_nusd": exc.requested_nusd,
+                    },
+                ),
+            ]
+        )
+        raise failure(
+            ErrorType.BUDGET_EXHAUSTED,
+            str(exc),
+            {
+                "scope": exc.scope,
+                "period": exc.period,
+                "limit_nusd": exc.limit_nusd,
+                "attempt": attempt,
+            },
+        ) from None
+
+    async def _call_route(
+        self, models: tuple[str, ...], request: dict[str, Any]
+    ) -> tuple[str, anthropic.types.Message, int]:
+        """Try each model in order; return (model, message, fallbacks used)."""
+        failures: list[str] = []
+        retry_after: float | None = None
+        for index, model in enumerate(models):
+            if index:
+                metrics.MODEL_FALLBACKS.labels(models[index - 1], model).inc()
+            started = time.perf_counter()
+            try:
+                message = await self._client.messages.create(model=model, **request)
+            except anthropic.APIStatusError as exc:
+                metrics.MODEL_ERRORS.labels(model, str(exc.status_code)).inc()
+                if exc.status_code not in _RETRYABLE_STATUS:
+                    raise
+                after = _retry_after(exc)
+                retry_after = max(retry_after or 0.0, after) if after is not None else retry_after
+                failures.append(f"{model}: {exc.status_code}")
+                continue
+            except (TimeoutError, anthropic.APIConnectionError) as exc:
+                kind = (
+                    "timeout"
+                    if isinstance(exc, anthropic.APITimeoutError | asyncio.TimeoutError)
+                    else "connection"
+                )
+                metrics.MODEL_ERRORS.labels(model, kind).inc()
+                failures.append(f"{model}: {kind}")
+                continue
+            metrics.MODEL_LATENCY.labels(model).observe(time.perf_counter() - started)
+            return model, message, index
+        raise _Unavailable(retry_after, "; ".join(failures))
+
+    def _reply(
+        self,
+        model: str,
+        message: anthropic.types.Message,
+        fallbacks: int,
+        attempt: int,
+        latency_ms: float,
+    ) -> ModelReply:
+        raw = message.usage
+        counts = TokenCounts(
+            input_tokens=raw.input_tokens,
+            output_tokens=raw.output_tokens,
+            cache_read_tokens=raw.cache_read_input_tokens or 0,
+            cache_write_tokens=raw.cache_creation_input_tokens or 0,
+        )
+        return ModelReply(
+            model=model,
+            # Whatever the provider sent, the reply is stored, audited and passed on from here.
+            content=storable(
+                [b.model_dump(mode="json", exclude_none=True) for b in message.content]
+            ),
+            stop_reason=message.stop_reason or "end_turn",
+            usage=Usage(
+                **counts.model_dump(),
+                cost_nusd=self._prices.cost_nusd(model, counts),
+                model_calls=1,
+                fallbacks=fallbacks,
+            ),
+            fallbacks=fallbacks,
+            attempt=attempt,
+            latency_ms=round(latency_ms, 2),
+        )
+
+    async def _finish(
+        self,
+        call: ModelCall,
+        key: str,
+        attempt: int,
+        reply: ModelReply,
+        digest: bytes | None,
+        *,
+        budgeted: bool = True,
+    ) -> None:
+        """Record the call: what it cost first, then what it said.
+
+        Once the cost is on record, the memo, cache entry and audit events can fail only in an
+        outage (their content is storable); a retry then finds the cost recorded and, once the
+        memo is written, the reply too, so it does not call the provider again.
+        """
+        await self._record_cost(call, key, attempt, reply, budgeted=budgeted)
+        _count_usage(reply)
+        cacheable = digest is not None and call.cache and reply.stop_reason != "max_tokens"
+        async with self._pool.acquire() as conn:
+            await usage.remember(
+                conn,
+                key,
+                call.context.tenant,
+                reply.model_dump(mode="json"),
+                (
+                    digest,
+                    {"content": reply.content, "stop_reason": reply.stop_reason},
+                    self._cache_ttl,
+                )
+                if cacheable and digest is not None
+                else None,
+            )
+        await self._write_events([*call.events, _called(call, key, reply)])
+
+    async def _record_cost(
+        self, call: ModelCall, key: str, attempt: int, reply: ModelReply, *, budgeted: bool
+    ) -> None:
+        """Settle the reservation and write the ledger row: numbers and our own identifiers,
+        nothing a provider wrote. If even this fails the attempt fails, loudly."""
+        ctx = call.context
+        row = {
+            **_facts(call, reply),
+            "call_key": key,
+            "attempt": attempt,
+            "tenant_id": ctx.tenant,
+            "principal_id": ctx.requested_by,
+            "pipeline": ctx.pipeline,
+            "run_id": ctx.run_id,
+        }
+        try:
+            async with self._pool.acquire() as conn:
+                if not budgeted:
+                    await usage.record_usage(conn, row)  # one statement: atomic by itself
+                    return
+                async with conn.transaction():
+                    await budgets.settle(conn, key, attempt, reply.usage.cost_nusd)
+                    await usage.record_usage(conn, row)
+        except Exception:
+            activity.logger.exception(
+                "the cost of model call %s (attempt %s: %s, %s input and %s output tokens, %s"
+                " nano-USD) could not be recorded; %s",
+                key,
+                attempt,
+                reply.model,
+                reply.usage.input_tokens,
+                reply.usage.output_tokens,
+                reply.usage.cost_nusd,
+                "its reservation is charged in full instead (now, or by the sweeper)"
+                if budgeted
+                else "no budget applies, so this line is its only record",
+            )
+            raise
+
+    async def _release(
+        self, call: ModelCall, key: str, attempt: int, charged: int, why: str
+    ) -> None:
+        failed = _event(
+            call,
+            f"{key}:failed:{attempt}",
+            "model.failed",
+            {
+                "step": call.step,
+                "attempt": attempt,
+                "reason": why,
+            },
+        )
+        async with self._pool.acquire() as conn, conn.transaction():
+            await budgets.settle(conn, key, attempt, charged)
+            new = await self._audit.append_new(conn, _storable_events([*call.events, failed]))
+        metrics.observe_events(new)
+
+    async def _release_quietly(self, key: str, attempt: int, charged: int) -> None:
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await budgets.settle(conn, key, attempt, charged)
+        except Exception:  # the sweeper charges it later if this fails
+            activity.logger.warning("could not settle reservation %s/%s now", key, attempt)
+
+    async def _write_events(self, events: list[AuditEvent]) -> None:
+        await self._audit.record(self._pool, _storable_events(events))
+
+
+def _request_body(call: ModelCall) -> dict[str, Any]:
+    body: dict[str, Any] = {"messages": call.messages, "max_tokens": call.max_tokens}
+    if call.system:
+        body["system"] = call.system
+    if call.tools:
+        body["tools"] = call.tools
+    return body
+
+
+def _provider_message(exc: anthropic.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])[:300]
+    return exc.__class__.__name__
+
+
+def _lookup_facts(cache: bool, ready: usage.Prepared) -> dict[str, str]:
+    """The lookup's result: `memo` (an earlier attempt finished), `hit` (with the model whose
+    entry answered), `miss`, or `off` (the call opted out of the cache)."""
+    if ready.memo is not None:
+        return {"result": "memo"}
+    if not cache:
+        return {"result": "off"}
+    if ready.cached is not None:
+        return {"result": "hit", "model": ready.cached[0]}
+    return {"result": "miss"}
+
+
+def _storable_events(events: list[AuditEvent]) -> list[AuditEvent]:
+    # A workflow's events may quote text from anywhere; none of it may fail a gateway write.
+    return [e.model_copy(update={"data": storable(e.data)}) for e in events]
+
+
+def _facts(call: ModelCall, reply: ModelReply) -> dict[str, Any]:
+    used = reply.usage
+    return {
+        "step": call.step,
+        "model": reply.model,
+        **used.model_dump(include=_TOKEN_FIELDS),
+        "cost_nusd": used.cost_nusd,
+        "cache_hit": reply.cache_hit,
+        "fallbacks": reply.fallbacks,
+        "latency_ms": reply.latency_ms,
+    }
+
+
+def _called(call: ModelCall, key: str, reply: ModelReply) -> AuditEvent:
+    """The call's audit event; one per call (its key has no attempt), from the reply alone,
+    so a retry that returns the memo writes the same event."""
+    data = {**_facts(call, reply), "attempt": reply.attempt, "stop_reason": reply.stop_reason}
+    return _event(call, f"{key}:call", "model.called", data)
+
+
+def _count_usage(reply: ModelReply) -> None:
+    used = reply.usage
+    for kind, tokens in (
+        ("input", used.input_tokens),
+        ("output", used.output_tokens),
+        ("cache_read", used.cache_read_tokens),
+        ("cache_write", used.cache_write_tokens),
+    ):
+        if tokens:
+            metrics.MODEL_TOKENS.labels(reply.model, kind).inc(tokens)
+    if used.cost_nusd:
+        metrics.MODEL_COST.labels(reply.model).inc(used.cost_nusd / 1e9)
+
+
+def _event(call: ModelCall, key: str, action: str, data: dict[str, Any]) -> AuditEvent:
+    actor = f"workflow:{call.context.pipeline}"
+    return run_event(call.context, key, action, data, actor=actor, actor_kind="system")
+
+
+def _fallback_key() -> str:
+    info = activity.info()
+    return f"{info.workflow_id}:{info.workflow_run_id}:{info.activity_id}"

@@ -1,0 +1,236 @@
+"""The run's own record: stages, state query, progress and the audit outbox.
+
+`RunCore` is the bottom of every pipeline workflow (see `stead.pipeline.base`). It owns what the
+`state` query shows and how the run's audit events are buffered: events wait in workflow
+state and the next ledger write stores them, keyed by run and sequence number, so replays and
+retries never duplicate them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ValidationError
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from stead import retries, search
+    from stead.calls import (
+        FlushAudit,
+    )
+    from stead.contract import (
+        ActorKind,
+        ApprovalState,
+        AuditEvent,
+        CancelInput,
+        ErrorInfo,
+        RunInput,
+        RunStatus,
+        RunView,
+        Stage,
+        StageEntry,
+        Usage,
+    )
+    from stead.errors import ErrorType
+    from stead.gateway.ledger import LedgerActivities
+
+
+_AGENT_LOOP = frozenset({Stage.MODEL_CALL, Stage.TOOL_EXECUTION})
+
+
+class RunCore:
+    """Explicit run state. Subclasses add approvals (`stead.pipeline.approvals`) and steps."""
+
+    pipeline: ClassVar[str]
+    input_model: ClassVar[type[BaseModel]]
+    stages: ClassVar[tuple[Stage, ...]]
+    # What a model call refused by a budget does: fail the run (non-retryable), or park for an
+    # approval to raise the budget and then try again.
+    on_budget_exhausted: ClassVar[Literal["fail", "approval"]] = "fail"
+
+    # Every pipeline inherits this initializer: the SDK finds `@workflow.init` on inherited
+    # members (unlike `@workflow.run`, which each workflow class must define itself), so the
+    # state query answers from the run's input before the run method starts.
+    @workflow.init
+    def __init__(self, run: RunInput) -> None:
+        self._ctx = run.context
+        # What activities get: the context without the approval policies, which only the
+        # workflow reads (smaller payloads on every step, for the server and the history).
+        self._lean_ctx = run.context.model_copy(update={"approvals": {}})
+        self._raw_input = run.input
+        now = workflow.now()
+        self._stage = Stage.INTAKE
+        self._indexed_stage = Stage.INTAKE
+        self._stages = [StageEntry(stage=Stage.INTAKE, entered_at=now)]
+        self._approvals: dict[str, ApprovalState] = {}
+        self._attempts: dict[str, int] = {}
+        self._usage = Usage()
+        self._error: ErrorInfo | None = None
+        self._result: dict[str, Any] | None = None
+        self._status = RunStatus.RUNNING
+        self._outbox: list[AuditEvent] = []
+        # Approvals decided through the API, whose inbox row the API already updated; the
+        # workflow's own version rides along with the next ledger write.
+        self._unpublished: dict[str, ApprovalState] = {}
+        self._seq = 0
+        self._model_calls = 0
+        self._tool_calls = 0
+        self._actions: list[dict[str, Any]] = []
+        self._run_budget_nusd = (
+            round(run.context.budget_usd * 1e9) if run.context.budget_usd is not None else None
+        )
+        self._started_at = now
+        self._progress: dict[str, int] = {}
+        # Who asked to cancel through the API (attested); None until then, and for a cancel
+        # sent to Temporal directly, which the audit log records as such.
+        self._cancel_request: CancelInput | None = None
+        self.audit(
+            "run.started",
+            {"pipeline": run.context.pipeline, "input_sha256": _digest(run.input)},
+            actor=run.context.requested_by,
+        )
+
+    # --- queries and updates ---------------------------------------------------------------
+
+    @workflow.update
+    def request_cancel(self, request: CancelInput) -> None:
+        """Record who asks the run to stop; the API then cancels it through Temporal."""
+        self._cancel_request = request
+
+    @request_cancel.validator
+    def _validate_request_cancel(self, request: CancelInput) -> None:
+        if self._status is not RunStatus.RUNNING:
+            raise ApplicationError(
+                f"the run is already {self._status.value}", type=ErrorType.RUN_NOT_RUNNING
+            )
+
+    @workflow.query
+    def state(self) -> RunView:
+        return RunView(
+            run_id=self._ctx.run_id,
+            pipeline=self._ctx.pipeline,
+            tenant=self._ctx.tenant,
+            requested_by=self._ctx.requested_by,
+            status=self._status,
+            stage=self._stage,
+            stages=list(self._stages),
+            approvals=list(self._approvals.values()),
+            attempts=dict(self._attempts),
+            usage=self._usage.model_copy(),
+            last_error=self._error,
+            result=self._result,
+            started_at=self._started_at,
+            progress=dict(self._progress),
+        )
+
+    def parse_input(self) -> Any:
+        try:
+            return self.input_model.model_validate(self._raw_input)
+        except ValidationError as exc:
+            raise ApplicationError(
+                f"invalid input: {exc.errors()[0]['msg']}",
+                type=ErrorType.INVALID_INPUT,
+                non_retryable=True,
+            ) from None
+
+    def set_progress(self, **counters: int) -> None:
+        self._progress.update(counters)
+
+    def enter(self, stage: Stage) -> None:
+        """Move the run to `stage`: stage history, search attribute, audit event."""
+        if stage == self._stage:
+            return
+        now = workflow.now()
+        self._stages[-1].left_at = now
+        self._stages.append(StageEntry(stage=stage, entered_at=now))
+        previous, self._stage = self._stage, stage
+        if (
+            self._indexed_stage in _AGENT_LOOP
+            and stage in _AGENT_LOOP
+            and workflow.patched("agent-loop-stage-index")
+        ):
+            # An agent alternates model_call and tool_execution every turn; the index keeps the
+            # first of them for the whole loop (the state query has the exact stage). Two
+            # search-attribute updates per turn were a tenth of each turn's history.
+            pass
+        else:
+            workflow.upsert_search_attributes([search.STAGE.value_set(stage.value)])
+            self._indexed_stage = stage
+        seconds = (now - self._stages[-2].entered_at).total_seconds()
+        self.audit(
+            "stage.entered",
+            {"stage": stage.value, "previous": previous.value, "previous_seconds": seconds},
+        )
+
+    def audit(
+        self,
+        action: str,
+        data: dict[str, Any],
+        *,
+        actor: str | None = None,
+        actor_kind: ActorKind | None = None,
+    ) -> None:
+        """Buffer an audit event; the next ledger write stores it (exactly once)."""
+        self._seq += 1
+        info = workflow.info()
+        kind: ActorKind
+        if actor is None:
+            actor, kind = f"workflow:{self._ctx.pipeline}", "system"
+        else:
+            kind = actor_kind or "user"
+        self._outbox.append(
+            AuditEvent(
+                # Replays rebuild the same key (same sequence, same run), so an event is stored
+                # once; after a re-drive (a reset: a new run) the sequence repeats but the run id
+                # does not, so what the run does after the reset is recorded rather than taken
+                # for a duplicate. Not the workflow time: a workflow task whose ledger write
+                # (a local activity) ran but whose worker died before completing it runs again
+                # at a later time, and its events were stored twice (found by the
+                # kill-during-approval-wait drill in tests/test_drills.py).
+                key=f"{info.workflow_id}:{info.first_execution_run_id}:{self._seq}:{info.run_id}",
+                tenant=self._ctx.tenant,
+                actor=actor,
+                actor_kind=kind,
+                action=action,
+                run_id=self._ctx.run_id,
+                at=workflow.now(),
+                data=data,
+                pipeline=self._ctx.pipeline,
+            )
+        )
+
+    def _take_outbox(self) -> list[AuditEvent]:
+        events, self._outbox = self._outbox, []
+        return events
+
+    async def flush_audit(self) -> None:
+        """Store buffered audit events, and approvals whose projection is behind."""
+        if not self._outbox and not self._unpublished:
+            return
+        events = self._take_outbox()
+        behind, self._unpublished = self._unpublished, {}
+        try:
+            await workflow.execute_local_activity_method(
+                LedgerActivities.flush,
+                FlushAudit(
+                    events=events,
+                    approvals=[a.model_copy(deep=True) for a in behind.values()],
+                    context=self._lean_ctx if behind else None,
+                    workflow_id=workflow.info().workflow_id,
+                ),
+                start_to_close_timeout=retries.LEDGER.start_to_close,
+                retry_policy=retries.LEDGER.retry,
+            )
+        except BaseException:
+            self._outbox = events + self._outbox
+            self._unpublished = {**behind, **self._unpublished}
+            raise
+
+
+def _digest(value: Any) -> str:
+    """Input fingerprint for the audit log: the input itself may be sensitive."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
