@@ -42,15 +42,24 @@ RUN groupadd --system --gid 10001 stead \
       --shell /usr/sbin/nologin stead
 
 COPY --from=build /opt/stead /opt/stead
+# The reference application Stead runs here (`STEAD_APP=worker:APP`): a team's image copies its
+# own application instead. It is read-only at run time, like the rest of the filesystem.
+COPY --chown=root:root workflows/ /app/workflows/
+COPY --chown=root:root activities/ /app/activities/
+COPY --chown=root:root api/ /app/api/
+COPY --chown=root:root policies/ /app/policies/
+COPY --chown=root:root worker.py /app/worker.py
 
 # pip compiled the bytecode at install time; at run time the root filesystem may be read-only.
 # Output unbuffered so that `docker logs` and `kubectl logs` see lines as they are written.
 ENV PATH=/opt/stead/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    STEAD_HOST=0.0.0.0
+    STEAD_HOST=0.0.0.0 \
+    STEAD_APP=worker:APP
 
 # A working directory the process cannot write to: Stead keeps no local state outside `stead dev`.
+# The application is imported from it (`--app worker:APP`).
 WORKDIR /app
 USER 10001:10001
 

@@ -24,7 +24,7 @@ bytecode: $(STAMP)
 	@$(BIN)/python -m compileall -q activities api bench policies stead workflows worker.py
 
 dev: $(STAMP) bytecode ## run the whole platform locally (Temporal, Postgres, simulator, worker, API)
-	$(BIN)/stead dev
+	$(BIN)/stead dev --app worker:APP
 
 test: $(STAMP) lint typecheck unit ## lint, type-check and run the test suite
 

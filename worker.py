@@ -1,8 +1,34 @@
-"""The reference application's worker: `python worker.py` (or `stead worker`)."""
+"""The reference application: the composition root, and its worker.
+
+`APP` is what `stead dev`, `stead worker` and `stead api` load (`--app worker:APP`, as the
+Makefile passes it): the support desk's pipelines, its records and facts, its policy files and
+its tables. `python worker.py` runs a worker for it, like `stead worker --app worker:APP`.
+"""
 
 from __future__ import annotations
 
-from stead.worker import main
+from pathlib import Path
+
+import stead
+from activities import support_desk
+from workflows.doc_qa import DocQaWorkflow
+from workflows.summarize import SummarizeWorkflow
+from workflows.support_agent import SupportAgentWorkflow
+from workflows.triage import TriageWorkflow
+
+HERE = Path(__file__).parent
+
+APP = stead.App(
+    "support-desk",
+    pipelines=[SummarizeWorkflow, TriageWorkflow, SupportAgentWorkflow, DocQaWorkflow],
+    records={"customer": support_desk.load_customer},
+    facts=support_desk.customer_facts,
+    policies=HERE / "policies",
+    migrations=support_desk.MIGRATIONS,
+    seed=support_desk.seed,
+)
 
 if __name__ == "__main__":
-    main()
+    from stead.worker import main
+
+    main(APP)

@@ -37,7 +37,7 @@ from temporalio.client import Client
 
 from bench.report import REPO, say
 from stead.config import Settings
-from stead.dev import Child, DevStack
+from stead.dev import Child, DevStack, dev_integrations
 from stead.store import principals
 from stead.store.db import Pool, create_pool
 from stead.store.embedded import EmbeddedPostgres
@@ -45,6 +45,7 @@ from stead.store.migrate import migrate
 from stead.store.payloads import PostgresPayloadStore
 from stead.telemetry import free_loopback_port
 from stead.temporal import connect
+from worker import APP
 
 BIN = Path(sys.executable).parent
 STEAD = str(BIN / "stead")
@@ -53,6 +54,7 @@ BENCH_LIMITS = Path(__file__).with_name("limits.yaml")  # limits no benchmark re
 SIM_HEADERS = {"x-api-key": "bench"}
 # Settings that would point a child at something other than this environment.
 _FOREIGN = ("STEAD_", "TEMPORAL_", "OTEL_")
+BENCH_INTEGRATIONS_TOKEN = "bench-integrations-token"
 _FOREIGN_NAMES = {"DATABASE_URL", "ANTHROPIC_API_KEY"}
 
 
@@ -200,6 +202,8 @@ def _base_settings(root: Path) -> Settings:
         temporal_metrics_port=free_loopback_port(),
         sim_port=free_loopback_port(),
         api_port=free_loopback_port(),
+        # Two ports from here: the payments and email stand-ins.
+        dev_integrations_port=free_loopback_port(),
         payload_keys=SecretStr(f"bench1:{key}"),
     )
 
@@ -223,6 +227,20 @@ def _child_env(settings: Settings, database_url: str, extra: Mapping[str, str]) 
             "STEAD_SIM_PORT": str(settings.sim_port),
             "STEAD_MODEL_BASE_URL": f"http://{settings.host}:{settings.sim_port}",
             "STEAD_LIMITS_FILE": str(BENCH_LIMITS),
+            "STEAD_APP": "worker:APP",
+            "STEAD_DEV_INTEGRATIONS_PORT": str(settings.dev_integrations_port),
+            "STEAD_DEV_INTEGRATIONS_TOKEN": BENCH_INTEGRATIONS_TOKEN,
+            "STEAD_DEV_INTEGRATIONS": ",".join(
+                f"{i.name}:{port}" for i, port in dev_integrations(APP.load(settings), settings)
+            ),
+            **{
+                f"{integration.env_prefix}{key}": value
+                for integration, port in dev_integrations(APP.load(settings), settings)
+                for key, value in (
+                    ("URL", f"http://{settings.host}:{port}"),
+                    ("TOKEN", BENCH_INTEGRATIONS_TOKEN),
+                )
+            },
             **extra,
         }
     )
@@ -278,11 +296,14 @@ async def _start(dev: DevStack, settings: Settings, spec: EnvSpec) -> BenchEnv:
     postgres = EmbeddedPostgres(settings.pg_dir.resolve())
     dev.postgres = postgres  # DevStack.stop() stops it
     url = postgres.start()  # the owner's: migrations and the driver's own pool
-    await migrate(url)
+    assert APP.migrations is not None
+    await migrate(url, application=(APP.name, APP.migrations))
     app_url = postgres.url(user=settings.db_app_role)  # what Stead's processes log in as
     base_env = _child_env(settings, app_url, {})
     dev.spawn("temporal", dev.temporal_args(), base_env)
     dev.spawn("sim", [STEAD, "sim"], base_env)
+    # The reference application's integrations, as `stead dev` serves them.
+    dev.spawn("integrations", [STEAD, "dev-integrations"], base_env)
     http_api = f"http://{settings.host}:{settings.temporal_http_port}"
     sim_url = f"http://{settings.host}:{settings.sim_port}"
     await _until("Temporal", dev, lambda: _http_ok(f"{http_api}/api/v1/namespaces/default"))

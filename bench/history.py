@@ -23,12 +23,12 @@ from typing import Any
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
 
+from activities import support_desk
 from bench.env import BenchEnv, EnvSpec, RunOptions, SteadSpec, Tenant, bench_env
 from bench.load import BenchError, SteadApi
 from bench.report import Comparison, Result, Table, at_most, say
 from bench.stats import ratio
 from stead.api.routes.runs import workflow_id
-from stead.store import crm
 
 TARGET_BYTES = 2048
 HISTORY_LIMIT = 50 * 2**20
@@ -223,6 +223,8 @@ async def run(options: RunOptions) -> Result:
     async with bench_env(spec, options) as env:
         tenant = await env.tenant()
         async with env.pool.acquire() as conn:
-            await crm.upsert_customer(conn, tenant.id, "cus_1", "Jane Doe", "jane@initech.test")
+            await support_desk.upsert_customer(
+                conn, tenant.id, "cus_1", "Jane Doe", "jane@initech.test"
+            )
         legs = {leg: await one_leg(env, tenant, leg, s, sizes.turns) for leg, s in LEGS.items()}
     return _result(sizes, options.quick, legs)

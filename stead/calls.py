@@ -14,8 +14,6 @@ from stead.contract import (
     Usage,
 )
 
-TaskClass = Literal["classify", "draft", "reason", "answer", "agent"]
-
 
 class FlushAudit(Frozen):
     """Audit events to store; with them, approvals whose projection is behind (the API wrote
@@ -55,10 +53,13 @@ class ModelCall(Frozen):
     step: str
     # Stable across retries, replays and re-drives: the workflow derives it from its own history.
     call_key: str = ""
-    task: TaskClass
+    # A task class of the routing policy (checked against it when the worker starts).
+    task: str = Field(min_length=1, max_length=64)
     system: str | None = None
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] = Field(default_factory=list)
+    # The provider's tool_choice, e.g. {"type": "tool", "name": "respond"} for structured output.
+    tool_choice: dict[str, Any] | None = None
     max_tokens: int = Field(1024, ge=1, le=64_000)
     escalate: bool = False
     cache: bool = True
@@ -109,6 +110,8 @@ class ToolInvocation(Frozen):
     arguments: dict[str, Any]
     op_key: str
     facts: dict[str, Any] = Field(default_factory=dict)
+    # The tools the calling pipeline offers: a call of any other is refused.
+    offered: tuple[str, ...] = ()
     approval: ApprovalGrant | None = None
     events: list[AuditEvent] = Field(default_factory=list)
 

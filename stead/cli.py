@@ -15,9 +15,13 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from stead.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from stead.app import Runtime
 
 
 def _settings() -> Settings:
@@ -65,10 +69,37 @@ def _database_url(settings: Settings) -> str:
     return pg.url()
 
 
-def cmd_dev(_: argparse.Namespace) -> int:
+def _with_app(args: argparse.Namespace) -> None:
+    """`--app module:attr` is STEAD_APP for this process and every process it starts."""
+    if getattr(args, "app", None):
+        os.environ["STEAD_APP"] = args.app
+
+
+def _runtime(settings: Settings) -> Runtime:
+    """The application's registries, or one line saying why it does not load (exit 2)."""
+    from stead.app import AppError  # noqa: PLC0415
+    from stead.loader import PLATFORM_ONLY, load_app  # noqa: PLC0415
+
+    try:
+        app = load_app(settings.app)
+        if app is PLATFORM_ONLY:
+            print(
+                "stead: no application (--app module:attr, STEAD_APP, or a 'stead.apps' entry"
+                " point): running Stead's own pipelines only",
+                file=sys.stderr,
+            )
+        return app.load(settings)
+    except AppError as exc:
+        print(f"stead: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    _with_app(args)
+    settings = _settings()
     from stead.dev import run_dev  # noqa: PLC0415
 
-    return run_dev(_settings())
+    return run_dev(settings, _runtime(settings))
 
 
 def _serve(app: Any, host: str, port: int) -> int:
@@ -87,20 +118,24 @@ def _serving(settings: Settings, process: str) -> Settings:
     return settings
 
 
-def cmd_api(_: argparse.Namespace) -> int:
+def cmd_api(args: argparse.Namespace) -> int:
+    _with_app(args)
     settings = _settings()
     _required_database_url(settings, "API")
     _serving(settings, "API")
+    runtime = _runtime(settings)
     from stead.api.app import create_app  # noqa: PLC0415
 
-    return _serve(create_app(settings), settings.host, settings.api_port)
+    return _serve(create_app(settings, runtime=runtime), settings.host, settings.api_port)
 
 
-def cmd_worker(_: argparse.Namespace) -> int:
+def cmd_worker(args: argparse.Namespace) -> int:
+    _with_app(args)
     # worker.main() reads the settings again; checked here, a bad one is a line, not a trace.
     settings = _settings()
     _required_database_url(settings, "worker")
     _serving(settings, "worker")
+    _runtime(settings)
     from stead import worker  # noqa: PLC0415
 
     worker.main()
@@ -116,24 +151,48 @@ def cmd_sim(args: argparse.Namespace) -> int:
     )
 
 
-def cmd_integrations(args: argparse.Namespace) -> int:
-    from stead.sim.integrations import run_integrations  # noqa: PLC0415
+def cmd_dev_integrations(_: argparse.Namespace) -> int:
+    """Serve loopback stand-ins of the application's integrations (what `stead dev` runs as
+    one child): STEAD_DEV_INTEGRATIONS=`name:port,...`, or, unset, every unconfigured one
+    with a `dev_app`, the n-th on STEAD_DEV_INTEGRATIONS_PORT + n."""
+    from stead.dev import dev_integrations  # noqa: PLC0415
+    from stead.sim.integrations import serve_apps  # noqa: PLC0415
 
     settings = _settings()
-    token = args.token or (
-        settings.payments_token.get_secret_value() if settings.payments_token else None
-    )
-    if not token:
-        print("stead: pass --token or set STEAD_PAYMENTS_TOKEN", file=sys.stderr)
+    if settings.dev_integrations_token is None:
+        print("stead: set STEAD_DEV_INTEGRATIONS_TOKEN", file=sys.stderr)
         return 2
-    run_integrations(
-        settings.host,
-        settings.payments_port,
-        settings.email_port,
-        token,
-        settings.data_dir / "integrations",
-    )
+    token = settings.dev_integrations_token.get_secret_value()
+    runtime = _runtime(settings)
+    named = settings.dev_integrations
+    if named:
+        pairs = [item.rsplit(":", 1) for item in named.split(",") if item]
+        wanted = [(runtime.integrations[name], int(port)) for name, port in pairs]
+    else:
+        wanted = dev_integrations(runtime, settings)
+    state = settings.data_dir / "integrations"
+    state.mkdir(parents=True, exist_ok=True)
+    apps = [
+        (integration.name, integration.dev_app(token, state / f"{integration.name}.jsonl"), port)
+        for integration, port in wanted
+        if integration.dev_app is not None
+    ]
+    serve_apps(settings.host, apps)
     return 0
+
+
+def _app_migrations(settings: Settings) -> tuple[str, Path] | None:
+    from stead.app import AppError  # noqa: PLC0415
+    from stead.loader import load_app  # noqa: PLC0415
+
+    try:
+        app = load_app(settings.app)
+    except AppError as exc:
+        if settings.app:
+            print(f"stead: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return None  # no application named or installed: Stead's own tables only
+    return (app.name, app.migrations) if app.migrations is not None else None
 
 
 def _run(coro: Callable[[], Coroutine[Any, Any, int]]) -> int:
@@ -156,15 +215,20 @@ def _owner_database_url(settings: Settings) -> str:
     return _database_url(settings)
 
 
-def cmd_migrate(_: argparse.Namespace) -> int:
+def cmd_migrate(args: argparse.Namespace) -> int:
     from stead.store.migrate import migrate  # noqa: PLC0415
 
+    _with_app(args)
     settings = _settings()
     url = _owner_database_url(settings)
     app_url = settings.database_url.get_secret_value() if settings.database_url else None
+    # The application's own tables too, when there is one to load.
+    application = _app_migrations(settings)
 
     async def go() -> int:
-        applied = await migrate(url, app_url=app_url, app_role=settings.db_app_role)
+        applied = await migrate(
+            url, app_url=app_url, app_role=settings.db_app_role, application=application
+        )
         print(
             f"applied {len(applied)} migration(s): {applied}" if applied else "schema is up to date"
         )
@@ -357,16 +421,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="stead", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("dev", help="run the whole platform locally").set_defaults(func=cmd_dev)
-    sub.add_parser("api", help="run the HTTP API").set_defaults(func=cmd_api)
-    sub.add_parser("worker", help="run a worker").set_defaults(func=cmd_worker)
+    for name, help_text, func in (
+        ("dev", "run the whole platform locally", cmd_dev),
+        ("api", "run the HTTP API", cmd_api),
+        ("worker", "run a worker", cmd_worker),
+        ("migrate", "apply schema migrations (Stead's, then the application's)", cmd_migrate),
+    ):
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument(
+            "--app", default=None, help="the application, module:attr (else STEAD_APP)"
+        )
+        command.set_defaults(func=func)
     sim = sub.add_parser("sim", help="run the local Messages-API simulator")
     sim.add_argument("--latency-ms", type=float, default=0.0)
     sim.set_defaults(func=cmd_sim)
-    integ = sub.add_parser("integrations", help="run the loopback payment and email services")
-    integ.add_argument("--token", default=None)
-    integ.set_defaults(func=cmd_integrations)
-    sub.add_parser("migrate", help="apply schema migrations").set_defaults(func=cmd_migrate)
+    sub.add_parser(
+        "dev-integrations", help="serve the loopback stand-ins of unconfigured integrations"
+    ).set_defaults(func=cmd_dev_integrations)
     audit = sub.add_parser("audit", help="audit log tools")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_sub.add_parser("verify", help="recompute hash chains")

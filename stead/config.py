@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
 from functools import cached_property
 from pathlib import Path
@@ -87,14 +88,22 @@ class Settings(BaseSettings):
     )
     model_timeout_seconds: float = Field(30.0, gt=0, le=600)
     sim_port: int = Field(8300, ge=1, le=65535)
-    payments_port: int = Field(8301, ge=1, le=65535)
-    email_port: int = Field(8302, ge=1, le=65535)
-    # Integrations (the support agent's payment and email providers). Unset URLs: the local
-    # loopback services that `stead dev` runs.
-    payments_url: str | None = None
-    payments_token: SecretStr | None = None
-    email_url: str | None = None
-    email_token: SecretStr | None = None
+
+    # The application: `module:attr` of a `stead.App` (or the one `stead.apps` entry point).
+    app: str | None = Field(None, pattern=r"^[\w.]+:[\w.]+$")
+    # Directories of policy files merged over Stead's defaults and the application's own,
+    # separated by `:` (see stead/policy/loader.py).
+    policy_path_dirs: str | None = Field(
+        None, validation_alias=AliasChoices("STEAD_POLICY_PATH", "STEAD_POLICY_PATH_DIRS")
+    )
+    # Integrations are configured by STEAD_INTEGRATION_<NAME>_URL/_TOKEN/_SCOPES (see
+    # stead/integrations.py), or in this YAML file.
+    integrations_file: FilePath | None = None
+    # `stead dev` serves the loopback stand-ins of unconfigured integrations from this port up,
+    # accepting this token; `stead dev-integrations` serves `name:port,...` of them.
+    dev_integrations_port: int = Field(8301, ge=1, le=65500)
+    dev_integrations_token: SecretStr | None = None
+    dev_integrations: str | None = Field(None, pattern=r"^([a-z][a-z0-9-]*:\d+,?)*$")
 
     # Traces go to this OTLP/HTTP endpoint when set; nothing is exported otherwise.
     otel_exporter_otlp_endpoint: str | None = Field(
@@ -108,7 +117,7 @@ class Settings(BaseSettings):
     api_port: int = Field(8000, ge=1, le=65535)
     worker_metrics_port: int = Field(9464, ge=0, le=65535)
     public_api_url: str | None = None
-    # Request limits per plan; unset: policies/limits.yaml.
+    # Request limits per plan, replacing the policy path's (stead/policy/defaults/limits.yaml).
     limits_file: FilePath | None = None
 
     # Payloads larger than this (bytes, after encryption) are kept in PostgreSQL and referenced
@@ -145,6 +154,11 @@ class Settings(BaseSettings):
         if value is not None:
             parse_payload_keys(value.get_secret_value())
         return value
+
+    @property
+    def policy_path(self) -> list[Path]:
+        raw = self.policy_path_dirs or ""
+        return [Path(p) for p in raw.split(os.pathsep) if p.strip()]
 
     @property
     def temporal_embedded(self) -> bool:

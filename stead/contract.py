@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -67,8 +67,12 @@ class Usage(BaseModel):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
+# A stage's name: one of `Stage`, or one a pipeline declares for itself.
+StageName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")]
+
+
 class StageEntry(BaseModel):
-    stage: Stage
+    stage: StageName
     entered_at: datetime
     left_at: datetime | None = None
 
@@ -76,7 +80,7 @@ class StageEntry(BaseModel):
 class ErrorInfo(BaseModel):
     type: str
     message: str
-    stage: Stage | None = None
+    stage: StageName | None = None
     retryable: bool = False
 
 
@@ -145,7 +149,7 @@ class Proposal(Frozen):
     and `editable` lists the fields an approver may change ("approve with edits").
     """
 
-    kind: Literal["summary", "reply", "tool_call", "budget", "answer"]
+    kind: str = Field(min_length=1, max_length=64)
     title: str
     schema_name: str
     data: dict[str, Any]
@@ -267,7 +271,7 @@ class RunView(BaseModel):
     tenant: str
     requested_by: str
     status: RunStatus
-    stage: Stage
+    stage: StageName
     stages: list[StageEntry]
     approvals: list[ApprovalState]
     attempts: dict[str, int]

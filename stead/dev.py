@@ -42,7 +42,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import asyncpg
 import httpx
@@ -57,6 +57,10 @@ from stead.store.migrate import migrate
 from stead.store.seed import seed_demo
 from stead.supervisor import GiveUp, Supervisor
 from stead.temporal import dev_server_args
+
+if TYPE_CHECKING:
+    from stead.app import Runtime
+    from stead.integrations import Integration
 
 _PR_SET_PDEATHSIG = 1
 # Resolved before any fork: the child then makes a plain call, no dynamic loading.
@@ -204,9 +208,20 @@ class PostgresUnit:
         return True  # pg_ctl start -w returned: it accepts connections
 
 
+def dev_integrations(runtime: Runtime, settings: Settings) -> list[tuple[Integration, int]]:
+    """The application's integrations `stead dev` stands in for (those with a `dev_app` and
+    no configuration), each with its port: STEAD_DEV_INTEGRATIONS_PORT, then up by one."""
+    unconfigured = [i for i in runtime.unconfigured() if i.dev_app is not None]
+    ordered = sorted(unconfigured, key=lambda i: i.name)
+    return [(i, settings.dev_integrations_port + n) for n, i in enumerate(ordered)]
+
+
 @dataclass
 class DevStack:
     settings: Settings
+    # The application: its migrations, seed and integration stand-ins (None: the platform's
+    # own parts only, as tests of single pieces use it).
+    runtime: Runtime | None = None
     children: list[Child] = field(default_factory=list)
     postgres: EmbeddedPostgres | None = None
     lock: IO[str] | None = None
@@ -275,8 +290,10 @@ class DevStack:
         wanted = [
             (s.api_port, "STEAD_API_PORT", "the API"),
             (s.sim_port, "STEAD_SIM_PORT", "the model simulator"),
-            (s.payments_port, "STEAD_PAYMENTS_PORT", "the payments service"),
-            (s.email_port, "STEAD_EMAIL_PORT", "the email service"),
+            *(
+                (port, "STEAD_DEV_INTEGRATIONS_PORT", f"the {integration.name} stand-in")
+                for integration, port in self.stand_ins()
+            ),
         ]
         if s.worker_metrics_port:
             wanted.append((s.worker_metrics_port, "STEAD_WORKER_METRICS_PORT", "worker metrics"))
@@ -435,11 +452,18 @@ class DevStack:
                 "STEAD_CODEC_TOKEN": self.codec_token(),
             }
         )
-        token = self.integration_token()
-        env.setdefault("STEAD_PAYMENTS_URL", f"http://{s.host}:{s.payments_port}")
-        env.setdefault("STEAD_EMAIL_URL", f"http://{s.host}:{s.email_port}")
-        env.setdefault("STEAD_PAYMENTS_TOKEN", token)
-        env.setdefault("STEAD_EMAIL_TOKEN", token)
+        # The application's unconfigured integrations get loopback stand-ins (its `dev_app`s),
+        # their URLs and one private token handed to the worker as their configuration.
+        stand_ins = self.stand_ins()
+        if stand_ins:
+            token = self.integration_token()
+            env["STEAD_DEV_INTEGRATIONS_TOKEN"] = token
+            # What the stand-ins' child serves: it sees the configuration below like every
+            # child, so it is told rather than asked to work out what is unconfigured.
+            env["STEAD_DEV_INTEGRATIONS"] = ",".join(f"{i.name}:{p}" for i, p in stand_ins)
+            for integration, port in stand_ins:
+                env[f"{integration.env_prefix}URL"] = f"http://{s.host}:{port}"
+                env[f"{integration.env_prefix}TOKEN"] = token
 
         # Migrations and the demo seed run as the owner; the API and worker log in as the
         # application role and never see the owner's URL.
@@ -457,8 +481,9 @@ class DevStack:
             servers += ("temporal",)
         stead = str(BIN / "stead")
         self.spawn("sim", [stead, "sim"], env, probe=self.answers(s.sim_port))
-        integrations = self.answers(s.payments_port)
-        self.spawn("integrations", [stead, "integrations"], env, probe=integrations)
+        if stand_ins:
+            first = self.answers(stand_ins[0][1])
+            self.spawn("integrations", [stead, "dev-integrations"], env, probe=first)
         await self.wait_for_temporal()
         metrics = self.answers(s.worker_metrics_port) if s.worker_metrics_port else None
         self.spawn("worker", [stead, "worker"], env, needs=servers, probe=metrics)
@@ -502,15 +527,24 @@ class DevStack:
             return self.settings.database_url.get_secret_value()
         return self.postgres.url(user=self.settings.db_app_role)
 
+    def stand_ins(self) -> list[tuple[Integration, int]]:
+        return dev_integrations(self.runtime, self.settings) if self.runtime else []
+
     async def prepare_database(self, url: str, app_url: str) -> dict[str, str]:
-        await migrate(url, app_url=app_url, app_role=self.settings.db_app_role)
+        app = self.runtime.app if self.runtime else None
+        await migrate(
+            url,
+            app_url=app_url,
+            app_role=self.settings.db_app_role,
+            application=(app.name, app.migrations) if app and app.migrations else None,
+        )
         existing: dict[str, str] = {}
         dev_json = self.data_dir / "dev.json"
         with contextlib.suppress(OSError, ValueError, KeyError):
             existing = dict(json.loads(dev_json.read_text())["keys"])
         conn = await asyncpg.connect(url)
         try:
-            return await seed_demo(conn, existing)
+            return await seed_demo(conn, existing, app.seed if app else None)
         finally:
             await conn.close()
 
@@ -654,10 +688,10 @@ def _say(line: str) -> None:
     print(f"stead dev: {line}", file=sys.stderr, flush=True)
 
 
-async def _main(settings: Settings) -> int:
+async def _main(settings: Settings, runtime: Runtime) -> int:
     # Owner-only from the first file: logs, pid files, keys, dev.json, what pg_ctl writes.
     os.umask(PRIVATE_UMASK)
-    stack = DevStack(settings)
+    stack = DevStack(settings, runtime)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -682,5 +716,5 @@ async def _main(settings: Settings) -> int:
         await asyncio.to_thread(stack.stop)
 
 
-def run_dev(settings: Settings) -> int:
-    return asyncio.run(_main(settings))
+def run_dev(settings: Settings, runtime: Runtime) -> int:
+    return asyncio.run(_main(settings, runtime))

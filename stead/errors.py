@@ -34,6 +34,8 @@ class ErrorType(StrEnum):
     NOT_ATTESTED = "NotAttested"  # a decision or cancel that did not come through the API
     RUN_NOT_RUNNING = "RunNotRunning"
     UNKNOWN_OUTCOME = "UnknownOutcome"  # a pipeline ended in a way the platform cannot record
+    UNDECLARED_STAGE = "UndeclaredStage"  # a step the pipeline's declaration does not allow
+    STRUCTURED_OUTPUT_INVALID = "StructuredOutputInvalid"  # twice an answer off its schema
 
 
 NON_RETRYABLE = (

@@ -1,11 +1,16 @@
-"""The Stead worker: the one place that registers workflows and activities.
+"""The Stead worker: an application's workflows and Stead's activities, on one task queue.
 
-`build_workers` wires activities to their dependencies (PostgreSQL pool, anthropic client,
-policies) and returns two workers sharing one client: the main task queue (workflows and every
-activity, model calls included) and the model queue `<queue>-model`, which serves the model calls
-of runs started with a model-call rate (`STEAD_MODEL_CALLS_PER_SECOND`, enforced by the Temporal
-server across every worker process). Run more processes to scale out; each holds no state of its
-own.
+`plugin` packages the worker side of Stead as a Temporal plugin (`temporalio.plugin`): the
+application's pipelines and Stead's own, the gateway activities (model calls, tools, ledger,
+retrieval) wired to their dependencies, the attestation check on decisions, and the sandbox
+that passes `stead` through. A team that runs its own Temporal workers adds it with
+`Worker(client, task_queue=..., plugins=[plugin])`; `stead worker` does exactly that.
+
+`build_workers` returns two workers sharing one client: the main task queue (workflows and
+every activity, model calls included) and the model queue `<queue>-model`, which serves the
+model calls of runs started with a model-call rate (`STEAD_MODEL_CALLS_PER_SECOND`, enforced by
+the Temporal server across every worker process). Run more processes to scale out; each holds
+no state of its own.
 """
 
 from __future__ import annotations
@@ -14,40 +19,38 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import anthropic
 import httpx
 import httpx2
 import uvloop
-from pydantic import SecretStr
 from temporalio.client import Client
+from temporalio.plugin import SimplePlugin
 from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from stead.api.pipelines import PIPELINES
+from stead.app import App, AppError, Runtime
 from stead.attest import AttestationInterceptor
 from stead.config import ConfigError, Settings, load_settings
 from stead.gateway.ledger import LedgerActivities
 from stead.gateway.model import ModelActivities
 from stead.gateway.retrieval import RetrievalActivities
-from stead.gateway.tools import HttpIntegration, Integrations, ToolActivities
-from stead.pipeline.base import PipelineWorkflow
-from stead.policy.models import load_prices, load_routing
-from stead.policy.permissions import load_policy
+from stead.gateway.tools import ToolActivities
+from stead.loader import load_app
 from stead.serving import serving
 from stead.store import budgets
 from stead.store.audit import audit_writer
 from stead.store.db import Pool, pool_from_settings
 from stead.store.payloads import PostgresPayloadStore
 from stead.telemetry import interceptors, metrics_app, metrics_runtime, setup_tracing
-from stead.temporal import connect
+from stead.temporal import connect, data_converter
 
 log = logging.getLogger("stead.worker")
-
-WORKFLOWS: Sequence[type[PipelineWorkflow]] = tuple(PIPELINES.values())
 
 
 def model_client(settings: Settings) -> anthropic.AsyncAnthropic:
@@ -83,86 +86,94 @@ def make_deps(pool: Pool, settings: Settings) -> Deps:
     return Deps(pool=pool, model=model_client(settings), http=httpx.AsyncClient(timeout=20))
 
 
-def integrations(settings: Settings, http: httpx.AsyncClient) -> Integrations:
-    """Each integration with its own credentials; none of them ever reaches a prompt."""
+@dataclass(frozen=True)
+class Activities:
+    """Stead's activities for one worker process, wired to their dependencies."""
 
-    def secret(value: SecretStr | None) -> str | None:
-        return value.get_secret_value() if value is not None else None
+    model: ModelActivities
+    ledger: LedgerActivities
+    tools: ToolActivities
+    retrieval: RetrievalActivities
 
-    return Integrations(
-        payments=HttpIntegration(
-            "payments", settings.payments_url, secret(settings.payments_token)
+    def all(self) -> list[Callable[..., Any]]:
+        return [
+            self.model.call_model,
+            self.ledger.flush,
+            self.ledger.publish_approval,
+            self.ledger.raise_budget,
+            self.tools.invoke,
+            self.retrieval.chunk_document,
+            self.retrieval.search,
+            self.retrieval.mark_document,
+        ]
+
+
+def activities(runtime: Runtime, settings: Settings, deps: Deps) -> Activities:
+    policies = runtime.policies
+    audit = audit_writer(settings, policies.redaction)
+    return Activities(
+        model=ModelActivities(
+            deps.pool,
+            deps.model,
+            policies.prices,
+            policies.routing,
+            audit,
+            heartbeat_every=settings.heartbeat_seconds,
         ),
-        email=HttpIntegration("email", settings.email_url, secret(settings.email_token)),
-        http=http,
+        ledger=LedgerActivities(deps.pool, audit),
+        tools=ToolActivities(
+            deps.pool, runtime, audit, deps.http, heartbeat_every=settings.heartbeat_seconds
+        ),
+        retrieval=RetrievalActivities(deps.pool),
     )
 
 
-def unconfigured_integrations(settings: Settings) -> list[str]:
-    """What a worker without an integration's settings will do, said at start: a tool call
-    to it is refused (IntegrationNotConfigured: not retried; the agent is told and the run
-    goes on), so the operator learns it now rather than from every run."""
-    wanted = {
-        "payments": (settings.payments_url, settings.payments_token, "PAYMENTS"),
-        "email": (settings.email_url, settings.email_token, "EMAIL"),
-    }
-    found = []
-    for name, (url, token, prefix) in wanted.items():
-        if not url or token is None:
-            found.append(
-                f"integration {name} is not configured (STEAD_{prefix}_URL and"
-                f" STEAD_{prefix}_TOKEN): its tools are refused as IntegrationNotConfigured"
-            )
-    return found
+def sandbox() -> SandboxedWorkflowRunner:
+    """The workflow sandbox, passing `stead` through: pipelines import it at module level,
+    and it is imported once per process rather than for every run."""
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules("stead")
+    )
+
+
+def plugin(
+    runtime: Runtime, settings: Settings, deps: Deps, made: Activities | None = None
+) -> SimplePlugin:
+    """Stead's worker side as a Temporal plugin; see the module's docstring."""
+    made = made or activities(runtime, settings, deps)
+    return SimplePlugin(
+        "stead",
+        workflows=runtime.workflows,
+        activities=made.all(),
+        # Decisions and cancels must carry the API's attestation (stead/attest.py).
+        interceptors=[AttestationInterceptor(settings.attestor)],
+        workflow_runner=sandbox(),
+        data_converter=data_converter(settings, PostgresPayloadStore(deps.pool)),
+    )
 
 
 def build_workers(
-    client: Client, settings: Settings, deps: Deps, task_queue: str | None = None
+    client: Client,
+    settings: Settings,
+    deps: Deps,
+    runtime: Runtime,
+    task_queue: str | None = None,
 ) -> list[Worker]:
     queue = task_queue or settings.task_queue
-    audit = audit_writer(settings)
-    ledger = LedgerActivities(deps.pool, audit)
-    model = ModelActivities(
-        deps.pool,
-        deps.model,
-        load_prices(),
-        load_routing(),
-        audit,
-        heartbeat_every=settings.heartbeat_seconds,
-    )
-    tools = ToolActivities(
-        deps.pool,
-        load_policy(),
-        audit,
-        integrations(settings, deps.http),
-        heartbeat_every=settings.heartbeat_seconds,
-    )
-    retrieval = RetrievalActivities(deps.pool)
+    made = activities(runtime, settings, deps)
     throttle = timedelta(seconds=settings.heartbeat_seconds)
     main = Worker(
         client,
         task_queue=queue,
-        workflows=list(WORKFLOWS),
-        # Decisions and cancels must carry the API's attestation (stead/attest.py).
-        interceptors=[AttestationInterceptor(settings.attestor)],
+        plugins=[plugin(runtime, settings, deps, made)],
         max_cached_workflows=settings.worker_workflow_cache,
-        activities=[
-            model.call_model,
-            ledger.flush,
-            ledger.publish_approval,
-            ledger.raise_budget,
-            tools.invoke,
-            retrieval.chunk_document,
-            retrieval.search,
-            retrieval.mark_document,
-        ],
         max_heartbeat_throttle_interval=throttle,
         default_heartbeat_throttle_interval=throttle,
     )
     models = Worker(
         client,
         task_queue=f"{queue}-model",
-        activities=[model.call_model],
+        activities=[made.model.call_model],
         max_task_queue_activities_per_second=settings.model_calls_per_second,
         max_heartbeat_throttle_interval=throttle,
         default_heartbeat_throttle_interval=throttle,
@@ -183,18 +194,20 @@ async def sweep_forever(pool: Pool, every: timedelta = timedelta(minutes=1)) -> 
             log.exception("budget sweep failed; will retry")
 
 
-async def run(settings: Settings) -> None:
+async def run(settings: Settings, runtime: Runtime) -> None:
     setup_tracing(settings, "stead-worker")
-    runtime, sdk_metrics = metrics_runtime() if settings.worker_metrics_port else (None, None)
+    temporal_runtime, sdk_metrics = (
+        metrics_runtime() if settings.worker_metrics_port else (None, None)
+    )
     pool = await pool_from_settings(settings, "worker")
     client = await connect(
         settings,
         interceptors=list(interceptors(settings)),
-        runtime=runtime,
+        runtime=temporal_runtime,
         payload_store=PostgresPayloadStore(pool),
     )
     deps = make_deps(pool, settings)
-    workers = build_workers(client, settings, deps)
+    workers = build_workers(client, settings, deps, runtime)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -208,10 +221,17 @@ async def run(settings: Settings) -> None:
         sweeper = asyncio.create_task(sweep_forever(pool))
         tasks = [asyncio.create_task(w.run()) for w in workers]
         await client.service_client.check_health()
-        for missing in unconfigured_integrations(settings):
-            log.warning("%s", missing)
+        for missing in runtime.unconfigured():
+            log.warning(
+                "integration %s is not configured (%sURL and %sTOKEN): its tools are refused"
+                " as IntegrationNotConfigured",
+                missing.name,
+                missing.env_prefix,
+                missing.env_prefix,
+            )
         log.info(
-            "ready: polling %s (and %s-model) on %s, namespace %s%s",
+            "ready: %s, polling %s (and %s-model) on %s, namespace %s%s",
+            runtime.app.name,
             settings.task_queue,
             settings.task_queue,
             settings.temporal_target,
@@ -226,11 +246,12 @@ async def run(settings: Settings) -> None:
     await pool.close()
     # A custom runtime can abort the interpreter at exit (PyGILState_Release) unless the
     # client and runtime are gone first; measured here: 4 aborts in 31 runs without this.
-    del workers, client, runtime
+    del workers, client, temporal_runtime
     gc.collect()
 
 
-def main() -> None:
+def main(app: App | None = None) -> None:
+    """Run a worker for `app`, or for the application the settings name (`STEAD_APP`)."""
     # force: `stead worker` configured logging for WARNING before it handed over to us.
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
@@ -240,11 +261,18 @@ def main() -> None:
     try:
         settings = load_settings()
         settings.check_serving("worker")
-    except ConfigError as exc:
+        runtime = (app or load_app(settings.app)).load(settings)
+        missing = [i for i in runtime.unconfigured() if i.required]
+        if missing:
+            raise ConfigError(
+                f"integration {missing[0].name} is not configured: set {missing[0].env_prefix}URL"
+                f" and {missing[0].env_prefix}TOKEN (or STEAD_INTEGRATIONS_FILE)"
+            )
+    except (ConfigError, AppError) as exc:
         raise SystemExit(f"stead: {exc}") from None
     # uvloop's C event loop: the worker's hot path is socket I/O (Temporal's bridge wake-ups,
     # PostgreSQL, the model endpoint); measured in bench/throughput.
-    uvloop.run(run(settings))
+    uvloop.run(run(settings, runtime))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import yaml
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -32,8 +33,10 @@ from temporalio.worker import Worker
 from stead import search
 from stead.api.app import create_app
 from stead.api.deps import Services
+from stead.app import Runtime
 from stead.config import Settings
-from stead.policy.permissions import PLATFORM_TENANT, load_policy
+from stead.policy.limits import LimitPolicy
+from stead.policy.permissions import PLATFORM_TENANT
 from stead.sim.integrations import create_email_app, create_payments_app
 from stead.sim.messages import SimConfig
 from stead.sim.messages import create_app as create_sim
@@ -47,6 +50,7 @@ from stead.telemetry import tracing_interceptor
 from stead.temporal import data_converter, dev_server_args, ensure_search_attributes
 from stead.worker import build_workers, make_deps
 from tests.servers import serve_app
+from worker import APP
 
 # Spans from every test land here (one process-wide provider, as in production).
 SPANS = InMemorySpanExporter()
@@ -78,7 +82,8 @@ def postgres(tmp_root: Path) -> Iterator[EmbeddedPostgres]:
 async def database_url(postgres: EmbeddedPostgres) -> str:
     """The owner's (a superuser's) URL: migrations, and tests that inspect or tamper."""
     url = postgres.url()
-    await migrate(url)
+    assert APP.migrations is not None
+    await migrate(url, application=(APP.name, APP.migrations))
     return url
 
 
@@ -104,9 +109,28 @@ async def sim_url() -> AsyncIterator[str]:
 
 @dataclass(frozen=True)
 class Integrations:
+    """The reference application's loopback integrations, and the file configuring them."""
+
     payments: str
     email: str
     token: str
+    file: Path
+
+    def configured(self, path: Path, **urls: str) -> Path:
+        """A configuration file like `file`, with some URLs changed (e.g. a faulty payments
+        service for one test)."""
+        return write_integrations(
+            path, {"payments": self.payments, "email": self.email, **urls}, self.token
+        )
+
+
+def write_integrations(path: Path, urls: dict[str, str], token: str) -> Path:
+    """`STEAD_INTEGRATIONS_FILE` content: each integration's URL and credential."""
+    path.write_text(
+        yaml.safe_dump({name: {"url": url, "token": token} for name, url in urls.items()})
+    )
+    path.chmod(0o600)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -118,7 +142,12 @@ async def integrations(tmp_root: Path) -> AsyncIterator[Integrations]:
         email = await stack.enter_async_context(
             serve_app(create_email_app(INTEGRATION_TOKEN, tmp_root / "email.jsonl"))
         )
-        yield Integrations(payments, email, INTEGRATION_TOKEN)
+        file = write_integrations(
+            tmp_root / "integrations.yaml",
+            {"payments": payments, "email": email},
+            INTEGRATION_TOKEN,
+        )
+        yield Integrations(payments, email, INTEGRATION_TOKEN, file)
 
 
 @pytest.fixture(scope="session")
@@ -136,10 +165,8 @@ def settings(
         migrate_database_url=database_url,
         model_base_url=sim_url,
         payload_keys=PAYLOAD_KEYS,
-        payments_url=integrations.payments,
-        payments_token=integrations.token,
-        email_url=integrations.email,
-        email_token=integrations.token,
+        integrations_file=integrations.file,
+        app="worker:APP",
         model_timeout_seconds=5,
         # Committed histories must replay without this database: record them inline.
         payload_offload_bytes=0 if os.environ.get("STEAD_RECORD_HISTORIES") == "1" else 2048,
@@ -163,6 +190,26 @@ async def temporal(settings: Settings, pool: Pool) -> AsyncIterator[WorkflowEnvi
 @pytest.fixture(scope="session")
 def client(temporal: WorkflowEnvironment) -> Client:
     return temporal.client
+
+
+def app_runtime(settings: Settings) -> Runtime:
+    """The reference application's registries for `settings` (as `App.load` builds them at a
+    process's start)."""
+    return APP.load(settings)
+
+
+@pytest.fixture(scope="session")
+def runtime(settings: Settings) -> Runtime:
+    return app_runtime(settings)
+
+
+def make_services(
+    settings: Settings, client: Client, pool: Pool, limits: LimitPolicy | None = None
+) -> Services:
+    """The API's services for `settings`, as `create_app` builds them in a process."""
+    runtime = app_runtime(settings)
+    audit = audit_writer(settings, runtime.policies.redaction)
+    return Services(settings, client, pool, runtime, audit, limits)
 
 
 @dataclass
@@ -236,7 +283,7 @@ async def running_workers(
     client: Client, settings: Settings, pool: Pool
 ) -> AsyncIterator[list[Worker]]:
     deps = make_deps(pool, settings)
-    workers = build_workers(client, settings, deps)
+    workers = build_workers(client, settings, deps, app_runtime(settings))
     async with AsyncExitStack() as stack:
         for w in workers:
             await stack.enter_async_context(w)
@@ -256,7 +303,7 @@ async def worker(
 async def api(
     client: Client, test_settings: Settings, pool: Pool
 ) -> AsyncIterator[httpx.AsyncClient]:
-    services = Services(test_settings, client, pool, load_policy(), audit_writer(test_settings))
+    services = make_services(test_settings, client, pool)
     app = create_app(test_settings, services)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://stead.test") as http:
@@ -320,7 +367,7 @@ async def api_for(
     opened: list[httpx.AsyncClient] = []
 
     def make(settings: Settings) -> httpx.AsyncClient:
-        services = Services(settings, client, pool, load_policy(), audit_writer(settings))
+        services = make_services(settings, client, pool)
         transport = httpx.ASGITransport(app=create_app(settings, services))
         http = httpx.AsyncClient(transport=transport, base_url="http://stead.test")
         opened.append(http)
@@ -334,19 +381,15 @@ async def api_for(
 def spawn_worker(client: Client, settings: Settings, log: Path) -> subprocess.Popen[bytes]:
     """A real worker process (`python worker.py`) on the test's Temporal, store and queue,
     for tests that kill it with SIGKILL."""
-    secret = {
-        "STEAD_DATABASE_URL": settings.database_url,
-        "STEAD_PAYMENTS_TOKEN": settings.payments_token,
-        "STEAD_EMAIL_TOKEN": settings.email_token,
-    }
+    secret = {"STEAD_DATABASE_URL": settings.database_url}
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("STEAD_")},
         **{k: v.get_secret_value() for k, v in secret.items() if v is not None},
         "STEAD_TEMPORAL_ADDRESS": client.service_client.config.target_host,
         "STEAD_TASK_QUEUE": settings.task_queue,
         "STEAD_MODEL_BASE_URL": settings.model_base_url or "",
-        "STEAD_PAYMENTS_URL": settings.payments_url or "",
-        "STEAD_EMAIL_URL": settings.email_url or "",
+        "STEAD_APP": "worker:APP",
+        "STEAD_INTEGRATIONS_FILE": str(settings.integrations_file or ""),
         "STEAD_PAYLOAD_KEYS": PAYLOAD_KEYS,
         "STEAD_WORKER_METRICS_PORT": str(settings.worker_metrics_port),
         "STEAD_PAYLOAD_OFFLOAD_BYTES": str(settings.payload_offload_bytes),
@@ -354,6 +397,7 @@ def spawn_worker(client: Client, settings: Settings, log: Path) -> subprocess.Po
     return subprocess.Popen(
         [sys.executable, str(Path(__file__).parent.parent / "worker.py")],
         env=env,
+        cwd=Path(__file__).parent.parent,
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
     )

@@ -9,13 +9,10 @@ from temporalio.service import RetryConfig
 from temporalio.testing import WorkflowEnvironment
 
 from stead.api.app import create_app
-from stead.api.deps import Services
 from stead.config import Settings
-from stead.policy.permissions import load_policy
-from stead.store.audit import audit_writer
 from stead.store.db import Pool, create_pool
 from stead.temporal import data_converter
-from tests.conftest import TEMPORAL, Tenant
+from tests.conftest import TEMPORAL, Tenant, make_services
 from tests.helpers import free_ports, wait_json
 
 
@@ -162,7 +159,7 @@ async def test_temporal_unreachable_is_503(settings: Settings, pool: Pool, tenan
         target, data_converter=data_converter(settings), retry_config=RetryConfig(max_retries=1)
     )
     await env.shutdown()
-    services = Services(settings, down, pool, load_policy(), audit_writer(settings))
+    services = make_services(settings, down, pool)
     transport = httpx.ASGITransport(app=create_app(settings, services))
     async with httpx.AsyncClient(transport=transport, base_url="http://stead.test") as http:
         response = await http.post(
@@ -181,7 +178,7 @@ async def test_postgres_unreachable_is_503(settings: Settings, client: Client) -
     [port] = free_ports(1)  # nothing listens on it
     down = await create_pool(f"postgresql://stead@127.0.0.1:{port}/stead", min_size=0)
     try:
-        services = Services(settings, client, down, load_policy(), audit_writer(settings))
+        services = make_services(settings, client, down)
         transport = httpx.ASGITransport(app=create_app(settings, services))
         async with httpx.AsyncClient(transport=transport, base_url="http://stead.test") as http:
             response = await http.get(

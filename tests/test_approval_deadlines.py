@@ -21,7 +21,7 @@ from stead.contract import (
     RunInput,
     RunView,
 )
-from stead.pipeline.base import PipelineWorkflow
+from stead.pipeline.base import Pipeline
 from stead.store.db import Pool
 from tests.conftest import PAYLOAD_KEYS, Tenant
 from tests.helpers import eventually, record_history
@@ -51,7 +51,7 @@ async def start(
 
 async def pending(handle: WorkflowHandle[Any, Any]) -> RunView:
     async def probe() -> RunView:
-        view: RunView = await handle.query(PipelineWorkflow.state)
+        view: RunView = await handle.query(Pipeline.state)
         return view
 
     return await eventually(probe, lambda v: bool(v.pending_approvals))
@@ -75,7 +75,7 @@ async def decide(
     )
     attestor = Attestor(derive_keys(parse_payload_keys(PAYLOAD_KEYS)))
     signed = message.model_copy(update={"attestation": attestor.sign(handle.id, message.claim())})
-    await handle.execute_update(PipelineWorkflow.decide, signed)
+    await handle.execute_update(Pipeline.decide, signed)
 
 
 async def refused(env: WorkflowEnvironment, handle: WorkflowHandle[Any, Any], *args: Any) -> str:
@@ -108,7 +108,7 @@ async def test_escalates_to_the_next_role(
     )
 
     await time_env.sleep(3601)
-    view: RunView = await handle.query(PipelineWorkflow.state)
+    view: RunView = await handle.query(Pipeline.state)
     assert view.approvals[0].eligible_roles == ("approver", "admin")
     assert view.approvals[0].level == 1
     await decide(time_env, handle, approval.approval_id, "boss", ("admin",))
@@ -128,7 +128,7 @@ async def test_expires_after_the_last_escalation(
     await pending(handle)
     result = await handle.result()  # time skips through both deadlines
     assert result.outcome == "rejected"
-    view: RunView = await handle.query(PipelineWorkflow.state)
+    view: RunView = await handle.query(Pipeline.state)
     assert view.approvals[0].status is ApprovalStatus.EXPIRED
     assert (await actions(pool, tenant)).count("approval.escalated") == 1
 
@@ -140,7 +140,7 @@ async def test_reminds_then_expires(
     handle = await start(time_env, test_settings, tenant, policy)
     await pending(handle)
     await time_env.sleep(901)
-    view: RunView = await handle.query(PipelineWorkflow.state)
+    view: RunView = await handle.query(Pipeline.state)
     assert view.approvals[0].reminders == 1
     assert view.approvals[0].status is ApprovalStatus.PENDING
     result = await handle.result()
@@ -175,7 +175,7 @@ async def test_quorum_needs_distinct_principals(
         await refused(time_env, handle, approval_id, "requester", ("approver",)) == "SelfApproval"
     )
     await decide(time_env, handle, approval_id, "ann", ("approver",))
-    view: RunView = await handle.query(PipelineWorkflow.state)
+    view: RunView = await handle.query(Pipeline.state)
     assert view.approvals[0].status is ApprovalStatus.PENDING
     assert view.approvals[0].approve_count == 1
     assert await refused(time_env, handle, approval_id, "ann", ("approver",)) == "AlreadyDecided"
@@ -183,6 +183,6 @@ async def test_quorum_needs_distinct_principals(
     await decide(time_env, handle, approval_id, "auditor", ())
     result = await handle.result()
     assert result.outcome == "completed"
-    final: RunView = await handle.query(PipelineWorkflow.state)
+    final: RunView = await handle.query(Pipeline.state)
     assert [d.principal for d in final.approvals[0].decisions] == ["ann", "auditor"]
     await record_history(handle, "summarize_quorum")

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
+from activities import support_desk
 from stead.api.app import create_app
-from stead.store import crm
 from stead.store import policy as policy_store
 from stead.store.db import Pool
 from tests.conftest import Tenant, TenantFactory
@@ -49,7 +49,7 @@ async def world(api: httpx.AsyncClient, make_tenant: TenantFactory, pool: Pool) 
     )
     auth = tenant.auth("requester")
     async with pool.acquire() as conn:
-        await crm.upsert_customer(conn, tenant.id, "cus_1", "Jane", "jane@a.test")
+        await support_desk.upsert_customer(conn, tenant.id, "cus_1", "Jane", "jane@a.test")
         grant = await policy_store.add_override(
             conn,
             tenant.id,

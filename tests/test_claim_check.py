@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -26,18 +27,19 @@ from temporalio.converter import (
 from temporalio.worker import Replayer
 
 from stead.api.app import create_app
-from stead.api.deps import Services
 from stead.api.routes.runs import workflow_id
+from stead.builtin import BUILTIN_PIPELINES
 from stead.config import Settings
 from stead.payload_gc import minimum_days, namespace_retention
-from stead.policy.permissions import load_policy
-from stead.store.audit import audit_writer
 from stead.store.db import Pool
 from stead.store.payloads import PayloadMissing, PostgresPayloadStore, referenced
 from stead.temporal import data_converter
-from stead.worker import WORKFLOWS
-from tests.conftest import Tenant, running_workers
+from tests.conftest import Tenant, make_services, running_workers
 from tests.helpers import wait_json
+from worker import APP
+
+# Every pipeline the reference application runs, Stead's own included.
+WORKFLOWS: list[type[Any]] = [*BUILTIN_PIPELINES, *APP.pipelines]
 
 STEAD = Path(sys.executable).parent / "stead"
 
@@ -74,7 +76,7 @@ async def test_large_input_is_stored_outside_the_history(
     assert all(canary.encode() not in bytes(r["data"]) for r in stored)  # stored encrypted
 
     replayer = Replayer(
-        workflows=list(WORKFLOWS),
+        workflows=WORKFLOWS,
         data_converter=data_converter(settings, PostgresPayloadStore(pool)),
     )
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
@@ -261,7 +263,7 @@ async def test_gc_keeps_what_a_parked_run_needs_and_refuses_unsafe_ages(
 
 @asynccontextmanager
 async def _api(client: Client, settings: Settings, pool: Pool) -> AsyncIterator[httpx.AsyncClient]:
-    services = Services(settings, client, pool, load_policy(), audit_writer(settings))
+    services = make_services(settings, client, pool)
     transport = httpx.ASGITransport(app=create_app(settings, services))
     async with httpx.AsyncClient(transport=transport, base_url="http://stead.test") as http:
         yield http

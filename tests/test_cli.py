@@ -137,7 +137,24 @@ def test_a_worker_without_payload_keys_refuses_to_start(
         assert "STEAD_ATTESTATION_KEYS" in one_line_error(stead(env, command))
 
 
-def test_a_worker_says_when_it_is_ready_and_what_it_lacks(
+def test_a_worker_without_its_integrations_refuses_to_start(
+    env: dict[str, str], settings: Settings, client: Client
+) -> None:
+    """The application's tools need their integrations: a worker without them would fail
+    every call it picks up, so it does not start."""
+    assert settings.database_url is not None
+    env |= {
+        "STEAD_DATABASE_URL": settings.database_url.get_secret_value(),
+        "STEAD_TEMPORAL_ADDRESS": client.service_client.config.target_host,
+        "STEAD_PAYLOAD_KEYS": PAYLOAD_KEYS,
+        "STEAD_APP": "worker:APP",
+    }
+    line = one_line_error(stead(env, "worker"))
+    assert "integration payments is not configured" in line
+    assert "STEAD_INTEGRATION_PAYMENTS_URL" in line
+
+
+def test_a_worker_says_when_it_is_ready(
     env: dict[str, str], settings: Settings, client: Client
 ) -> None:
     assert settings.database_url is not None
@@ -147,9 +164,15 @@ def test_a_worker_says_when_it_is_ready_and_what_it_lacks(
         "STEAD_TASK_QUEUE": f"tq-{uuid.uuid4().hex[:8]}",
         "STEAD_PAYLOAD_KEYS": PAYLOAD_KEYS,
         "STEAD_WORKER_METRICS_PORT": "0",
+        "STEAD_APP": "worker:APP",
+        "STEAD_INTEGRATIONS_FILE": str(settings.integrations_file),
     }
     process = subprocess.Popen(
-        [str(BIN / "stead"), "worker"], env=env, stderr=subprocess.PIPE, text=True
+        [str(BIN / "stead"), "worker"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent.parent,
     )
     lines: list[str] = []
     stderr = process.stderr
@@ -165,7 +188,4 @@ def test_a_worker_says_when_it_is_ready_and_what_it_lacks(
         process.terminate()
         process.wait(timeout=30)
     output = "".join(lines)
-    assert f"ready: polling {env['STEAD_TASK_QUEUE']}" in output, output
-    # No integration settings: said at start, with what it means for the tools.
-    assert "integration payments is not configured (STEAD_PAYMENTS_URL" in output
-    assert "refused as IntegrationNotConfigured" in output
+    assert f"ready: support-desk, polling {env['STEAD_TASK_QUEUE']}" in output, output

@@ -55,15 +55,13 @@ from stead.config import ConfigError, Settings, load_settings
 from stead.contract import RunContext, RunInput
 from stead.crypto import SealError
 from stead.dev import DevStack
-from stead.pipeline.base import PipelineWorkflow
-from stead.policy.permissions import load_policy
+from stead.pipeline.base import Pipeline
 from stead.search import SEARCH_ATTRIBUTES
 from stead.serving import serving
-from stead.store.audit import audit_writer
 from stead.store.db import Pool
 from stead.store.payloads import PostgresPayloadStore
 from stead.temporal import data_converter, dev_server_args
-from tests.conftest import Tenant, running_workers
+from tests.conftest import Tenant, make_services, running_workers
 from tests.helpers import eventually, free_ports, wait_json
 from tests.servers import serve_app
 
@@ -171,7 +169,7 @@ def codec_settings(test_settings: Settings) -> Settings:
 async def codec_api(
     codec_settings: Settings, client: Client, pool: Pool
 ) -> AsyncIterator[httpx.AsyncClient]:
-    services = Services(codec_settings, client, pool, load_policy(), audit_writer(codec_settings))
+    services = make_services(codec_settings, client, pool)
     transport = httpx.ASGITransport(app=create_app(codec_settings, services))
     async with httpx.AsyncClient(transport=transport, base_url="http://stead.test") as http:
         yield http
@@ -531,7 +529,7 @@ async def test_temporal_stores_no_plaintext_and_the_cli_shows_none(
     operator: dict[str, str],
 ) -> None:
     canary = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz234567") for _ in range(26))
-    svc = Services(test_settings, client, pool, load_policy(), audit_writer(test_settings))
+    svc = make_services(test_settings, client, pool)
     completed, failed = await canary_runs(api, tenant, svc, canary)
     address = client.service_client.config.target_host
 
@@ -587,7 +585,7 @@ async def test_temporal_stores_no_plaintext_and_the_cli_shows_none(
     config = client.config()
     config["data_converter"] = converter
     reader = Client(**config)
-    view = await reader.get_workflow_handle(completed).query(PipelineWorkflow.state)
+    view = await reader.get_workflow_handle(completed).query(Pipeline.state)
     assert canary in view.model_dump_json()
     assert recording.received
     for raw in recording.received:
@@ -711,7 +709,7 @@ async def test_web_ui_shows_plaintext_only_through_the_codec(
             }
         )
         client = await connected(address, settings, pool)
-        svc = Services(settings, client, pool, load_policy(), audit_writer(settings))
+        svc = make_services(settings, client, pool)
         async with running_workers(client, settings, pool):
             async with serving(create_app(settings, svc), port=api_port) as api_url:
                 async with httpx.AsyncClient(base_url=api_url, timeout=10) as http:

@@ -33,9 +33,11 @@ from temporalio.runtime import PrometheusConfig, TelemetryConfig
 
 import stead.telemetry
 from stead.config import Settings, load_settings
+from stead.integrations import Integration
 from stead.metrics import REGISTRY
 from stead.search import SEARCH_ATTRIBUTES
 from stead.temporal import DEV_SERVER_CONFIG
+from worker import APP
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -55,6 +57,7 @@ COMPOSE_ENV = {
     "STEAD_PAYLOAD_KEYS": "k1:AAAAAAAAAAAAAAAAAAAAAA==",
     "GRAFANA_ADMIN_PASSWORD": "test-grafana",
     "STEAD_CODEC_TOKEN": "test-codec-token-0123",
+    "STEAD_INTEGRATIONS_TOKEN": "test-integrations-token",
 }
 ISSUE_SERVICES = {
     "temporal",
@@ -268,6 +271,11 @@ def test_compose_temporal_has_the_dev_server_dynamic_config() -> None:
         assert str(config[key][0]["value"]).lower() == value.lower(), key
 
 
+def app_runtime_integrations() -> list[Integration]:
+    tools = [t for p in APP.pipelines for t in p.tools]
+    return [t.integration for t in tools if t.integration is not None]
+
+
 def setting_names() -> set[str]:
     """Every variable Settings reads: STEAD_<FIELD> and the well-known aliases."""
     names = set()
@@ -332,9 +340,16 @@ def test_kubernetes_config_is_valid_settings(
 def test_every_stead_variable_is_a_setting(stack: Doc) -> None:
     # Settings ignore unknown variables, so a misspelt one would be silently dropped.
     known = setting_names()
+    # An application's integrations are configured by name (stead/integrations.py): each
+    # must name one the reference application declares.
+    integrations = {
+        f"{i.env_prefix}{key}"
+        for i in app_runtime_integrations()
+        for key in ("URL", "TOKEN", "SCOPES")
+    }
     for where, names in _stead_variables_set_by_deploy_files(stack).items():
         stead = {n for n in names if n.startswith("STEAD_")}
-        assert stead <= known, f"{where}: {sorted(stead - known)}"
+        assert stead <= known | integrations, f"{where}: {sorted(stead - known - integrations)}"
     assert "STEAD_TEMPORAL_ADDRES" not in known  # the check can fail
 
 

@@ -21,9 +21,11 @@ import psutil
 import pytest
 from temporalio.client import Client
 
+from stead.dev import port_free
 from tests.helpers import free_ports
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).parent.parent
 
 
 @pytest.fixture
@@ -31,8 +33,6 @@ def dev_env(tmp_path: Path) -> dict[str, str]:
     names = [
         "API",
         "SIM",
-        "PAYMENTS",
-        "EMAIL",
         "WORKER_METRICS",
         "TEMPORAL",
         "TEMPORAL_UI",
@@ -45,12 +45,28 @@ def dev_env(tmp_path: Path) -> dict[str, str]:
     env["STEAD_DATA_DIR"] = str(tmp_path / "dev")
     for name, port in zip(names, free_ports(len(names)), strict=True):
         env[f"STEAD_{name}_PORT"] = str(port)
+    # The reference application, whose two integrations get stand-ins on two ports from here.
+    env["STEAD_APP"] = "worker:APP"
+    env["STEAD_DEV_INTEGRATIONS_PORT"] = str(consecutive_free_ports(2))
     return env
+
+
+def consecutive_free_ports(count: int) -> int:
+    """The first of `count` consecutive ports free on 127.0.0.1 right now."""
+    for _ in range(200):
+        (first,) = free_ports(1)
+        if first + count < 65535 and all(port_free("127.0.0.1", first + i) for i in range(count)):
+            return first
+    raise AssertionError("no consecutive free ports")
 
 
 def start_dev(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
-        [str(BIN / "stead"), "dev"], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+        [str(BIN / "stead"), "dev"],
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        cwd=REPO,  # where `--app worker:APP` is importable from
     )
     deadline = time.monotonic() + 90
     while "Stead is running" not in log.read_text():
@@ -183,6 +199,7 @@ def dev_once(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
         check=False,
+        cwd=REPO,
     )
 
 
@@ -291,7 +308,7 @@ def test_every_child_killed_comes_back(
     process, data_dir = dev
     log = tmp_path / "dev.log"
     info = json.loads((data_dir / "dev.json").read_text())
-    payments = f"http://127.0.0.1:{dev_env['STEAD_PAYMENTS_PORT']}/"
+    payments = f"http://127.0.0.1:{dev_env['STEAD_DEV_INTEGRATIONS_PORT']}/"
     for name in ("worker", "temporal", "postgres", "api", "sim", "integrations"):
         before = pid_of(data_dir, name)
         os.kill(before, signal.SIGKILL)

@@ -16,7 +16,7 @@ from temporalio.testing import ActivityEnvironment
 from stead.api.routes.runs import workflow_id
 from stead.calls import ChunkDocument, Passage
 from stead.gateway.retrieval import RetrievalActivities, chunk_text
-from stead.pipeline.base import PipelineWorkflow
+from stead.pipeline.base import Pipeline
 from stead.store import documents
 from stead.store.db import Pool
 from tests.conftest import Tenant, TenantFactory
@@ -70,7 +70,7 @@ async def ingest(
     assert [s["stage"] for s in run["stages"]] == ["intake", "enrichment", "completed"]
     assert run["result"] == {"document_id": created["document_id"], "chunks": chunks}
     handle = client.get_workflow_handle(workflow_id(tenant.id, created["run_id"]))
-    state = await handle.query(PipelineWorkflow.state)
+    state = await handle.query(Pipeline.state)
     assert state.progress == {"chunks": chunks, "total": chunks}
     return created["document_id"], created["run_id"]
 
@@ -306,8 +306,8 @@ def test_citations_map_to_passages() -> None:
         for i in range(3)
     ]
     found = cited("A [2]. B [1, 3][2]. Not a source: [7], [0], [x].", passages)
-    assert [c["ref"] for c in found] == [2, 1, 3]
-    assert found[0] == {"ref": 2, "document_id": "d1", "chunk_no": 1, "title": "T1"}
+    assert [c.ref for c in found] == [2, 1, 3]
+    assert found[0].model_dump() == {"ref": 2, "document_id": "d1", "chunk_no": 1, "title": "T1"}
     assert cited("no citations", passages) == []
 
 

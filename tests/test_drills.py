@@ -25,22 +25,20 @@ import pytest
 from pydantic import SecretStr
 from temporalio.client import Client
 
+from activities import support_desk
 from stead.api.app import create_app
-from stead.api.deps import Services
 from stead.api.routes.runs import workflow_id
 from stead.config import Settings
 from stead.dev import DevStack
 from stead.policy.limits import ACTIONS, LimitPolicy
-from stead.policy.permissions import load_policy
 from stead.sim.integrations import create_payments_app
-from stead.store import budgets, crm, principals
-from stead.store.audit import audit_writer
+from stead.store import budgets, principals
 from stead.store.db import Pool, create_pool
 from stead.store.embedded import EmbeddedPostgres
 from stead.store.migrate import migrate
 from stead.store.payloads import PostgresPayloadStore
 from stead.temporal import connect
-from tests.conftest import Integrations, SimControl, Tenant, TenantFactory
+from tests.conftest import Integrations, SimControl, Tenant, TenantFactory, make_services
 from tests.drills_support import (
     CUSTOMER,
     CUSTOMER_EMAIL,
@@ -191,7 +189,7 @@ async def test_kill_worker_during_tool_calls(
     refund per approved run, none for a rejected one, every run completes once."""
     async with pool.acquire() as conn:
         await budgets.set_budget(conn, tenant.id, "customer", "", "day", 100.0)
-        await crm.upsert_customer(conn, tenant.id, CUSTOMER, "Jane Doe", CUSTOMER_EMAIL)
+        await support_desk.upsert_customer(conn, tenant.id, CUSTOMER, "Jane Doe", CUSTOMER_EMAIL)
     payments = HoldFirstAnswers(
         create_payments_app(integrations.token, tmp_path / "payments.jsonl"), hold=30
     )
@@ -430,7 +428,7 @@ async def test_concurrent_starts_with_one_idempotency_key(
     enterprise tenant: a standard key's start burst is smaller than 100, and every replay is
     a request the limiter counts.)"""
     tenant = await make_tenant(plan="enterprise")
-    services = Services(test_settings, client, pool, load_policy(), audit_writer(test_settings))
+    services = make_services(test_settings, client, pool)
     body = summarize("idempotent", review=False)
     headers = {**tenant.auth("requester"), "Idempotency-Key": f"drill-{uuid.uuid4().hex}"}
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
@@ -508,7 +506,7 @@ async def test_restart_temporal_and_postgres_mid_run(
         tenant = await _tenant(url)
         async with pool.acquire() as conn:
             await budgets.set_budget(conn, tenant.id, "customer", "", "day", 100.0)
-        services = Services(own, client, pool, load_policy(), audit_writer(own))
+        services = make_services(own, client, pool)
         transport = httpx.ASGITransport(app=create_app(own, services), raise_app_exceptions=False)
         workers = WorkerProcesses(client, own, tmp_path)
         async with httpx.AsyncClient(transport=transport, base_url="http://stead.test") as api:
@@ -699,7 +697,7 @@ async def test_openapi_fuzzing_finds_no_errors(
     tenant = await make_tenant({fuzzer: ["admin", "approver", "operator"], "requester": []})
     codec_token = secrets.token_urlsafe(16)
     settings = test_settings.model_copy(update={"codec_token": SecretStr(codec_token)})
-    services = Services(settings, client, pool, load_policy(), audit_writer(settings), FUZZ_LIMITS)
+    services = make_services(settings, client, pool, FUZZ_LIMITS)
     config, report = tmp_path / "schemathesis.toml", tmp_path / "schemathesis.ndjson"
     config.write_text(FUZZ_CONFIG % {"codec_token": codec_token})
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}  # for the hooks

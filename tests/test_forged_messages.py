@@ -28,7 +28,7 @@ from stead.attest import Attestor, derive_keys
 from stead.config import Settings
 from stead.contract import CancelInput, DecideInput
 from stead.errors import ErrorType
-from stead.pipeline.base import PipelineWorkflow
+from stead.pipeline.base import Pipeline
 from stead.store.db import Pool
 from tests.conftest import Tenant, running_workers
 from tests.helpers import audit_actions, eventually, wait_json
@@ -73,9 +73,7 @@ async def update_events(handle: WorkflowHandle[Any, Any]) -> int:
 
 async def refused(handle: WorkflowHandle[Any, Any], message: DecideInput) -> str:
     with pytest.raises(WorkflowUpdateFailedError) as caught:
-        await handle.execute_update(
-            PipelineWorkflow.decide, message, rpc_timeout=timedelta(seconds=10)
-        )
+        await handle.execute_update(Pipeline.decide, message, rpc_timeout=timedelta(seconds=10))
     cause = caught.value.cause
     assert isinstance(cause, ApplicationError)
     assert cause.type == ErrorType.NOT_ATTESTED
@@ -148,7 +146,7 @@ async def test_plaintext_messages_change_nothing(
     handle = plain.get_workflow_handle(workflow_id(tenant.id, run_id))
     with pytest.raises((WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError)):
         await handle.execute_update(
-            PipelineWorkflow.decide, forged(approval_id), rpc_timeout=timedelta(seconds=10)
+            Pipeline.decide, forged(approval_id), rpc_timeout=timedelta(seconds=10)
         )
     assert await update_events(client.get_workflow_handle(handle.id)) == 0
     assert "approval.decided" not in await audit_actions(pool, tenant, run_id)
@@ -180,7 +178,7 @@ async def test_cancel_is_attributed_only_when_it_came_through_the_api(
     handle = client.get_workflow_handle(workflow_id(tenant.id, forged_cancel))
     with pytest.raises(WorkflowUpdateFailedError):
         await handle.execute_update(
-            PipelineWorkflow.request_cancel,
+            Pipeline.request_cancel,
             CancelInput(principal="admin", attested_at=datetime.now(UTC)),
             rpc_timeout=timedelta(seconds=10),
         )

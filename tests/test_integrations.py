@@ -513,13 +513,17 @@ async def test_email_keys_survive_a_restart(tmp_path: Path) -> None:
 RUNNER = """
 import logging, sys
 from pathlib import Path
-from stead.sim.integrations import run_integrations
+from stead.sim.integrations import create_email_app, create_payments_app, serve_apps
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-run_integrations("127.0.0.1", 0, 0, sys.argv[1], Path(sys.argv[2]))
+token, state = sys.argv[1], Path(sys.argv[2])
+serve_apps("127.0.0.1", [
+    ("payments", create_payments_app(token, state / "payments.jsonl"), 0),
+    ("email", create_email_app(token, state / "email.jsonl"), 0),
+])
 """
 
 
-async def test_run_integrations_serves_both_and_stops_on_sigterm(tmp_path: Path) -> None:
+async def test_serve_apps_serves_both_and_stops_on_sigterm(tmp_path: Path) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", RUNNER, TOKEN, str(tmp_path), stderr=asyncio.subprocess.PIPE
     )
@@ -529,7 +533,7 @@ async def test_run_integrations_serves_both_and_stops_on_sigterm(tmp_path: Path)
         async with asyncio.timeout(30):
             while ready is None:
                 line = (await process.stderr.readline()).decode()
-                assert line, "run_integrations exited before it was ready"
+                assert line, "serve_apps exited before it was ready"
                 ready = re.search(r"integrations ready: payments=(\S+) email=(\S+)", line)
         payments_url, email_url = ready.groups()
         async with httpx.AsyncClient(headers=AUTH) as client:

@@ -34,16 +34,13 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from temporalio.client import Client
 
+from activities import support_desk
 from stead.api.app import create_app, refresh_gauges
-from stead.api.deps import Services
 from stead.config import Settings
 from stead.policy.models import load_routing
-from stead.policy.permissions import load_policy
 from stead.serving import serving
-from stead.store import crm
-from stead.store.audit import audit_writer
 from stead.store.db import Pool
-from tests.conftest import SimControl, Tenant, spawn_worker
+from tests.conftest import SimControl, Tenant, make_services, spawn_worker
 from tests.helpers import decide_pending, eventually, free_ports, start_run, wait_json
 
 ROOT = Path(__file__).parent.parent
@@ -557,11 +554,13 @@ async def test_dashboards_and_alerts_on_a_real_prometheus(
     tmp_path: Path,
 ) -> None:
     async with pool.acquire() as conn:
-        await crm.upsert_customer(conn, tenant.id, "cus_1", "Jane Doe", CUSTOMER_EMAIL, plan="pro")
+        await support_desk.upsert_customer(
+            conn, tenant.id, "cus_1", "Jane Doe", CUSTOMER_EMAIL, plan="pro"
+        )
     api_port, worker_port = free_ports(2)
     worker_settings = test_settings.model_copy(update={"worker_metrics_port": worker_port})
     worker = spawn_worker(client, worker_settings, tmp_path / "worker.log")
-    services = Services(test_settings, client, pool, load_policy(), audit_writer(test_settings))
+    services = make_services(test_settings, client, pool)
     gauges = asyncio.create_task(refresh_gauges(pool, client, every=0.2))
     targets = {"stead-api": api_port, "stead-worker": worker_port}
     try:

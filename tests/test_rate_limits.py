@@ -19,15 +19,12 @@ import pytest
 from temporalio.client import Client
 
 from stead.api.app import create_app
-from stead.api.deps import Services
 from stead.api.routes.runs import workflow_id
 from stead.config import Settings
 from stead.policy.limits import LimitPolicy, load_limits
-from stead.policy.permissions import load_policy
 from stead.store import ratelimits
-from stead.store.audit import audit_writer
 from stead.store.db import Pool, create_pool
-from tests.conftest import Tenant, TenantFactory
+from tests.conftest import Tenant, TenantFactory, make_services
 from tests.helpers import wait_json
 from tests.servers import serve_app
 
@@ -60,9 +57,7 @@ async def api_with(
     opened: list[httpx.AsyncClient] = []
 
     def make(limits: LimitPolicy) -> httpx.AsyncClient:
-        services = Services(
-            test_settings, client, pool, load_policy(), audit_writer(test_settings), limits
-        )
+        services = make_services(test_settings, client, pool, limits)
         transport = httpx.ASGITransport(app=create_app(test_settings, services))
         http = httpx.AsyncClient(transport=transport, base_url="http://stead.test", timeout=60)
         opened.append(http)
@@ -183,9 +178,7 @@ async def test_two_api_processes_share_one_allowance(
         apps = [
             create_app(
                 test_settings,
-                Services(
-                    test_settings, client, p, load_policy(), audit_writer(test_settings), limits
-                ),
+                make_services(test_settings, client, p, limits),
             )
             for p in pools
         ]

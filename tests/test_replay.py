@@ -12,16 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from temporalio import workflow
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
+import stead
+from stead.builtin import BUILTIN_PIPELINES
 from stead.config import Settings
-from stead.contract import RunInput, RunResult
 from stead.temporal import data_converter
-from stead.worker import WORKFLOWS
+from stead.worker import sandbox
 from tests.helpers import HISTORIES
+from worker import APP
+from workflows.inputs import SummarizeInput, Summary
 from workflows.summarize import SummarizeWorkflow
+
+# Every pipeline the reference application runs, Stead's own included.
+WORKFLOWS: list[type[Any]] = [*BUILTIN_PIPELINES, *APP.pipelines]
 
 # Current recordings, plus earlier generations (v1/, ...) kept to prove that runs started by
 # older code still replay: a change that breaks them must be gated with `workflow.patched`.
@@ -37,21 +42,18 @@ def test_every_workflow_has_a_history() -> None:
 @pytest.mark.parametrize("path", FILES, ids=[str(f.relative_to(HISTORIES)) for f in FILES])
 async def test_replays(path: Path, settings: Settings) -> None:
     history = WorkflowHistory.from_json(path.stem, path.read_text())  # noqa: ASYNC240  # a small fixture file
-    replayer = Replayer(workflows=list(WORKFLOWS), data_converter=data_converter(settings))
+    replayer = Replayer(
+        workflows=WORKFLOWS, data_converter=data_converter(settings), workflow_runner=sandbox()
+    )
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
 
 
-@workflow.defn(name="summarize", sandboxed=False)
-class SummarizeWithoutModel(SummarizeWorkflow):
+class SummarizeWithoutModel(SummarizeWorkflow, name="summarize", sandboxed=False):
     """Today's summarize minus its model call: what a careless edit would look like."""
 
-    @workflow.run
-    async def run(self, run: RunInput) -> RunResult:
-        async def steps() -> tuple[str, dict[str, Any]]:
-            return "completed", {"summary": "skipped"}
-
-        return await self.drive(steps)
+    async def steps(self, params: SummarizeInput) -> stead.Outcome[Summary]:
+        return stead.Completed(Summary(summary="skipped", model="none"))
 
 
 async def test_a_changed_workflow_fails_replay(settings: Settings) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from temporalio import workflow
+from pydantic import BaseModel
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.worker import Worker
@@ -23,9 +23,9 @@ from stead.api.app import refresh_gauges
 from stead.api.routes.runs import new_run_id, workflow_id
 from stead.attest import AttestationInterceptor
 from stead.config import Settings
-from stead.contract import RunContext, RunInput, RunResult
+from stead.contract import RunContext, RunInput
 from stead.gateway.ledger import LedgerActivities
-from stead.pipeline.base import PipelineWorkflow
+from stead.pipeline.base import Completed, Outcome, Pipeline
 from stead.store.audit import audit_writer
 from stead.store.db import Pool
 from tests.conftest import Tenant
@@ -34,34 +34,26 @@ from tests.helpers import audit_actions, eventually, wait_json
 TEXT = {"pipeline": "summarize", "input": {"text": "Revenue grew 12% in Q3. Costs fell 3%."}}
 
 
-@workflow.defn(name="buggy-pipeline", sandboxed=False)
-class BuggyPipeline(PipelineWorkflow):
+class Anything(BaseModel):
+    ratio: int = 0
+
+
+class BuggyPipeline(Pipeline[Anything, Anything], name="buggy-pipeline", sandboxed=False):
     """A pipeline with a bug: its workflow task fails on every attempt."""
 
-    pipeline = "summarize"
-
-    @workflow.run
-    async def run(self, run: RunInput) -> RunResult:
-        async def steps() -> tuple[str, dict[str, Any]]:
-            return "completed", {"ratio": 1 // len(run.input)}  # the input is empty
-
-        return await self.drive(steps)
+    async def steps(self, params: Anything) -> Outcome[Anything]:
+        return Completed(Anything(ratio=1 // params.ratio))  # the ratio is 0
 
 
-@workflow.defn(name="odd-outcome-pipeline", sandboxed=False)
-class OddOutcomePipeline(PipelineWorkflow):
-    pipeline = "summarize"
+class OddOutcomePipeline(Pipeline[Anything, Anything], name="odd-outcome", sandboxed=False):
+    """A pipeline that ends in a way the platform does not know."""
 
-    @workflow.run
-    async def run(self, run: RunInput) -> RunResult:
-        async def steps() -> tuple[str, dict[str, Any]]:
-            return "escalated-to-legal", {}
-
-        return await self.drive(steps)
+    async def steps(self, params: Anything) -> Outcome[Anything]:
+        return "escalated-to-legal"  # type: ignore[return-value]  # the mistake under test
 
 
 async def start_test_run(
-    client: Client, tenant: Tenant, queue: str, workflow_cls: type[PipelineWorkflow]
+    client: Client, tenant: Tenant, queue: str, workflow_cls: type[Pipeline[Any, Any]]
 ) -> tuple[str, WorkflowHandle[Any, Any]]:
     """Start a run of a test pipeline the way the API starts runs (id, search attributes)."""
     run_id = new_run_id(tenant.id, None)
@@ -69,7 +61,7 @@ async def start_test_run(
         tenant=tenant.id, run_id=run_id, pipeline="summarize", requested_by="requester"
     )
     handle = await client.start_workflow(
-        workflow_cls.run,  # type: ignore[attr-defined]  # every pipeline defines run
+        workflow_cls.run,
         RunInput(context=context, input={}),
         id=workflow_id(tenant.id, run_id),
         task_queue=queue,

@@ -12,10 +12,11 @@ import httpx
 import pytest
 from temporalio.client import Client
 
+from activities import support_desk
 from stead.api.routes.runs import workflow_id
 from stead.config import Settings
-from stead.store import crm, principals
 from stead.store import policy as policy_store
+from stead.store import principals
 from stead.store.db import Pool
 from tests.conftest import Integrations, Tenant, spawn_worker
 from tests.helpers import eventually, record_history, wait_json
@@ -27,8 +28,10 @@ CUSTOMER_EMAIL = "jane@initech.test"
 @pytest.fixture
 async def customers(tenant: Tenant, pool: Pool) -> Tenant:
     async with pool.acquire() as conn:
-        await crm.upsert_customer(conn, tenant.id, "cus_1", "Jane Doe", CUSTOMER_EMAIL, plan="pro")
-        await crm.upsert_customer(
+        await support_desk.upsert_customer(
+            conn, tenant.id, "cus_1", "Jane Doe", CUSTOMER_EMAIL, plan="pro"
+        )
+        await support_desk.upsert_customer(
             conn, tenant.id, "cus_vip", "Vera Important", "vera@bigco.test", restricted=True
         )
     return tenant

@@ -13,7 +13,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from stead.store import crm
+from activities import support_desk
 from stead.store.db import Pool
 from tests.conftest import Integrations, Tenant
 from tests.helpers import start_run as start
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("worker", "customers")
 @pytest.fixture
 async def other_customer(tenant: Tenant, pool: Pool) -> str:
     async with pool.acquire() as conn:
-        await crm.upsert_customer(conn, tenant.id, "cus_2", "Bob Other", "bob@other.test")
+        await support_desk.upsert_customer(conn, tenant.id, "cus_2", "Bob Other", "bob@other.test")
     return "cus_2"
 
 
@@ -74,7 +74,7 @@ async def test_no_refund_for_a_customer_the_user_may_not_read(
     assert actions(run)["issue_refund"] == "denied"
     assert await refunds_for(integrations, run_id) == []
     refund = [d for d in await decisions(pool, tenant, run_id) if d[0] == "issue_refund"]
-    assert refund[0][2] == "role:requester/read:customer#0"
+    assert refund[0][2] == "role:requester/read:customer#1"
 
 
 async def test_email_goes_to_the_customers_own_address_unless_the_tenant_widens_it(

@@ -13,17 +13,13 @@ A rejected review completes the run with outcome `rejected`.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from stead import retries
-    from stead.calls import FoundPassages, ModelCall, ModelReply, Passage, SearchPassages
-    from stead.contract import Proposal, RunInput, RunResult, Stage
-    from stead.gateway.retrieval import RetrievalActivities
-    from stead.pipeline.base import PipelineWorkflow
-    from workflows.inputs import DocQaInput
+    import stead
+    from stead import Stage
+    from workflows.inputs import Answer, AnswerProposal, Citation, DocQaInput
 
 
 NOT_FOUND = "I could not find this in your documents."
@@ -40,61 +36,48 @@ STRICT = " Your previous answer cited no passage: an answer without citations is
 _CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 
 
-@workflow.defn(name="doc-qa")
-class DocQaWorkflow(PipelineWorkflow):
-    pipeline = "doc-qa"
-    input_model = DocQaInput
-    stages = (
-        Stage.INTAKE,
-        Stage.RETRIEVAL,
-        Stage.MODEL_CALL,
-        Stage.REVIEW,
-        Stage.COMPLETED,
-    )
+class DocQaWorkflow(
+    stead.Pipeline[DocQaInput, Answer],
+    name="doc-qa",
+    stages=(Stage.RETRIEVAL, Stage.MODEL_CALL, Stage.REVIEW),
+    approvals=("answer",),
+    tasks=("answer",),
+    proposals={"answer": AnswerProposal},
+):
+    """Answer a question from the tenant's documents with citations; optional review."""
 
-    @workflow.run
-    async def run(self, run: RunInput) -> RunResult:
-        return await self.drive(self._steps)
-
-    async def _steps(self) -> tuple[str, dict[str, Any]]:
-        params: DocQaInput = self.parse_input()
-        passages = await self._retrieve(params)
+    async def steps(self, params: DocQaInput) -> stead.Outcome[Answer]:
+        passages = await self.retrieve(params.question, top_k=params.top_k)
         if not passages:
-            return "completed", {"answer": NOT_FOUND, "citations": [], "passages": 0}
+            return stead.Completed(Answer(answer=NOT_FOUND, citations=[], passages=0))
         reply, citations = await self._answer(params.question, passages)
-        answer = {"answer": reply.text, "citations": citations}
-        facts = {"model": reply.model, "passages": len(passages)}
+        answer = Answer(
+            answer=reply.text, citations=citations, passages=len(passages), model=reply.model
+        )
         if not params.review:
-            return "completed", {**answer, **facts}
-        outcome = await self.request_approval(
-            Proposal(
+            return stead.Completed(answer)
+        decided = await self.request_approval(
+            stead.Proposal(
                 kind="answer",
                 title="Approve answer",
                 schema_name="answer",
-                data=answer,
+                data={
+                    "answer": answer.answer,
+                    "citations": [c.model_dump() for c in answer.citations],
+                },
                 editable=("answer",),
             ),
-            self.approval_policy("answer"),
+            step="answer",
         )
-        result = {**outcome.data, **facts, "approval": outcome.status.value}
-        return ("completed" if outcome.approved else "rejected"), result
-
-    async def _retrieve(self, params: DocQaInput) -> list[Passage]:
-        self.enter(Stage.RETRIEVAL)
-        policy = retries.RETRIEVAL
-        found: FoundPassages = await workflow.execute_activity_method(
-            RetrievalActivities.search,
-            SearchPassages(tenant=self._ctx.tenant, query=params.question, limit=params.top_k),
-            start_to_close_timeout=policy.start_to_close,
-            retry_policy=policy.retry,
+        reviewed = answer.model_copy(
+            update={"answer": decided.data["answer"], "approval": decided.status.value}
         )
-        self.set_progress(passages=len(found.passages))
-        return found.passages
+        return stead.Completed(reviewed) if decided.approved else stead.Rejected(reviewed)
 
     async def _answer(
-        self, question: str, passages: list[Passage]
-    ) -> tuple[ModelReply, list[dict[str, Any]]]:
-        reply = await self.call_model(self._answer_call(question, passages, escalate=False))
+        self, question: str, passages: list[stead.Passage]
+    ) -> tuple[stead.ModelReply, list[Citation]]:
+        reply = await self._ask(question, passages, escalate=False)
         citations = cited(reply.text, passages)
         if citations:
             return reply, citations
@@ -107,23 +90,22 @@ class DocQaWorkflow(PipelineWorkflow):
                 "from_model": reply.model,
             },
         )
-        reply = await self.call_model(self._answer_call(question, passages, escalate=True))
+        reply = await self._ask(question, passages, escalate=True)
         return reply, cited(reply.text, passages)
 
-    def _answer_call(self, question: str, passages: list[Passage], *, escalate: bool) -> ModelCall:
+    async def _ask(
+        self, question: str, passages: list[stead.Passage], *, escalate: bool
+    ) -> stead.ModelReply:
         numbered = "\n\n".join(
             f"[{i}] {p.title} (document {p.document_id}, chunk {p.chunk_no})\n{p.text}"
             for i, p in enumerate(passages, start=1)
         )
-        return ModelCall(
-            context=self._ctx,
+        return await self.call_model(
             step="answer-escalated" if escalate else "answer",
             task="answer",
             system=SYSTEM + (STRICT if escalate else ""),
             # The question comes last: it is what the model answers, after the evidence.
-            messages=[
-                {"role": "user", "content": f"Passages:\n\n{numbered}\n\nQuestion:\n{question}"}
-            ],
+            messages=f"Passages:\n\n{numbered}\n\nQuestion:\n{question}",
             max_tokens=1024,
             escalate=escalate,
             # A cached reply would be the same uncited answer again.
@@ -131,7 +113,7 @@ class DocQaWorkflow(PipelineWorkflow):
         )
 
 
-def cited(text: str, passages: list[Passage]) -> list[dict[str, Any]]:
+def cited(text: str, passages: list[stead.Passage]) -> list[Citation]:
     """The passages an answer cites, in order of first citation; numbers out of range are not
     citations (the model invented them)."""
     refs: list[int] = []
@@ -140,11 +122,11 @@ def cited(text: str, passages: list[Passage]) -> list[dict[str, Any]]:
             if 1 <= number <= len(passages) and number not in refs:
                 refs.append(number)
     return [
-        {
-            "ref": n,
-            "document_id": passages[n - 1].document_id,
-            "chunk_no": passages[n - 1].chunk_no,
-            "title": passages[n - 1].title,
-        }
+        Citation(
+            ref=n,
+            document_id=passages[n - 1].document_id,
+            chunk_no=passages[n - 1].chunk_no,
+            title=passages[n - 1].title,
+        )
         for n in refs
     ]

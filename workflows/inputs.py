@@ -1,4 +1,5 @@
-"""The input of each pipeline: validated by the API before a run starts, and by the workflow.
+"""What each pipeline takes, returns and puts to people: validated by the API before a run
+starts, by the workflow, and (proposals) when an approver edits one.
 
 Kept out of the workflow modules on purpose: the workflow sandbox re-imports a workflow's own
 module for every run, and rebuilding pydantic models each time cost measurable worker CPU and
@@ -6,6 +7,8 @@ memory per run. Imported pass-through, these are built once per process.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,3 +43,54 @@ class DocQaInput(BaseModel):
     question: str = Field(min_length=1, max_length=4000)
     top_k: int = Field(5, ge=1, le=20)
     review: bool = False
+
+
+# --- what the pipelines return ---------------------------------------------------------------
+
+
+class Summary(BaseModel):
+    summary: str
+    model: str
+    approval: str | None = Field(None, description="the review's outcome, with review")
+
+
+class Triage(BaseModel):
+    label: str
+    draft: str
+    check: str
+
+
+class SupportOutcome(BaseModel):
+    reply: str
+    actions: list[dict[str, Any]] = Field(description="each tool call: tool, status, rule")
+
+
+class Citation(BaseModel):
+    ref: int
+    document_id: str
+    chunk_no: int
+    title: str
+
+
+class Answer(BaseModel):
+    answer: str
+    citations: list[Citation]
+    passages: int
+    model: str | None = None
+    approval: str | None = None
+
+
+# --- what people approve ---------------------------------------------------------------------
+
+
+class SummaryProposal(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    summary: str = Field(min_length=1, max_length=20_000)
+
+
+class AnswerProposal(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    answer: str = Field(min_length=1, max_length=20_000)
+    citations: list[dict[str, Any]] = Field(default_factory=list)

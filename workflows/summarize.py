@@ -6,15 +6,12 @@ Stages: intake → model_call → review → completed. The approval may be skip
 
 from __future__ import annotations
 
-from typing import Any
-
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from stead.calls import ModelCall
-    from stead.contract import Proposal, RunInput, RunResult, Stage
-    from stead.pipeline.base import PipelineWorkflow
-    from workflows.inputs import SummarizeInput
+    import stead
+    from stead import Stage
+    from workflows.inputs import SummarizeInput, Summary, SummaryProposal
 
 
 SYSTEM = (
@@ -23,40 +20,37 @@ SYSTEM = (
 )
 
 
-@workflow.defn(name="summarize")
-class SummarizeWorkflow(PipelineWorkflow):
-    pipeline = "summarize"
-    input_model = SummarizeInput
-    stages = (Stage.INTAKE, Stage.MODEL_CALL, Stage.REVIEW, Stage.COMPLETED)
+class SummarizeWorkflow(
+    stead.Pipeline[SummarizeInput, Summary],
+    name="summarize",
+    stages=(Stage.MODEL_CALL, Stage.REVIEW),
+    approvals=("review",),
+    tasks=("draft",),
+    proposals={"summary": SummaryProposal},
+):
+    """Summarize a text; a human approves, edits or rejects the summary."""
 
-    @workflow.run
-    async def run(self, run: RunInput) -> RunResult:
-        return await self.drive(self._steps)
-
-    async def _steps(self) -> tuple[str, dict[str, Any]]:
-        params: SummarizeInput = self.parse_input()
+    async def steps(self, params: SummarizeInput) -> stead.Outcome[Summary]:
         reply = await self.call_model(
-            ModelCall(
-                context=self._ctx,
-                step="summarize",
-                task="draft",
-                system=SYSTEM.format(max_words=params.max_words),
-                messages=[{"role": "user", "content": params.text}],
-                max_tokens=min(4 * params.max_words, 4096),
-            )
+            step="summarize",
+            task="draft",
+            system=SYSTEM.format(max_words=params.max_words),
+            messages=params.text,
+            max_tokens=min(4 * params.max_words, 4096),
         )
-        summary = {"summary": reply.text}
         if not params.review:
-            return "completed", {**summary, "model": reply.model}
-        outcome = await self.request_approval(
-            Proposal(
+            return stead.Completed(Summary(summary=reply.text, model=reply.model))
+        decided = await self.request_approval(
+            stead.Proposal(
                 kind="summary",
                 title="Approve summary",
                 schema_name="summary",
-                data=summary,
+                data={"summary": reply.text},
                 editable=("summary",),
             ),
-            self.approval_policy("review"),
+            step="review",
         )
-        result = {**outcome.data, "model": reply.model, "approval": outcome.status.value}
-        return ("completed" if outcome.approved else "rejected"), result
+        summary = Summary(
+            summary=decided.data["summary"], model=reply.model, approval=decided.status.value
+        )
+        return stead.Completed(summary) if decided.approved else stead.Rejected(summary)

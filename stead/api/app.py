@@ -24,8 +24,8 @@ from stead.api.deps import Services, authenticate
 from stead.api.routes import admin, approvals, audit, codec, documents, health, runs, usage
 from stead.api.routes.documents import MAX_TEXT_BYTES
 from stead.api.routes.runs import STUCK_QUERY
+from stead.app import App, Runtime
 from stead.config import Settings, load_settings
-from stead.policy.permissions import load_policy
 from stead.store import approvals as approvals_store
 from stead.store.audit import audit_writer
 from stead.store.db import Pool, pool_from_settings
@@ -40,12 +40,26 @@ DOCUMENT_BODY_BYTES = 6 * MAX_TEXT_BYTES
 CODEC_BODY_BYTES = codec.MAX_BODY_BYTES
 
 
-def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    services: Services | None = None,
+    *,
+    runtime: Runtime | None = None,
+) -> FastAPI:
+    """The API of an application (`runtime`, built by `App.load`): Stead's routes, and the
+    application's own (`App(routers=...)`) beside them; without one, Stead's own pipelines
+    alone. With ready-made `services` (tests), nothing is connected at start."""
+    if services is not None:
+        runtime = services.runtime
+    if runtime is None:
+        runtime = App("stead").load(settings or load_settings())
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if services is not None:
             yield
             return
+        assert runtime is not None
         config = settings or load_settings()
         setup_tracing(config, "stead-api")
         pool = await pool_from_settings(config, "API")
@@ -54,7 +68,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             interceptors=list(interceptors(config)),
             payload_store=PostgresPayloadStore(pool),
         )
-        app.state.services = Services(config, client, pool, load_policy(), audit_writer(config))
+        app.state.services = Services(
+            config, client, pool, runtime, audit_writer(config, runtime.policies.redaction)
+        )
         gauges = asyncio.create_task(refresh_gauges(pool, client))
         try:
             yield
@@ -74,6 +90,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     errors.install(app)
     for router in (runs, approvals, audit, documents, admin, usage):
         app.include_router(router.router, responses=errors.RESPONSES)
+    for extra in runtime.app.routers:
+        app.include_router(extra, responses=errors.RESPONSES)
     app.include_router(health.router)
     app.include_router(codec.router, responses=errors.RESPONSES)
     app.add_middleware(Admission)

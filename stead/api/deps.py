@@ -14,9 +14,10 @@ from temporalio.client import Client
 
 from stead import metrics
 from stead.api.errors import Conflict, Forbidden, RateLimited, Unauthorized, Unavailable
+from stead.app import Runtime
 from stead.config import Settings
 from stead.contract import ApprovalPolicy, CancelInput, DecideInput
-from stead.policy.limits import LIMITS_FILE, Action, LimitPolicy, Rate, load_limits
+from stead.policy.limits import Action, LimitPolicy, Rate
 from stead.policy.permissions import PLATFORM_RIGHT_PREFIX, PLATFORM_TENANT, PermissionPolicy
 from stead.store import approvals as approvals_store
 from stead.store import principals, ratelimits
@@ -27,17 +28,22 @@ from stead.store.principals import Principal
 
 @dataclass
 class Services:
+    """What every request may use: built once, as the process starts."""
+
     settings: Settings
     temporal: Client
     pool: Pool
-    permissions: PermissionPolicy
+    runtime: Runtime
     audit: AuditWriter
-    # None: the file the settings name (policies/limits.yaml unless set). Tests pass their own.
+    # None: the limits of the runtime's policies. Tests pass their own.
     limit_policy: LimitPolicy | None = None
 
     def __post_init__(self) -> None:
-        # Loaded as the process starts, so a bad file stops it before it serves anything.
-        self.limits = self.limit_policy or load_limits(self.settings.limits_file or LIMITS_FILE)
+        self.limits = self.limit_policy or self.runtime.policies.limits
+
+    @property
+    def permissions(self) -> PermissionPolicy:
+        return self.runtime.policies.permissions
 
 
 def services(request: Request) -> Services:

@@ -2,42 +2,44 @@
 
 Started by `POST /v1/documents` (never directly through `POST /v1/runs`) with only the
 document id; the text stays in PostgreSQL. Stages: intake → enrichment → completed. Chunks are
-written in batches, and after each batch the `state` query's progress shows
-`chunks` stored of `total`. On failure the document is marked `failed` before the run ends.
+written in batches, and after each batch the `state` query's progress shows `chunks` stored of
+`total`. On failure the document is marked `failed` before the run ends.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from pydantic import BaseModel
+
     from stead import retries
     from stead.builtin.inputs import IngestInput
     from stead.calls import ChunkDocument, ChunkedDocument, MarkDocument
-    from stead.contract import RunInput, RunResult, Stage
+    from stead.contract import Stage
     from stead.gateway.retrieval import RetrievalActivities
-    from stead.pipeline.base import PipelineWorkflow
+    from stead.pipeline.base import Completed, Outcome, Pipeline
 
 
 # Chunks per activity call: bounds one attempt's work and is the grain of visible progress.
 BATCH_CHUNKS = 256
 
 
-@workflow.defn(name="ingest-document")
-class IngestWorkflow(PipelineWorkflow):
-    pipeline = "ingest"
-    input_model = IngestInput
-    stages = (Stage.INTAKE, Stage.ENRICHMENT, Stage.COMPLETED)
+class Indexed(BaseModel):
+    document_id: str
+    chunks: int
 
-    @workflow.run
-    async def run(self, run: RunInput) -> RunResult:
-        return await self.drive(self._steps)
 
-    async def _steps(self) -> tuple[str, dict[str, Any]]:
-        params: IngestInput = self.parse_input()
+class IngestWorkflow(
+    Pipeline[IngestInput, Indexed],
+    name="ingest",
+    temporal_name="ingest-document",
+    stages=(Stage.ENRICHMENT,),
+):
+    """Chunk and index an uploaded document for retrieval."""
+
+    async def steps(self, params: IngestInput) -> Outcome[Indexed]:
         self.enter(Stage.ENRICHMENT)
         try:
             chunked = await self._chunk_all(params.document_id)
@@ -45,7 +47,7 @@ class IngestWorkflow(PipelineWorkflow):
             await self._mark_failed(params.document_id)
             raise
         self.audit("document.indexed", {"document_id": params.document_id, "chunks": chunked})
-        return "completed", {"document_id": params.document_id, "chunks": chunked}
+        return Completed(Indexed(document_id=params.document_id, chunks=chunked))
 
     async def _chunk_all(self, document_id: str) -> int:
         done, total = 0, None

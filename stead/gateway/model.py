@@ -103,7 +103,12 @@ class ModelActivities:
     async def call_model(self, call: ModelCall) -> ModelReply:
         attempt = activity.info().attempt
         key = call.call_key or _fallback_key()
-        route = self._routing.route(call.task, call.context.plan)
+        try:
+            route = self._routing.route(call.task, call.context.plan)
+        except KeyError:
+            raise failure(
+                ErrorType.BAD_REQUEST, f"no route for task class {call.task!r}", {"attempt": 1}
+            ) from None
         models = route.candidates(call.escalate)
         request = _request_body(call)
         digest = usage.request_hash(request)
@@ -483,6 +488,8 @@ def _request_body(call: ModelCall) -> dict[str, Any]:
         body["system"] = call.system
     if call.tools:
         body["tools"] = call.tools
+    if call.tool_choice is not None:
+        body["tool_choice"] = call.tool_choice
     return body
 
 

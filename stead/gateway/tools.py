@@ -1,11 +1,14 @@
 """The tool gateway: every tool call by an agent passes here, and only here.
 
-One activity, `tools.invoke`, does in order: validate the arguments against the tool's input
-model; load the requesting user (a disabled user's agent gets nothing) and the tenant's
-overrides; evaluate the agent's grants and the user's grants (the intersection), with the
-arguments and trusted facts; check the integration's scopes; then either refuse (a
-`tool_result` error the model can read, not a crash), ask for approval, or execute with the
-integration's own scoped credentials. Every decision, with the rule that made it, is audited.
+One activity, `tools.invoke`, does in order, for every tool an application declares
+(`stead.tools`): validate the arguments against the tool's input model; load the requesting
+user (a disabled user's agent gets nothing) and the tenant's overrides; load the record the
+call names (it must exist in the tenant, and the acting user and agent must be allowed to read
+it); complete the run's trusted facts (the application's `facts` hook); evaluate the agent's
+grants and the user's grants (the intersection) with the arguments and facts; check the
+integration's scopes; then either refuse (a `tool_result` error the model can read, not a
+crash), ask for approval, or call the tool's handler with the integration's own scoped
+credentials. Every decision, with the rule that made it, is audited.
 
 After an approval the workflow calls again with the approval attached: the permissions of the
 user and the agent are evaluated again at that moment, with the approved (possibly edited)
@@ -15,70 +18,25 @@ activity never pays or emails twice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from temporalio import activity
 
-from policies.tools import INTEGRATION_SCOPES, TOOLS, ToolSpec
 from stead import metrics
+from stead.app import RecordContext, Runtime
 from stead.calls import ToolInvocation, ToolOutcome
 from stead.contract import AuditEvent
-from stead.errors import ErrorType, failure
 from stead.gateway.heartbeat import heartbeating
-from stead.policy.permissions import PermissionPolicy, Verdict, combine, evaluate
-from stead.store import crm, principals
+from stead.integrations import IntegrationClient
+from stead.policy.permissions import Verdict, combine, evaluate
 from stead.store import policy as policy_store
+from stead.store import principals
 from stead.store.audit import AuditWriter, run_event
 from stead.store.db import Conn, Pool
 from stead.telemetry import set_attributes, span
-
-
-@dataclass(frozen=True)
-class HttpIntegration:
-    """A third-party HTTP API reached with its own scoped bearer token."""
-
-    name: str
-    base_url: str | None
-    token: str | None
-
-    async def post(
-        self, http: httpx.AsyncClient, path: str, body: dict[str, Any], key: str
-    ) -> dict[str, Any]:
-        if not self.base_url or not self.token:
-            raise failure(
-                ErrorType.INTEGRATION_MISSING, f"the {self.name} integration is not configured"
-            )
-        try:
-            response = await http.post(
-                f"{self.base_url}{path}",
-                json=body,
-                headers={"Authorization": f"Bearer {self.token}", "Idempotency-Key": key},
-            )
-        except httpx.HTTPError as exc:
-            raise failure(
-                ErrorType.TOOL_FAILED, f"{self.name} unreachable: {type(exc).__name__}"
-            ) from None
-        if response.status_code >= 500 or response.status_code == 429:
-            raise failure(ErrorType.TOOL_FAILED, f"{self.name} answered {response.status_code}")
-        if response.status_code >= 400:
-            raise _Refused(f"{self.name} refused the request ({response.status_code})")
-        data: dict[str, Any] = response.json()
-        return data
-
-
-class _Refused(Exception):
-    """The integration refused the call itself (4xx): report to the model, don't retry."""
-
-
-@dataclass
-class Integrations:
-    payments: HttpIntegration
-    email: HttpIntegration
-    http: httpx.AsyncClient
+from stead.tools import Tool, ToolContext, ToolRefused, ToolResult
 
 
 class _Decision:
@@ -96,17 +54,21 @@ class ToolActivities:
     def __init__(
         self,
         pool: Pool,
-        policy: PermissionPolicy,
+        runtime: Runtime,
         audit: AuditWriter,
-        integrations: Integrations,
+        http: httpx.AsyncClient,
         *,
         heartbeat_every: float = 5.0,
     ) -> None:
         self._heartbeat_every = heartbeat_every
         self._pool = pool
-        self._policy = policy
+        self._runtime = runtime
+        self._policy = runtime.policies.permissions
         self._audit = audit
-        self._integrations = integrations
+        self._clients = {
+            name: IntegrationClient(integration, runtime.configs.get(name), http)
+            for name, integration in runtime.integrations.items()
+        }
 
     @activity.defn(name="tools.invoke")
     async def invoke(self, call: ToolInvocation) -> ToolOutcome:
@@ -122,7 +84,9 @@ class ToolActivities:
             return outcome
 
     async def _invoke(self, call: ToolInvocation) -> ToolOutcome:
-        spec = TOOLS.get(call.tool)
+        spec = self._runtime.tools.get(call.tool)
+        if spec is not None and call.offered and spec.name not in call.offered:
+            spec = None  # the pipeline does not offer it: as good as unknown
         async with self._pool.acquire() as conn:
             decision = await self._decide(conn, call, spec)
         phase = "approved" if call.approval else "initial"
@@ -156,16 +120,16 @@ class ToolActivities:
             return decision.outcome
         assert spec is not None
         try:
-            content, data = await self._execute(spec, call, decision)
+            result = await self._execute(spec, call, decision)
             outcome = ToolOutcome(
                 status="executed",
-                content=content,
+                content=result.content,
                 rule=decision.verdict.rule,
                 arguments=decision.arguments,
                 facts=decision.facts,
-                data=data,
+                data=result.data,
             )
-        except _Refused as exc:
+        except ToolRefused as exc:
             outcome = ToolOutcome(
                 status="failed",
                 content=str(exc),
@@ -189,12 +153,12 @@ class ToolActivities:
 
     # --- deciding --------------------------------------------------------------------------
 
-    async def _decide(self, conn: Conn, call: ToolInvocation, spec: ToolSpec | None) -> _Decision:
+    async def _decide(self, conn: Conn, call: ToolInvocation, spec: Tool[Any] | None) -> _Decision:
         raw = call.approval.arguments if call.approval else call.arguments
         if spec is None:
             return _deny(f"unknown tool {call.tool!r}", "unknown-tool", raw, call.facts)
         try:
-            arguments = _plain(spec.input_model.model_validate(raw))
+            arguments = spec.arguments(raw)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "arguments"
@@ -210,41 +174,48 @@ class ToolActivities:
                 arguments,
                 call.facts,
             )
-        facts = await self._facts(conn, tenant, call.facts)
+        context = RecordContext(tenant=tenant, db=self._pool)
+        facts = await self._facts(context, call.facts)
         checked = dict(arguments)
         if spec.subject is not None:
             # The record the call names must exist in this tenant, and the acting user (and
-            # the agent) must be allowed to read it: a call about a customer they may not see,
+            # the agent) must be allowed to read it: a call about a record they may not see,
             # or one that does not exist, is refused whatever else it would be allowed.
-            subject_id = str(arguments[spec.subject])
-            record = await crm.customer(conn, tenant, subject_id)
+            kind, subject_id = spec.subject.resource, str(arguments[spec.subject.argument])
+            record = await self._runtime.app.records[kind](context, subject_id)
             if record is None:
-                return _deny(
-                    f"no customer {subject_id!r} in this tenant",
-                    "subject-unknown",
-                    arguments,
-                    facts,
-                )
-            seen = {spec.subject: record["id"], "restricted": record["restricted"]}
-            if spec.resource == "customer":
+                unknown = f"no {kind} {subject_id!r} in this tenant"
+                return _deny(unknown, "subject-unknown", arguments, facts)
+            seen = {**record, spec.subject.argument: subject_id}
+            if spec.resource == kind and spec.action == "read":
                 checked.update(seen)
             else:
-                read = await self._verdict(conn, call, "read", "customer", user.roles, seen, facts)
+                read = await self._verdict(conn, call, "read", kind, user.roles, seen, facts)
                 if not read.allowed:
-                    return _deny(
-                        f"may not read this customer ({read.reason})", read.rule, arguments, facts
-                    )
-        if spec.scope not in INTEGRATION_SCOPES.get(spec.integration, frozenset()):
+                    why = f"may not read this {kind} ({read.reason})"
+                    return _deny(why, read.rule, arguments, facts)
+        lacking = self._lacking_scopes(spec)
+        if lacking:
             verdict = Verdict(
                 effect="deny",
                 rule="integration-scope",
-                reason=f"{spec.integration} lacks {spec.scope}",
+                reason=f"{spec.integration.name if spec.integration else '?'} lacks"
+                f" {', '.join(lacking)}",
             )
         else:
             verdict = await self._verdict(
                 conn, call, spec.action, spec.resource, user.roles, checked, facts
             )
         return _decision_for(verdict, call, arguments, facts)
+
+    def _lacking_scopes(self, spec: Tool[Any]) -> list[str]:
+        """The scopes the tool needs that its integration's credential is not scoped to."""
+        if spec.integration is None or not spec.scopes:
+            return []
+        client = self._clients[spec.integration.name]
+        # Not configured: the handler's call says so (IntegrationNotConfigured), not a denial.
+        held = set(client.scopes) if client.configured else set(spec.integration.scopes)
+        return [scope for scope in spec.scopes if scope not in held]
 
     async def _verdict(
         self,
@@ -264,48 +235,34 @@ class ToolActivities:
             evaluate(user, action, resource, checked, facts),
         )
 
-    async def _facts(self, conn: Conn, tenant: str, given: dict[str, Any]) -> dict[str, Any]:
-        """Trusted facts: what the run says, completed from the store (never from the model)."""
-        facts = dict(given)
-        customer_id = facts.get("customer_id")
-        if isinstance(customer_id, str):
-            record = await crm.customer(conn, tenant, customer_id)
-            if record is not None:
-                facts["customer_email"] = record["email"]
-        return facts
+    async def _facts(self, context: RecordContext, given: dict[str, Any]) -> dict[str, Any]:
+        """Trusted facts: what the run says, completed by the application's `facts` hook from
+        its own records (never from the model)."""
+        hook = self._runtime.app.facts
+        if hook is None:
+            return dict(given)
+        return {**given, **(await hook(context, given))}
 
     # --- executing -------------------------------------------------------------------------
 
     async def _execute(
-        self, spec: ToolSpec, call: ToolInvocation, decision: _Decision
-    ) -> tuple[str, dict[str, Any]]:
-        args, tenant = decision.arguments, call.context.tenant
-        if spec.integration == "crm":
-            async with self._pool.acquire() as conn:
-                record = await crm.customer(conn, tenant, str(args["customer_id"]))
-            assert record is not None
-            return _lines(record), record
-        if spec.integration == "drafts":
-            async with self._pool.acquire() as conn:
-                await crm.save_draft(
-                    conn, tenant, call.op_key, call.context.run_id, args["subject"], args["body"]
-                )
-            return f"draft saved: {args['subject']}", {"draft": call.op_key}
-        integration = (
-            self._integrations.payments
-            if spec.integration == "payments"
-            else self._integrations.email
+        self, spec: Tool[Any], call: ToolInvocation, decision: _Decision
+    ) -> ToolResult:
+        context = ToolContext(
+            tenant=call.context.tenant,
+            run_id=call.context.run_id,
+            requested_by=call.context.requested_by,
+            pipeline=call.context.pipeline,
+            op_key=call.op_key,
+            http=self._clients[spec.integration.name] if spec.integration else None,
+            db=self._pool,
+            facts=decision.facts,
         )
-        path = "/v1/refunds" if spec.integration == "payments" else "/v1/messages"
-        # References let the provider's records be traced back to the run and the step.
-        metadata = {"tenant": tenant, "run_id": call.context.run_id, "op_key": call.op_key}
-        result = await heartbeating(
-            integration.post(
-                self._integrations.http, path, {**args, "metadata": metadata}, call.op_key
-            ),
-            self._heartbeat_every,
-        )
-        return _lines(result), result
+        args = spec.input_model.model_validate(decision.arguments)
+        result = await heartbeating(spec.handler(context, args), self._heartbeat_every)
+        if isinstance(result, ToolResult):
+            return result
+        return ToolResult.of(result)
 
     async def _record(self, events: list[AuditEvent]) -> None:
         await self._audit.record(self._pool, events)
@@ -364,13 +321,3 @@ def _effect(decision: _Decision) -> str:
     return {"denied": "denied", "needs_approval": "approval_required"}.get(
         decision.outcome.status, "allowed"
     )
-
-
-def _plain(model: BaseModel) -> dict[str, Any]:
-    """JSON-safe arguments; money stays a decimal string, never a float."""
-    return {k: (f"{v:.2f}" if isinstance(v, Decimal) else v) for k, v in model.model_dump().items()}
-
-
-def _lines(record: dict[str, Any]) -> str:
-    """A tool result the model (and the simulator's hints) can read: `key: value` lines."""
-    return "\n".join(f"{k}: {v}" for k, v in record.items())

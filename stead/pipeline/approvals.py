@@ -13,6 +13,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from pydantic import BaseModel
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
@@ -46,7 +47,12 @@ class ApprovalSteps(RunCore):
         approval = self._approvals[decision.approval_id]
         if decision.decision == "approve" and decision.edits:
             current = approval.final_data or approval.proposal.data
-            approval.final_data = apply_edits(approval.proposal, current, decision.edits)
+            approval.final_data = apply_edits(
+                self.proposal_schema(approval.proposal.schema_name),
+                approval.proposal,
+                current,
+                decision.edits,
+            )
         approval.decisions.append(
             Decision(
                 principal=decision.principal,
@@ -116,7 +122,10 @@ class ApprovalSteps(RunCore):
                 raise ApplicationError("edits come only with approve", type=ErrorType.INVALID_EDITS)
             try:
                 apply_edits(
-                    approval.proposal, approval.final_data or approval.proposal.data, decision.edits
+                    self.proposal_schema(approval.proposal.schema_name),
+                    approval.proposal,
+                    approval.final_data or approval.proposal.data,
+                    decision.edits,
                 )
             except InvalidEdits as exc:
                 raise ApplicationError(str(exc), type=ErrorType.INVALID_EDITS) from None
@@ -124,7 +133,12 @@ class ApprovalSteps(RunCore):
     def approval_policy(self, step: str) -> ApprovalPolicy:
         return self._ctx.approvals.get(step) or ApprovalPolicy()
 
-    async def request_approval(self, proposal: Proposal, policy: ApprovalPolicy) -> ApprovalOutcome:
+    @classmethod
+    def proposal_schema(cls, name: str) -> type[BaseModel] | None:
+        """The model that validates a proposal named `name` (see `stead.pipeline.base`)."""
+        return None
+
+    async def _ask_approval(self, proposal: Proposal, policy: ApprovalPolicy) -> ApprovalOutcome:
         """Ask humans to decide; wait through deadlines (escalate, remind or expire)."""
         self.enter(Stage.REVIEW)
         now = workflow.now()
@@ -218,8 +232,7 @@ class ApprovalSteps(RunCore):
         )
 
     async def _publish(self, approval: ApprovalState) -> None:
-        events = self._take_outbox()
-        try:
+        with self.carried_outbox() as events:
             await workflow.execute_local_activity_method(
                 LedgerActivities.publish_approval,
                 PublishApproval(
@@ -231,9 +244,6 @@ class ApprovalSteps(RunCore):
                 start_to_close_timeout=retries.LEDGER.start_to_close,
                 retry_policy=retries.LEDGER.retry,
             )
-        except BaseException:
-            self._outbox = events + self._outbox
-            raise
 
     def _cancel_pending_approvals(self) -> list[ApprovalState]:
         cancelled = []

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ValidationError
@@ -46,7 +48,7 @@ class RunCore:
 
     pipeline: ClassVar[str]
     input_model: ClassVar[type[BaseModel]]
-    stages: ClassVar[tuple[Stage, ...]]
+    stages: ClassVar[tuple[str, ...]] = ()
     # What a model call refused by a budget does: fail the run (non-retryable), or park for an
     # approval to raise the budget and then try again.
     on_budget_exhausted: ClassVar[Literal["fail", "approval"]] = "fail"
@@ -62,8 +64,8 @@ class RunCore:
         self._lean_ctx = run.context.model_copy(update={"approvals": {}})
         self._raw_input = run.input
         now = workflow.now()
-        self._stage = Stage.INTAKE
-        self._indexed_stage = Stage.INTAKE
+        self._stage: str = Stage.INTAKE
+        self._indexed_stage: str = Stage.INTAKE
         self._stages = [StageEntry(stage=Stage.INTAKE, entered_at=now)]
         self._approvals: dict[str, ApprovalState] = {}
         self._attempts: dict[str, int] = {}
@@ -139,7 +141,7 @@ class RunCore:
     def set_progress(self, **counters: int) -> None:
         self._progress.update(counters)
 
-    def enter(self, stage: Stage) -> None:
+    def enter(self, stage: str) -> None:
         """Move the run to `stage`: stage history, search attribute, audit event."""
         if stage == self._stage:
             return
@@ -157,12 +159,12 @@ class RunCore:
             # search-attribute updates per turn were a tenth of each turn's history.
             pass
         else:
-            workflow.upsert_search_attributes([search.STAGE.value_set(stage.value)])
+            workflow.upsert_search_attributes([search.STAGE.value_set(str(stage))])
             self._indexed_stage = stage
         seconds = (now - self._stages[-2].entered_at).total_seconds()
         self.audit(
             "stage.entered",
-            {"stage": stage.value, "previous": previous.value, "previous_seconds": seconds},
+            {"stage": str(stage), "previous": str(previous), "previous_seconds": seconds},
         )
 
     def audit(
@@ -202,30 +204,37 @@ class RunCore:
             )
         )
 
-    def _take_outbox(self) -> list[AuditEvent]:
+    @contextmanager
+    def carried_outbox(self) -> Iterator[list[AuditEvent]]:
+        """The buffered audit events, for the activity about to run to store: they leave the
+        outbox now, and come back to its front if the activity fails (the next write takes
+        them), so every event is stored once, in order, however the activity ends."""
         events, self._outbox = self._outbox, []
-        return events
+        try:
+            yield events
+        except BaseException:
+            self._outbox = events + self._outbox
+            raise
 
     async def flush_audit(self) -> None:
         """Store buffered audit events, and approvals whose projection is behind."""
         if not self._outbox and not self._unpublished:
             return
-        events = self._take_outbox()
         behind, self._unpublished = self._unpublished, {}
         try:
-            await workflow.execute_local_activity_method(
-                LedgerActivities.flush,
-                FlushAudit(
-                    events=events,
-                    approvals=[a.model_copy(deep=True) for a in behind.values()],
-                    context=self._lean_ctx if behind else None,
-                    workflow_id=workflow.info().workflow_id,
-                ),
-                start_to_close_timeout=retries.LEDGER.start_to_close,
-                retry_policy=retries.LEDGER.retry,
-            )
+            with self.carried_outbox() as events:
+                await workflow.execute_local_activity_method(
+                    LedgerActivities.flush,
+                    FlushAudit(
+                        events=events,
+                        approvals=[a.model_copy(deep=True) for a in behind.values()],
+                        context=self._lean_ctx if behind else None,
+                        workflow_id=workflow.info().workflow_id,
+                    ),
+                    start_to_close_timeout=retries.LEDGER.start_to_close,
+                    retry_policy=retries.LEDGER.retry,
+                )
         except BaseException:
-            self._outbox = events + self._outbox
             self._unpublished = {**behind, **self._unpublished}
             raise
 

@@ -50,6 +50,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.types import ASGIApp
 
 from stead.serving import EmbeddedServer
 
@@ -61,7 +62,7 @@ __all__ = [
     "RefundRequest",
     "create_email_app",
     "create_payments_app",
-    "run_integrations",
+    "serve_apps",
 ]
 
 logger = logging.getLogger(__name__)
@@ -483,7 +484,7 @@ async def _all_ready(servers: Sequence[EmbeddedServer]) -> None:
         await server.ready.wait()
 
 
-async def _serve_until_stopped(servers: Sequence[EmbeddedServer]) -> None:
+async def _serve_until_stopped(names: Sequence[str], servers: Sequence[EmbeddedServer]) -> None:
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -502,7 +503,10 @@ async def _serve_until_stopped(servers: Sequence[EmbeddedServer]) -> None:
         await asyncio.wait([ready, *tasks], return_when=asyncio.FIRST_COMPLETED)
         if all(server.ready.is_set() for server in servers):
             logger.info(
-                "integrations ready: payments=%s email=%s", servers[0].url(), servers[1].url()
+                "integrations ready: %s",
+                " ".join(
+                    f"{name}={server.url()}" for name, server in zip(names, servers, strict=True)
+                ),
             )
         ready.cancel()
         await asyncio.gather(*tasks)
@@ -511,23 +515,14 @@ async def _serve_until_stopped(servers: Sequence[EmbeddedServer]) -> None:
             loop.remove_signal_handler(sig)
 
 
-def run_integrations(
-    host: str, payments_port: int, email_port: int, token: str, data_dir: Path
-) -> None:
-    """Serve the payments and email apps until SIGINT or SIGTERM; blocks. Main thread only.
-
-    State persists in `data_dir/payments.jsonl` and `data_dir/email.jsonl`. Port 0 picks a free
-    port; once both listen, the logger of this module says so at INFO with both base URLs.
-    """
-    data_dir.mkdir(parents=True, exist_ok=True)
-    apps = [
-        (create_payments_app(token, data_dir / "payments.jsonl"), payments_port),
-        (create_email_app(token, data_dir / "email.jsonl"), email_port),
-    ]
+def serve_apps(host: str, apps: Sequence[tuple[str, ASGIApp, int]]) -> None:
+    """Serve each named app on its port until SIGINT or SIGTERM; blocks. Main thread only.
+    Port 0 picks a free port; once all listen, this module's logger says so at INFO with
+    each one's base URL (`integrations ready: payments=http://... email=http://...`)."""
     servers = [
         EmbeddedServer(
             uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
         )
-        for app, port in apps
+        for _, app, port in apps
     ]
-    asyncio.run(_serve_until_stopped(servers))
+    asyncio.run(_serve_until_stopped([name for name, _, _ in apps], servers))

@@ -250,9 +250,11 @@ def run_event(
     )
 
 
-def audit_writer(settings: Settings) -> AuditWriter:
+def audit_writer(settings: Settings, policy: RedactionPolicy | None = None) -> AuditWriter:
+    """The writer for a process: its redaction policy (the runtime's; Stead's defaults when
+    none is given), masked originals sealed with the payload keys."""
     keys = settings.encryption_keys
-    return AuditWriter(load_policy(), Sealer(keys) if keys else None)
+    return AuditWriter(policy or load_policy(), Sealer(keys) if keys else None)
 
 
 # --- verifying -------------------------------------------------------------------------------

@@ -52,12 +52,18 @@ async def migrate(
     *,
     app_url: str | None = None,
     app_role: str = "stead_app",
+    application: tuple[str, Path] | None = None,
 ) -> list[int]:
     """Apply pending migrations as the connecting (owner) user; return the versions applied.
-    With `app_url`, set the password it carries (if any) on `app_role`."""
+    With `application` (its name and migrations directory), then apply the application's own,
+    tracked apart from Stead's (`app_migrations`): an application's tables grant what the
+    `stead_app` login needs themselves. With `app_url`, set the password it carries (if any)
+    on `app_role`."""
     conn = await asyncpg.connect(url)
     try:
         applied = await _apply(conn, directory)
+        if application is not None:
+            await _apply(conn, application[1], app=application[0])
         if app_url is not None:
             await set_app_password(conn, app_url, app_role)
         return applied
@@ -65,7 +71,7 @@ async def migrate(
         await conn.close()
 
 
-async def _apply(conn: asyncpg.Connection, directory: Path) -> list[int]:
+async def _apply(conn: asyncpg.Connection, directory: Path, app: str | None = None) -> list[int]:
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
     try:
         await conn.execute(
@@ -73,18 +79,35 @@ async def _apply(conn: asyncpg.Connection, directory: Path) -> list[int]:
             " version integer PRIMARY KEY, name text NOT NULL,"
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS app_migrations ("
+            " app text NOT NULL, version integer NOT NULL, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (app, version))"
+        )
+        if app is None:
+            rows = await conn.fetch("SELECT version FROM schema_migrations")
+        else:
+            rows = await conn.fetch("SELECT version FROM app_migrations WHERE app = $1", app)
+        done = {r["version"] for r in rows}
         applied: list[int] = []
         for migration in discover(directory):
             if migration.version in done:
                 continue
             async with conn.transaction():
                 await conn.execute(migration.sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                    migration.version,
-                    migration.name,
-                )
+                if app is None:
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        migration.version,
+                        migration.name,
+                    )
+                else:
+                    await conn.execute(
+                        "INSERT INTO app_migrations (app, version, name) VALUES ($1, $2, $3)",
+                        app,
+                        migration.version,
+                        migration.name,
+                    )
             applied.append(migration.version)
         return applied
     finally:

@@ -3,8 +3,11 @@ and a platform operator outside both (for the codec: `temporal workflow show --c
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 from stead.policy.permissions import PLATFORM_TENANT
-from stead.store import crm, principals
+from stead.store import principals
 from stead.store.db import Conn
 
 DEMO_TENANTS = {"acme": ("Acme Corp", "standard"), "globex": ("Globex", "enterprise")}
@@ -15,11 +18,16 @@ DEMO_USERS = {
 }
 
 
-async def seed_demo(conn: Conn, existing: dict[str, str] | None = None) -> dict[str, str]:
+async def seed_demo(
+    conn: Conn,
+    existing: dict[str, str] | None = None,
+    app_seed: Callable[[Any], Awaitable[None]] | None = None,
+) -> dict[str, str]:
     """Create the demo tenants and users; return `{"tenant/user": api_key}`.
 
     Keys in `existing` that still authenticate as the right principal are kept, so restarting
-    `stead dev` does not invalidate the keys a developer already copied.
+    `stead dev` does not invalidate the keys a developer already copied. `app_seed` writes the
+    application's own demo data (`App(seed=...)`).
     """
     keys: dict[str, str] = {}
     async with conn.transaction():
@@ -38,16 +46,7 @@ async def seed_demo(conn: Conn, existing: dict[str, str] | None = None) -> dict[
                     keys[label] = old  # type: ignore[assignment]  # old is a str when found
                 else:
                     keys[label] = await principals.create_key(conn, tenant, user, label="demo")
-    async with conn.transaction():
-        await crm.upsert_customer(conn, "acme", "cus_100", "Jane Doe", "jane@initech.example")
-        await crm.upsert_customer(
-            conn,
-            "acme",
-            "cus_900",
-            "Vera Important",
-            "vera@bigco.example",
-            restricted=True,
-            notes="VIP: restricted to approvers and admins",
-        )
-        await crm.upsert_customer(conn, "globex", "cus_100", "Hank Scorpio", "hank@globex.example")
+    if app_seed is not None:
+        async with conn.transaction():
+            await app_seed(conn)
     return keys

@@ -14,7 +14,6 @@ from pydantic import BaseModel, Field, ValidationError
 
 from stead.api.deps import CurrentPrincipal, Services, ServicesDep, limited, require
 from stead.api.errors import RATE_LIMITED, Conflict, Forbidden, Invalid, NotFound
-from stead.api.pipelines import PIPELINES
 from stead.api.schemas import Request
 from stead.contract import MAX_BUDGET_USD, ApprovalPolicy
 from stead.policy.permissions import Constraint, Override
@@ -251,7 +250,7 @@ async def set_approval_policy(
 ) -> ApprovalPolicy:
     """Override the approval policy of one pipeline step for new runs of this tenant."""
     _admin(svc, principal)
-    if pipeline not in PIPELINES and pipeline != "*":
+    if pipeline not in svc.runtime.pipelines and pipeline != "*":
         raise Invalid(f"unknown pipeline {pipeline!r}")
     try:
         policy = ApprovalPolicy.model_validate(body)

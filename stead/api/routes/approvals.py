@@ -25,7 +25,6 @@ from temporalio.client import (
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from policies.tools import TOOLS
 from stead import metrics
 from stead.api.deps import CurrentPrincipal, Services, ServicesDep, attest, limited, require
 from stead.api.errors import (
@@ -41,7 +40,7 @@ from stead.api.proposals import proposal_viewer
 from stead.api.schemas import ApprovalOut, DecisionIn, DecisionOut, Page
 from stead.contract import DecideInput, DecideResult, Proposal
 from stead.errors import ErrorType
-from stead.pipeline.base import PipelineWorkflow
+from stead.pipeline.base import Pipeline
 from stead.pipeline.proposals import InvalidEdits, apply_edits
 from stead.policy.permissions import evaluate
 from stead.store import approvals as approvals_store
@@ -183,10 +182,12 @@ async def decide(
         editable=tuple(row["proposal"].get("editable", ())),
         context=row["proposal"].get("context", {}),
     )
+    pipeline = svc.runtime.pipeline(row["pipeline"])
+    schema = pipeline.proposal_schema(proposal.schema_name) if pipeline else None
     final = proposal.data
     if body.edits:
         try:
-            final = apply_edits(proposal, proposal.data, body.edits)
+            final = apply_edits(schema, proposal, proposal.data, body.edits)
         except InvalidEdits as exc:
             raise Invalid(str(exc)) from None
     if proposal.kind == "tool_call" and body.decision == "approve":
@@ -227,7 +228,7 @@ async def _send(
     for attempt in range(1, _NOT_YET_ATTEMPTS + 1):
         try:
             return await handle.execute_update(
-                PipelineWorkflow.decide, decision, rpc_timeout=timedelta(seconds=30)
+                Pipeline.decide, decision, rpc_timeout=timedelta(seconds=30)
             )
         except WorkflowUpdateFailedError as exc:
             cause = exc.cause
@@ -264,7 +265,7 @@ async def _approver_holds_the_right(
 ) -> None:
     """Approving a tool call needs the right to make that exact call yourself, now: e.g. only
     a user who may refund this amount may approve an agent's refund."""
-    spec = TOOLS.get(proposal.schema_name.removeprefix("tool:"))
+    spec = svc.runtime.tools.get(proposal.schema_name.removeprefix("tool:"))
     if spec is None:
         raise Conflict("this approval names a tool that no longer exists")
     async with svc.pool.acquire() as conn:

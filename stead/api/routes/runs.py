@@ -51,7 +51,6 @@ from stead.api.deps import (
     require,
 )
 from stead.api.errors import RATE_LIMITED, Conflict, Forbidden, Invalid, NotFound, Unavailable
-from stead.api.pipelines import PIPELINES, STARTED_BY_ROUTE
 from stead.api.proposals import proposal_viewer
 from stead.api.schemas import (
     ApprovalOut,
@@ -63,6 +62,7 @@ from stead.api.schemas import (
     StartRun,
     UsageOut,
 )
+from stead.builtin import STARTED_BY_ROUTE
 from stead.config import Settings
 from stead.contract import (
     AuditEvent,
@@ -75,7 +75,7 @@ from stead.contract import (
     Stage,
 )
 from stead.errors import ErrorType
-from stead.pipeline.base import PipelineWorkflow
+from stead.pipeline.base import Pipeline
 from stead.policy import approvals as approval_policies
 from stead.store import approvals as approvals_store
 from stead.store.principals import Principal
@@ -151,9 +151,11 @@ async def start_run(
     the same run (200) instead of starting another; the same key with a different body is a
     409."""
     require(svc, principal, "runs:start")
-    workflow_cls = PIPELINES.get(body.pipeline)
+    pipelines = svc.runtime.pipelines
+    workflow_cls = pipelines.get(body.pipeline)
     if workflow_cls is None:
-        raise Invalid(f"unknown pipeline {body.pipeline!r}; known: {', '.join(sorted(PIPELINES))}")
+        known = ", ".join(sorted(set(pipelines) - set(STARTED_BY_ROUTE)))
+        raise Invalid(f"unknown pipeline {body.pipeline!r}; known: {known}")
     if body.pipeline in STARTED_BY_ROUTE:
         raise Invalid(f"pipeline {body.pipeline!r} is started by {STARTED_BY_ROUTE[body.pipeline]}")
     try:
@@ -201,7 +203,7 @@ async def new_context(
         requested_by=principal.id,
         plan=plan,
         budget_usd=budget_usd,
-        approvals=approval_policies.resolve(pipeline, overrides),
+        approvals=approval_policies.resolve(pipeline, overrides, svc.runtime.policies.approvals),
     )
 
 
@@ -212,7 +214,7 @@ async def launch(svc: Services, run: RunInput, digest: str) -> None:
     ctx = run.context.model_copy(update={"limited_model_queue": limited})
     run = run.model_copy(update={"context": ctx})
     await svc.temporal.start_workflow(
-        PIPELINES[ctx.pipeline].run,  # type: ignore[attr-defined]  # every pipeline defines run
+        svc.runtime.pipelines[ctx.pipeline].run,
         run,
         id=workflow_id(ctx.tenant, ctx.run_id),
         task_queue=svc.settings.task_queue,
@@ -349,7 +351,7 @@ async def list_runs(
     if stage is not None:
         clauses.append(f"Stage = '{stage.value}'")
     if pipeline is not None:
-        if pipeline not in PIPELINES:
+        if pipeline not in svc.runtime.pipelines:
             raise Invalid(f"unknown pipeline {pipeline!r}")
         clauses.append(f"Pipeline = '{pipeline}'")
     if run_status is not None:
@@ -393,7 +395,7 @@ async def describe_run(
 
 async def query_state(handle: WorkflowHandle[Any, Any]) -> RunView | None:
     try:
-        view: RunView = await handle.query(PipelineWorkflow.state, rpc_timeout=timedelta(seconds=5))
+        view: RunView = await handle.query(Pipeline.state, rpc_timeout=timedelta(seconds=5))
     except RPCError:
         return None
     return view
@@ -464,7 +466,7 @@ async def cancel_run(run_id: str, svc: ServicesDep, principal: CurrentPrincipal)
     )
     try:
         await handle.execute_update(
-            PipelineWorkflow.request_cancel, request, rpc_timeout=timedelta(seconds=10)
+            Pipeline.request_cancel, request, rpc_timeout=timedelta(seconds=10)
         )
     except WorkflowUpdateFailedError as exc:
         cause = exc.cause
