@@ -14,9 +14,11 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import BaseModel
+from temporalio import workflow
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.worker import Worker
+from temporalio.workflow import HandlerUnfinishedPolicy
 
 from stead import metrics, search
 from stead.api.app import refresh_gauges
@@ -53,7 +55,7 @@ class OddOutcomePipeline(Pipeline[Anything, Anything], name="odd-outcome", sandb
 
 
 async def start_test_run(
-    client: Client, tenant: Tenant, queue: str, workflow_cls: type[Pipeline[Any, Any]]
+    client: Client, tenant: Tenant, queue: str, workflow_cls: type[Any]
 ) -> tuple[str, WorkflowHandle[Any, Any]]:
     """Start a run of a test pipeline the way the API starts runs (id, search attributes)."""
     run_id = new_run_id(tenant.id, None)
@@ -188,3 +190,34 @@ async def test_a_terminated_runs_approvals_leave_the_inbox(
         headers=tenant.auth("approver"),
     )
     assert decided.status_code == 409
+
+
+@workflow.defn(name="ends-on-cancel", sandboxed=False)
+class EndsOnCancel:
+    """A run that finishes the moment a cancel reaches it, before answering the update."""
+
+    def __init__(self) -> None:
+        self.asked = False
+
+    @workflow.run
+    async def run(self, _: RunInput) -> None:
+        await workflow.wait_condition(lambda: self.asked)
+
+    @workflow.update(name="request_cancel", unfinished_policy=HandlerUnfinishedPolicy.ABANDON)
+    async def request_cancel(self, _: Any) -> None:
+        self.asked = True
+        await workflow.wait_condition(lambda: False)
+
+
+async def test_a_run_ending_while_being_cancelled_is_a_conflict(
+    api: httpx.AsyncClient, tenant: Tenant, client: Client, test_settings: Settings
+) -> None:
+    """Before: Temporal aborted the update ("aborted by closing workflow") and cancel was a 500
+    (found by the OpenAPI fuzzing drill)."""
+    queue = f"{test_settings.task_queue}-ends"
+    async with Worker(client, task_queue=queue, workflows=[EndsOnCancel]):
+        run_id, handle = await start_test_run(client, tenant, queue, EndsOnCancel)
+        cancelled = await api.post(f"/v1/runs/{run_id}/cancel", headers=tenant.auth("requester"))
+        assert cancelled.status_code == 409, cancelled.text
+        assert "ended completed before the cancel" in cancelled.json()["detail"]
+        await handle.result()

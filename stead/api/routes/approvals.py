@@ -234,6 +234,9 @@ async def _send(
             cause = exc.cause
             if not isinstance(cause, ApplicationError):
                 raise
+            if cause.type == "AcceptedUpdateCompletedWorkflow":
+                # The run ended (its deadline, a cancel) while the decision was in flight.
+                await _close_ended_run(svc, principal, row)
             if cause.type in _MISCONFIGURED:
                 # The API signs with keys the workers do not hold: an operator's problem.
                 raise Unavailable(
@@ -251,13 +254,18 @@ async def _send(
         except RPCError as exc:
             if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
                 # The run ended without closing the approval (terminated): close it now.
-                async with svc.pool.acquire() as conn:
-                    await approvals_store.close_for_run(
-                        conn, principal.tenant, row["run_id"], "cancelled"
-                    )
-                raise Conflict("the run is no longer running") from None
+                await _close_ended_run(svc, principal, row)
+            if "closing workflow" in exc.message:
+                # The run ended before its worker took the decision.
+                await _close_ended_run(svc, principal, row)
             raise
     raise Conflict("the approval is not in the run yet; try again shortly")
+
+
+async def _close_ended_run(svc: Services, principal: Principal, row: dict[str, Any]) -> None:
+    async with svc.pool.acquire() as conn:
+        await approvals_store.close_for_run(conn, principal.tenant, row["run_id"], "cancelled")
+    raise Conflict("the run is no longer running")
 
 
 async def _approver_holds_the_right(

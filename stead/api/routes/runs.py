@@ -474,13 +474,30 @@ async def cancel_run(run_id: str, svc: ServicesDep, principal: CurrentPrincipal)
             raise Conflict(cause.message) from None
         if isinstance(cause, ApplicationError) and cause.type == ErrorType.NOT_ATTESTED:
             raise Unavailable(f"the run's worker refused the cancel: {cause.message}") from None
+        await _conflict_if_closed(handle)
         raise
     except WorkflowUpdateRPCTimeoutOrCancelledError:
         # No worker took it in time: cancel anyway (the run acts on it when a worker returns);
         # the API's own entry says who asked, as the run cannot record it now.
         await _audit_run(svc, principal, run_id, "run.cancel_requested", {"worker": "absent"})
-    await handle.cancel()
+    except RPCError:
+        await _conflict_if_closed(handle)
+        raise
+    try:
+        await handle.cancel()
+    except RPCError:
+        await _conflict_if_closed(handle)
+        raise
     return _summary(described)
+
+
+async def _conflict_if_closed(handle: WorkflowHandle[Any, Any]) -> None:
+    """The run ended between our look and our cancel (Temporal aborts the update, or refuses
+    the cancel): that is the caller's race to lose, a 409 naming how it ended, never a 500."""
+    described = await handle.describe()
+    ended = run_status(described.status)
+    if ended is not RunStatus.RUNNING:
+        raise Conflict(f"the run ended {ended.value} before the cancel took effect")
 
 
 async def _terminate_stuck(
