@@ -27,8 +27,8 @@ from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
 
-from stead.api.routes.runs import workflow_id
 from stead.config import Settings
+from stead.service.runs import workflow_id
 from stead.store import budgets
 from stead.store.audit import verify
 from stead.store.db import Pool

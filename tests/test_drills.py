@@ -27,10 +27,10 @@ from temporalio.client import Client
 
 from activities import support_desk
 from stead.api.app import create_app
-from stead.api.routes.runs import workflow_id
 from stead.config import Settings
 from stead.dev import DevStack
 from stead.policy.limits import ACTIONS, LimitPolicy
+from stead.service.runs import workflow_id
 from stead.sim.integrations import create_payments_app
 from stead.store import budgets, principals
 from stead.store.db import Pool, create_pool
