@@ -75,9 +75,16 @@ def _after(cursor: str | None) -> tuple[datetime, str] | None:
 
 
 async def inbox(
-    svc: Services, principal: Principal, *, limit: int = 50, cursor: str | None = None
+    svc: Services,
+    principal: Principal,
+    *,
+    limit: int = 50,
+    cursor: str | None = None,
+    pipeline: str | None = None,
+    kind: str | None = None,
 ) -> Page[ApprovalOut]:
-    """Pending approvals the caller may decide now, earliest deadline first."""
+    """Pending approvals the caller may decide now, earliest deadline first; `pipeline` and
+    `kind` narrow them."""
     require(svc, principal, "approvals:read")
     async with svc.pool.acquire() as conn:
         rows = await approvals_store.inbox(
@@ -87,6 +94,8 @@ async def inbox(
             principal.roles,
             limit=limit + 1,
             after=_after(cursor),
+            pipeline=pipeline,
+            kind=kind,
         )
         viewer = await proposal_viewer(svc, conn, principal)
     page = rows[:limit]

@@ -97,6 +97,9 @@ class ApprovalOut(BaseModel):
     approvals: int
     deadline_at: datetime
     created_at: datetime
+    rule: str | None = Field(
+        None, description="the permission rule that required this approval (a tool call's)"
+    )
 
     @staticmethod
     def of_state(run_id: str, pipeline: str, approval: ApprovalState) -> ApprovalOut:
@@ -116,6 +119,7 @@ class ApprovalOut(BaseModel):
             approvals=approval.approve_count,
             deadline_at=approval.deadline_at,
             created_at=approval.created_at,
+            rule=_rule(approval.proposal.context),
         )
 
     @staticmethod
@@ -136,7 +140,13 @@ class ApprovalOut(BaseModel):
             approvals=row["approvals"],
             deadline_at=row["deadline_at"],
             created_at=row["created_at"],
+            rule=_rule(row["proposal"].get("context") or {}),
         )
+
+
+def _rule(context: dict[str, Any]) -> str | None:
+    rule = context.get("rule")
+    return rule if isinstance(rule, str) else None
 
 
 class RunOut(BaseModel):
