@@ -25,7 +25,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from stead import metrics
-from stead.contract import DecideInput, DecideResult, Proposal
+from stead.contract import ApprovalStatus, DecideInput, DecideResult, Proposal
 from stead.errors import ErrorType
 from stead.pipeline.base import Pipeline
 from stead.pipeline.proposals import InvalidEdits, apply_edits
@@ -145,6 +145,23 @@ async def get_approval(svc: Services, principal: Principal, approval_id: str) ->
     if row is None:
         raise NotFound("no such approval")
     return viewer.show(ApprovalOut.of_row(row))
+
+
+def may_decide(svc: Services, principal: Principal, approval: ApprovalOut) -> bool:
+    """Whether to offer the caller a decision on `approval` (a page's buttons): pending, not
+    their own request, not decided by them yet, their right and an eligible role or name.
+    Only a hint: `decide` and the run's validator refuse what they must, whatever a page
+    offered (a tool call's approver must also hold the right to make the call)."""
+    return (
+        approval.status == ApprovalStatus.PENDING
+        and svc.permissions.has_right(principal.roles, "approvals:decide")
+        and approval.requested_by != principal.id
+        and principal.id not in approval.decided_by
+        and (
+            principal.id in approval.eligible_principals
+            or principal.has_role(*approval.eligible_roles)
+        )
+    )
 
 
 async def decide(

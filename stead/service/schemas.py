@@ -100,6 +100,10 @@ class ApprovalOut(BaseModel):
     rule: str | None = Field(
         None, description="the permission rule that required this approval (a tool call's)"
     )
+    proposal_schema: str | None = Field(
+        None, description="the schema the proposal and its edits validate against"
+    )
+    decided_by: list[str] = Field(default_factory=list, description="who decided so far")
 
     @staticmethod
     def of_state(run_id: str, pipeline: str, approval: ApprovalState) -> ApprovalOut:
@@ -120,6 +124,8 @@ class ApprovalOut(BaseModel):
             deadline_at=approval.deadline_at,
             created_at=approval.created_at,
             rule=_rule(approval.proposal.context),
+            proposal_schema=approval.proposal.schema_name,
+            decided_by=[d.principal for d in approval.decisions],
         )
 
     @staticmethod
@@ -141,6 +147,8 @@ class ApprovalOut(BaseModel):
             deadline_at=row["deadline_at"],
             created_at=row["created_at"],
             rule=_rule(row["proposal"].get("context") or {}),
+            proposal_schema=row["proposal"].get("schema"),
+            decided_by=list(row.get("decided_by") or []),
         )
 
 
