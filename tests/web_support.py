@@ -23,6 +23,7 @@ from urllib.parse import urlencode
 import httpx
 from joserfc import jwt
 from joserfc.jwk import RSAKey
+from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -122,7 +123,7 @@ class Issuer:
             update={
                 "oidc_issuer": self.url,
                 "oidc_client_id": self.client_id,
-                "oidc_client_secret": self.client_secret,
+                "oidc_client_secret": SecretStr(self.client_secret),
                 **extra,
             }
         )

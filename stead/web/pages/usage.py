@@ -4,13 +4,13 @@ status: stead.service.usage and stead.service.audit, as `/v1/usage` and `/v1/aud
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from stead.service import audit, usage
-from stead.service.errors import Forbidden
+from stead.service.errors import Forbidden, Invalid
 from stead.web.auth import ViewerDep
 from stead.web.charts import METRICS, Metric, days_between, stacked_by_day
 from stead.web.errors import WebRoute
@@ -24,9 +24,11 @@ RANGES = (7, 30, 90)
 async def usage_page(
     request: Request,
     viewer: ViewerDep,
-    days: Annotated[Literal[7, 30, 90], Query()] = 30,
+    days: Annotated[int, Query()] = 30,
     metric: Annotated[Metric, Query()] = "cost_usd",
 ) -> Response:
+    if days not in RANGES:
+        raise Invalid(f"the range is one of {', '.join(map(str, RANGES))} days")
     end = datetime.now(UTC)
     start = (end - timedelta(days=days - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
     span = days_between(start.date(), end.date())
