@@ -5,26 +5,23 @@ drive the same flows in Chromium)."""
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from html import unescape
 
 import httpx
 import pytest
-from temporalio.client import Client
 
-from stead.config import Settings
 from stead.store.db import Pool
+from tests import web_support
 from tests.conftest import Integrations, Tenant, TenantFactory
 from tests.helpers import eventually, start_run, wait_json
-from tests.web_support import refund_ticket, refunds_for, seed_customers, sign_in, web_client
+from tests.web_support import (
+    refund_ticket,
+    refunds_for,
+    seed_customers,
+    sign_in,
+)
 
-
-@pytest.fixture
-async def web(
-    test_settings: Settings, client: Client, pool: Pool
-) -> AsyncIterator[httpx.AsyncClient]:
-    async with web_client(test_settings, client, pool) as http:
-        yield http
+web = web_support.web  # the fixture: pytest finds it by this name
 
 
 @pytest.fixture

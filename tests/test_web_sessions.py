@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
@@ -18,16 +17,15 @@ from stead.config import Settings
 from stead.service.sessions import COOKIE
 from stead.store import principals
 from stead.store.db import Pool
+from tests import web_support
 from tests.conftest import Tenant
-from tests.web_support import csrf_field, sign_in, web_client
+from tests.web_support import (
+    csrf_field,
+    sign_in,
+    web_client,
+)
 
-
-@pytest.fixture
-async def web(
-    test_settings: Settings, client: Client, pool: Pool
-) -> AsyncIterator[httpx.AsyncClient]:
-    async with web_client(test_settings, client, pool) as http:
-        yield http
+web = web_support.web  # the fixture: pytest finds it by this name
 
 
 def cookie(token: str) -> dict[str, str]:

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import httpx
+import pytest
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 from pydantic import SecretStr
@@ -28,6 +29,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
+from temporalio.client import Client
 
 from activities import support_desk
 from stead.api.app import create_app
@@ -72,12 +74,21 @@ async def sign_in(http: httpx.AsyncClient, key: str, next_path: str = "/ui/inbox
 
 @asynccontextmanager
 async def web_client(
-    settings: Settings, client: Any, pool: Pool, base_url: str = "http://stead.test"
+    settings: Settings, client: Client, pool: Pool, base_url: str = "http://stead.test"
 ) -> AsyncIterator[httpx.AsyncClient]:
     """A cookie-keeping client of a fresh API app (its own services, as another process)."""
     app = create_app(settings, make_services(settings, client, pool))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url=base_url) as http:
+        yield http
+
+
+@pytest.fixture
+async def web(
+    test_settings: Settings, client: Client, pool: Pool
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A browser-less client of the test's API app, keeping cookies like a browser."""
+    async with web_client(test_settings, client, pool) as http:
         yield http
 
 
