@@ -669,6 +669,8 @@ def _banner(info: dict[str, object], stack: DevStack) -> str:
     lines = [
         "",
         "Stead is running.",
+        f"  Web app       {s.api_url}/ui/  (sign in with a demo key below: acme/approver"
+        " approves refunds, acme/admin sees runs and usage)",
         f"  API docs      {s.api_url}/docs",
         f"  Temporal UI   {s.ui_url}",
         f"  Temporal      {s.temporal_target}",

@@ -96,10 +96,13 @@ def dev(dev_env: dict[str, str], tmp_path: Path) -> Iterator[tuple[subprocess.Po
 
 
 def test_walkthrough_and_clean_stop(
-    dev: tuple[subprocess.Popen[bytes], Path], dev_env: dict[str, str]
+    dev: tuple[subprocess.Popen[bytes], Path], dev_env: dict[str, str], tmp_path: Path
 ) -> None:
     process, data_dir = dev
     info = json.loads((data_dir / "dev.json").read_text())
+    # The banner sends a reviewer to the web app's sign-in, which answers.
+    assert f"Web app       {info['api']}/ui/" in (tmp_path / "dev.log").read_text()
+    assert httpx.get(f"{info['api']}/ui/sign-in", timeout=10).status_code == 200
     assert set(info["keys"]) == {
         f"{t}/{r}" for t in ("acme", "globex") for r in ("requester", "approver", "admin")
     } | {"platform/operator"}

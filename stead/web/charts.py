@@ -16,7 +16,7 @@ from typing import Literal
 from stead.service.usage import DailyUsage
 
 Metric = Literal["cost_usd", "tokens", "calls"]
-METRICS: dict[str, str] = {"cost_usd": "cost (USD)", "tokens": "tokens", "calls": "model calls"}
+METRICS: dict[str, str] = {"cost_usd": "Cost (USD)", "tokens": "Tokens", "calls": "Model calls"}
 # Series beyond the palette are summed as "other".
 PALETTE = 7
 WIDTH, HEIGHT = 720, 260
@@ -117,7 +117,10 @@ def stacked_by_day(rows: list[DailyUsage], days: list[str], metric: Metric, titl
         plot_bottom=TOP + plot_h,
         bars=bars,
         x_ticks=[Tick(LEFT + d * step + step / 2, day[5:]) for d, day in enumerate(days)][::every],
-        y_ticks=[Tick(TOP + plot_h - plot_h * f / 4, _fmt(top * f / 4, metric)) for f in range(5)],
+        y_ticks=[
+            Tick(TOP + plot_h - plot_h * f / 4, _tick(top * f / 4, top / 4, metric))
+            for f in range(5)
+        ],
         legend=[
             Series(i, k, _fmt(sum(per_day[d][i] for d in days), metric)) for i, k in enumerate(keys)
         ],
@@ -136,5 +139,12 @@ def _nice(value: float) -> float:
 
 def _fmt(value: float, metric: Metric) -> str:
     if metric == "cost_usd":
-        return f"${value:,.4f}" if value < 1 else f"${value:,.2f}"
+        return f"${value:,.6f}".rstrip("0").rstrip(".") if value else "$0"
     return f"{value:,.0f}"
+
+
+def _tick(value: float, step: float, metric: Metric) -> str:
+    """An axis label with as many decimals as the step between labels needs."""
+    decimals = max(0, -math.floor(math.log10(step))) if step < 1 else 0
+    text = f"{value:,.{decimals}f}"
+    return f"${text}" if metric == "cost_usd" else text
