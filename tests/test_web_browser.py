@@ -16,7 +16,6 @@ import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -30,7 +29,7 @@ from stead.store.db import Pool
 from tests.conftest import Integrations, Tenant, TenantFactory, make_services
 from tests.helpers import start_run, wait_json
 from tests.servers import serve_app
-from tests.web_support import CHROMIUM, refund_ticket, refunds_for, seed_customers
+from tests.web_support import CHROMIUM, refund_ticket, refund_waiting, refunds_for, seed_customers
 
 pytestmark = [
     pytest.mark.browser,
@@ -157,24 +156,12 @@ async def test_finance_approves_a_refund_with_an_edit_and_sees_the_run_complete(
     assert [r["amount"] for r in refunds] == ["25.00"]
 
 
-async def pending_refund(api: httpx.AsyncClient, tenant: Tenant) -> dict[str, Any]:
-    run_id = await start_run(api, tenant, refund_ticket("30"))
-    inbox = await wait_json(
-        api,
-        "/v1/approvals",
-        tenant.auth("finance"),
-        lambda b: any(a["run_id"] == run_id for a in b["items"]),
-        within=30,
-    )
-    return dict(next(a for a in inbox["items"] if a["run_id"] == run_id))
-
-
 @pytest.mark.usefixtures("worker")
 async def test_a_requester_sees_no_approve_button_and_forged_posts_are_refused(
     context: BrowserContext, api: httpx.AsyncClient, desk: Tenant
 ) -> None:
-    approval = await pending_refund(api, desk)
-    path = f"/ui/approvals/{approval['approval_id']}"
+    _, approval_id = await refund_waiting(api, desk)
+    path = f"/ui/approvals/{approval_id}"
     page = await sign_in(context, desk.keys["requester"], path)
     await expect(page).to_have_url(re.compile(path + "$"))
     await expect(page.get_by_text("You cannot decide this approval")).to_be_visible()
@@ -190,7 +177,7 @@ async def test_a_requester_sees_no_approve_button_and_forged_posts_are_refused(
     no_token = await page.request.post(f"{path}/decision", form={"action": "approve"})
     assert no_token.status == 403
     assert "security token" in await no_token.text()
-    still = await api.get(f"/v1/approvals/{approval['approval_id']}", headers=desk.auth("finance"))
+    still = await api.get(f"/v1/approvals/{approval_id}", headers=desk.auth("finance"))
     assert still.json()["status"] == "pending"
 
 
@@ -198,10 +185,10 @@ async def test_a_requester_sees_no_approve_button_and_forged_posts_are_refused(
 async def test_another_tenants_approval_is_a_404_page(
     context: BrowserContext, api: httpx.AsyncClient, desk: Tenant, make_tenant: TenantFactory
 ) -> None:
-    approval = await pending_refund(api, desk)
+    _, approval_id = await refund_waiting(api, desk)
     other = await make_tenant()
     page = await sign_in(context, other.keys["finance"])
-    answer = await page.goto(f"/ui/approvals/{approval['approval_id']}")
+    answer = await page.goto(f"/ui/approvals/{approval_id}")
     assert answer is not None
     assert answer.status == 404
     await expect(page.get_by_role("heading", name="Not found")).to_be_visible()
@@ -210,7 +197,7 @@ async def test_another_tenants_approval_is_a_404_page(
     # Even with this person's valid token, deciding it is the same 404.
     csrf = await page.locator('meta[name="csrf-token"]').get_attribute("content")
     forged = await page.request.post(
-        f"/ui/approvals/{approval['approval_id']}/decision",
+        f"/ui/approvals/{approval_id}/decision",
         form={"csrf": csrf or "", "action": "approve"},
     )
     assert forged.status == 404

@@ -13,9 +13,9 @@ import pytest
 from stead.store.db import Pool
 from tests import web_support
 from tests.conftest import Integrations, Tenant, TenantFactory
-from tests.helpers import eventually, start_run, wait_json
+from tests.helpers import eventually, wait_json
 from tests.web_support import (
-    refund_ticket,
+    refund_waiting,
     refunds_for,
     seed_customers,
     sign_in,
@@ -28,21 +28,6 @@ web = web_support.web  # the fixture: pytest finds it by this name
 async def desk(tenant: Tenant, pool: Pool) -> Tenant:
     await seed_customers(pool, tenant)
     return tenant
-
-
-async def refund_waiting(
-    api: httpx.AsyncClient, tenant: Tenant, amount: str = "40"
-) -> tuple[str, str]:
-    """A support-agent run waiting for finance to approve its refund: (run id, approval id)."""
-    run_id = await start_run(api, tenant, refund_ticket(amount))
-    inbox = await wait_json(
-        api,
-        "/v1/approvals",
-        tenant.auth("finance"),
-        lambda b: any(a["run_id"] == run_id for a in b["items"]),
-        within=30,
-    )
-    return run_id, next(a["approval_id"] for a in inbox["items"] if a["run_id"] == run_id)
 
 
 def text(html: str) -> str:

@@ -37,6 +37,7 @@ from stead.config import Settings
 from stead.store.db import Pool
 from tests.conftest import Tenant, make_services
 from tests.drills_support import CUSTOMER, CUSTOMER_EMAIL, ticket
+from tests.helpers import start_run, wait_json
 from tests.servers import serve_app
 
 CHROMIUM = shutil.which("chromium") or (
@@ -105,6 +106,21 @@ async def seed_customers(pool: Pool, tenant: Tenant) -> None:
 def refund_ticket(amount: str = "40") -> dict[str, Any]:
     """A ticket whose agent run proposes a refund of `amount` (the simulator reads the hints)."""
     return ticket("web", amount)
+
+
+async def refund_waiting(
+    api: httpx.AsyncClient, tenant: Tenant, amount: str = "40"
+) -> tuple[str, str]:
+    """A support-agent run waiting for finance to approve its refund: (run id, approval id)."""
+    run_id = await start_run(api, tenant, refund_ticket(amount))
+    inbox = await wait_json(
+        api,
+        "/v1/approvals",
+        tenant.auth("finance"),
+        lambda b: any(a["run_id"] == run_id for a in b["items"]),
+        within=30,
+    )
+    return run_id, next(a["approval_id"] for a in inbox["items"] if a["run_id"] == run_id)
 
 
 async def refunds_for(payments_url: str, token: str, run_id: str) -> list[dict[str, Any]]:
