@@ -16,7 +16,7 @@ from temporalio.client import Client
 from stead.config import Settings
 from stead.service.sessions import COOKIE
 from stead.store import principals
-from stead.store.db import Pool
+from stead.store.db import Pool, create_pool
 from tests import web_support
 from tests.conftest import Tenant
 from tests.web_support import (
@@ -285,3 +285,21 @@ async def test_every_page_has_the_security_headers_and_no_inline_script(
     assert page.headers["x-content-type-options"] == "nosniff"
     assert page.headers["cache-control"] == "no-store"
     no_inline_script(page.text)
+
+
+async def test_an_unexpected_failure_is_a_plain_page_without_a_trace(
+    test_settings: Settings, client: Client, app_database_url: str, tenant: Tenant
+) -> None:
+    closed = await create_pool(app_database_url, app_role="stead_app", max_size=1)
+    await closed.close()  # every query now fails with an error no handler expects
+    async with web_client(test_settings, client, closed) as broken:
+        form = await broken.get("/ui/sign-in")
+        assert form.status_code == 200
+        failed = await broken.post(
+            "/ui/sign-in", data={"key": tenant.keys["approver"], "csrf": csrf_field(form.text)}
+        )
+    assert failed.status_code == 500
+    assert "the error was logged" in failed.text
+    assert "Traceback" not in failed.text
+    assert "pool" not in failed.text.lower()  # nothing of the cause reaches the page
+    assert failed.headers["content-security-policy"]

@@ -1,4 +1,4 @@
-"""Web sessions and OIDC sign-ins in flight (see migrations/0010_web_sessions.sql).
+"""Web sessions and OIDC sign-ins in flight (see migrations/0013_web_sessions.sql).
 
 Tokens are 32 random bytes; the table keeps their SHA-256 only, so a copy of it signs nobody
 in. A session authenticates only while it is unexpired and unrevoked, its principal enabled,
