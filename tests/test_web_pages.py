@@ -13,8 +13,9 @@ import pytest
 from stead.store.db import Pool
 from tests import web_support
 from tests.conftest import Integrations, Tenant, TenantFactory
-from tests.helpers import eventually, wait_json
+from tests.helpers import eventually, start_run, wait_json
 from tests.web_support import (
+    refund_ticket,
     refund_waiting,
     refunds_for,
     seed_customers,
@@ -193,3 +194,51 @@ async def test_pages_a_role_may_not_see_are_refused_like_the_api(
     assert usage.status_code == 403
     assert "usage:read" in text(usage.text)
     assert ">Usage<" not in (await web.get("/ui/inbox")).text  # and no link to it
+
+
+@pytest.mark.usefixtures("worker")
+async def test_not_eligible_and_expired_are_clear_refusals(
+    api: httpx.AsyncClient, web: httpx.AsyncClient, desk: Tenant
+) -> None:
+    # An approver without finance may decide approvals, but not this refund's.
+    _, approval_id = await refund_waiting(api, desk)
+    csrf = await sign_in(web, desk.keys["approver"])
+    page = await web.get(f"/ui/approvals/{approval_id}")
+    assert "/decision" not in page.text
+    assert "it waits for finance" in text(page.text)
+    refused = await web.post(
+        f"/ui/approvals/{approval_id}/decision", data={"csrf": csrf, "action": "reject"}
+    )
+    assert refused.status_code == 403
+    assert "deciding needs one of the roles finance" in text(refused.text)
+
+    # A refund left past its deadline (two seconds, for this tenant) expires.
+    policy = {"roles": ["finance"], "timeout_seconds": 2, "on_deadline": "reject"}
+    set_policy = await api.put(
+        "/v1/admin/approval-policies/support-agent/tool_call",
+        json=policy,
+        headers=desk.auth("admin"),
+    )
+    assert set_policy.status_code == 200, set_policy.text
+    run_id = await start_run(api, desk, refund_ticket())
+    ledger = await wait_json(
+        api,
+        f"/v1/runs/{run_id}/ledger",
+        desk.auth("admin"),
+        lambda b: any(e["kind"] == "approval" for e in b["items"]),
+        within=30,
+    )
+    late = next(e["approval_id"] for e in ledger["items"] if e["kind"] == "approval")
+    await wait_json(
+        api, f"/v1/approvals/{late}", desk.auth("finance"), lambda b: b["status"] == "expired"
+    )
+    web.cookies.clear()
+    csrf = await sign_in(web, desk.keys["finance"])
+    shown = await web.get(f"/ui/approvals/{late}")
+    assert "status-expired" in shown.text
+    assert "/decision" not in shown.text  # nothing left to decide
+    too_late = await web.post(
+        f"/ui/approvals/{late}/decision", data={"csrf": csrf, "action": "approve"}
+    )
+    assert too_late.status_code == 409
+    assert "approval is already expired" in text(too_late.text)
