@@ -108,20 +108,33 @@ async def test_finance_approves_the_refund_with_an_edit_on_the_pages(
 
 
 @pytest.mark.usefixtures("worker")
-async def test_a_requester_is_offered_no_decision_and_a_forged_one_is_refused(
-    api: httpx.AsyncClient, web: httpx.AsyncClient, desk: Tenant
+@pytest.mark.parametrize(
+    ("user", "action", "reason"),
+    [
+        ("requester", "approve", "approvals:decide"),
+        # An approver without finance may decide approvals, but not this refund's.
+        ("approver", "reject", "deciding needs one of the roles finance"),
+    ],
+)
+async def test_who_may_not_decide_is_offered_no_decision_and_a_forged_one_is_refused(
+    api: httpx.AsyncClient,
+    web: httpx.AsyncClient,
+    desk: Tenant,
+    user: str,
+    action: str,
+    reason: str,
 ) -> None:
     _, approval_id = await refund_waiting(api, desk)
-    csrf = await sign_in(web, desk.keys["requester"])
+    csrf = await sign_in(web, desk.keys[user])
     page = await web.get(f"/ui/approvals/{approval_id}")
     assert page.status_code == 200
     assert "/decision" not in page.text
-    assert "You cannot decide this approval" in text(page.text)
+    assert "You cannot decide this approval: it waits for finance" in text(page.text)
     forged = await web.post(
-        f"/ui/approvals/{approval_id}/decision", data={"csrf": csrf, "action": "approve"}
+        f"/ui/approvals/{approval_id}/decision", data={"csrf": csrf, "action": action}
     )
     assert forged.status_code == 403
-    assert "approvals:decide" in text(forged.text)
+    assert reason in text(forged.text)
     still = await api.get(f"/v1/approvals/{approval_id}", headers=desk.auth("finance"))
     assert still.json()["status"] == "pending"
 
@@ -197,21 +210,9 @@ async def test_pages_a_role_may_not_see_are_refused_like_the_api(
 
 
 @pytest.mark.usefixtures("worker")
-async def test_not_eligible_and_expired_are_clear_refusals(
+async def test_a_refund_past_its_deadline_is_shown_expired_and_refuses_decisions(
     api: httpx.AsyncClient, web: httpx.AsyncClient, desk: Tenant
 ) -> None:
-    # An approver without finance may decide approvals, but not this refund's.
-    _, approval_id = await refund_waiting(api, desk)
-    csrf = await sign_in(web, desk.keys["approver"])
-    page = await web.get(f"/ui/approvals/{approval_id}")
-    assert "/decision" not in page.text
-    assert "it waits for finance" in text(page.text)
-    refused = await web.post(
-        f"/ui/approvals/{approval_id}/decision", data={"csrf": csrf, "action": "reject"}
-    )
-    assert refused.status_code == 403
-    assert "deciding needs one of the roles finance" in text(refused.text)
-
     # A refund left past its deadline (two seconds, for this tenant) expires.
     policy = {"roles": ["finance"], "timeout_seconds": 2, "on_deadline": "reject"}
     set_policy = await api.put(
@@ -232,7 +233,6 @@ async def test_not_eligible_and_expired_are_clear_refusals(
     await wait_json(
         api, f"/v1/approvals/{late}", desk.auth("finance"), lambda b: b["status"] == "expired"
     )
-    web.cookies.clear()
     csrf = await sign_in(web, desk.keys["finance"])
     shown = await web.get(f"/ui/approvals/{late}")
     assert "status-expired" in shown.text
