@@ -5,13 +5,15 @@ refused; another tenant's approval is a 404 page; a form without its CSRF token 
 and every page passes an axe-core accessibility check with no serious violations.
 
 The live regions are tested through their fallback: the event streams are made unreachable
-(`page.route`), so the pages must refresh themselves by fetching their fragments.
+(`page.route`), so the pages must refresh themselves by fetching their fragments; one test
+answers the tenant's feed with a stand-in stream instead, and the inbox follows it.
 
 With STEAD_SCREENSHOTS=1 the screenshots go to docs/screenshots/ (the README shows them).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections.abc import AsyncIterator
@@ -154,6 +156,39 @@ async def test_finance_approves_a_refund_with_an_edit_and_sees_the_run_complete(
     await screenshot(page, "run", tmp_path)
     refunds = await refunds_for(integrations.payments, integrations.token, run_id)
     assert [r["amount"] for r in refunds] == ["25.00"]
+
+
+@pytest.mark.usefixtures("worker")
+async def test_the_inbox_refreshes_on_an_event_of_the_tenants_stream(
+    context: BrowserContext, api: httpx.AsyncClient, desk: Tenant
+) -> None:
+    """Where the tenant's feed answers, the inbox follows it instead of polling. The feed is a
+    stand-in here (routed in the browser) until `GET /v1/events` exists: it holds the request
+    until the refund waits, then answers one event (and a retry far beyond the test)."""
+    ready = asyncio.Event()
+    cookies: list[str] = []
+
+    async def feed(route: Route) -> None:
+        cookies.append((await route.request.all_headers()).get("cookie", ""))
+        await ready.wait()
+        body = "retry: 600000\nevent: approval.requested\ndata: {}\n\n"
+        await route.fulfill(status=200, content_type="text/event-stream", body=body)
+
+    page = await sign_in(context, desk.keys["finance"])
+    await page.route(re.compile(r".*/v1/events$"), feed)
+    await page.reload()
+    await expect(page.get_by_text("Nothing is waiting for your decision.")).to_be_visible()
+    fetched: list[str] = []
+    page.on("request", lambda r: fetched.append(r.url) if "/ui/inbox/rows" in r.url else None)
+    _, approval_id = await refund_waiting(api, desk)
+    # While the run got there (seconds: refresh periods of 0.5 s), nothing polled.
+    assert not fetched
+    assert await page.locator("#inbox").get_attribute("data-live-mode") is None
+    ready.set()
+    await expect(page.locator(f"#inbox a[href='/ui/approvals/{approval_id}']")).to_be_visible()
+    assert await page.locator("#inbox").get_attribute("data-live-mode") == "stream"
+    assert cookies
+    assert "stead_session" in cookies[-1]  # the session cookie authenticates the stream's GET
 
 
 @pytest.mark.usefixtures("worker")
