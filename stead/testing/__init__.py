@@ -32,12 +32,13 @@ time-skipping test server). Fixtures, started once per session unless marked (te
 
 Each test gets its own tenant and task queue, so nothing is restarted between tests. The
 helpers below drive runs over the API; `record_history` and `replay_history` keep committed
-histories replaying (see `stead.testing._replay`).
+histories replaying (see `stead.testing._replay`); `Settings` is the settings fixtures' type.
 
 PYTEST_DONT_REWRITE: a project's conftest imports this module before pytest loads it as a
 plugin; it holds no assertion to rewrite (the fixtures' module, loaded by pytest, does).
 """
 
+from stead.config import Settings
 from stead.testing._model import ScriptedModel
 from stead.testing._parts import (
     PAYLOAD_KEYS,
@@ -69,6 +70,7 @@ __all__ = [
     "PAYLOAD_KEYS",
     "Integrations",
     "ScriptedModel",
+    "Settings",
     "SimControl",
     "StandIn",
     "Tenant",

@@ -101,6 +101,15 @@ class Integrations:
             raise AttributeError(name)
         return self.urls[wanted]
 
+    async def get(self, name: str, path: str) -> Any:
+        """What the stand-in of integration `name` answers to `GET path` (e.g. what a tool
+        created there), with the stand-ins' token; raises on an error status."""
+        headers = {"Authorization": f"Bearer {self.token}"}
+        async with httpx.AsyncClient(base_url=self.url(name), headers=headers) as http:
+            response = await http.get(path)
+        response.raise_for_status()
+        return response.json()
+
     def configured(self, path: Path, **urls: str) -> Path:
         """A configuration file like `file`, with some URLs changed (e.g. a faulty payments
         service for one test)."""
