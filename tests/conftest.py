@@ -24,6 +24,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from stead import testing
+from stead.app import Runtime
 from stead.config import Settings
 from stead.policy.limits import LimitPolicy
 from stead.service.access import Services
@@ -47,6 +48,7 @@ __all__ = [
     "SimControl",
     "Tenant",
     "TenantFactory",
+    "app_runtime",
     "make_services",
     "running_workers",
     "spawn_worker",
@@ -60,6 +62,12 @@ trace.set_tracer_provider(_provider)
 
 TEMPORAL = Path(sys.executable).parent / "temporal"
 ROOT = Path(__file__).parent.parent
+
+
+def app_runtime(settings: Settings) -> Runtime:
+    """The reference application's registries for `settings` (as `App.load` builds them at a
+    process's start)."""
+    return APP.load(settings)
 
 
 def make_services(

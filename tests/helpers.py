@@ -44,10 +44,13 @@ def free_ports(count: int) -> list[int]:
 async def start_run(
     api: httpx.AsyncClient, tenant: Tenant, body: dict[str, Any], user: str = "requester"
 ) -> str:
-    """Start a run over HTTP as `user`; the run id (a 201 is asserted)."""
-    response = await api.post("/v1/runs", json=body, headers=tenant.auth(user), timeout=60)
-    assert response.status_code == 201, response.text
-    return str(response.json()["run_id"])
+    """Start a run from a `POST /v1/runs` body (see `stead.testing.start_run`, which waits
+    out a 429 as a client does)."""
+    rest = {k: v for k, v in body.items() if k not in ("pipeline", "input", "budget_usd")}
+    assert not rest, f"start_run takes pipeline, input and budget_usd, not {sorted(rest)}"
+    return await testing.start_run(
+        api, tenant, body["pipeline"], body["input"], user=user, budget_usd=body.get("budget_usd")
+    )
 
 
 async def audit_actions(pool: Pool, tenant: Tenant, run_id: str) -> list[str]:

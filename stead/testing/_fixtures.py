@@ -106,10 +106,14 @@ def tmp_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def postgres(tmp_root: Path) -> Iterator[EmbeddedPostgres]:
-    pg = EmbeddedPostgres(tmp_root / "pg")
+    """Embedded PostgreSQL, the session's own; or, with `STEAD_TEST_PGDATA`, the data
+    directory of one shared by many short sessions (`make mutants`), left running."""
+    shared = os.environ.get("STEAD_TEST_PGDATA")
+    pg = EmbeddedPostgres(Path(shared) if shared else tmp_root / "pg")
     pg.start()
     yield pg
-    pg.stop("immediate")
+    if not shared:
+        pg.stop("immediate")
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

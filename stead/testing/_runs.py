@@ -49,6 +49,9 @@ async def wait_json(
     return dict(response.json())
 
 
+_START_ATTEMPTS = 10
+
+
 async def start_run(
     api: httpx.AsyncClient,
     tenant: Tenant,
@@ -56,11 +59,21 @@ async def start_run(
     input: BaseModel | Mapping[str, Any],
     *,
     user: str = "requester",
+    budget_usd: float | None = None,
 ) -> str:
-    """Start a run of `pipeline` over HTTP as `user`; its run id (a 201 is asserted)."""
+    """Start a run of `pipeline` over HTTP as `user` (capped at `budget_usd`, if given); its
+    run id (a 201 is asserted). Like a well-behaved client, it waits out a 429 for
+    `Retry-After` seconds (a few times): tests that start many runs at once meet the plan's
+    rate limit by design."""
     data = input.model_dump(mode="json") if isinstance(input, BaseModel) else dict(input)
-    body = {"pipeline": pipeline, "input": data}
-    response = await api.post("/v1/runs", json=body, headers=tenant.auth(user), timeout=60)
+    body: dict[str, Any] = {"pipeline": pipeline, "input": data}
+    if budget_usd is not None:
+        body["budget_usd"] = budget_usd
+    for _ in range(_START_ATTEMPTS):
+        response = await api.post("/v1/runs", json=body, headers=tenant.auth(user), timeout=60)
+        if response.status_code != 429:
+            break
+        await asyncio.sleep(float(response.headers["retry-after"]))
     assert response.status_code == 201, response.text
     return str(response.json()["run_id"])
 
