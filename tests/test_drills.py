@@ -246,7 +246,7 @@ async def test_kill_worker_during_tool_calls(
     killed: list[InFlight] = []
     async with serve_app(payments) as payments_url:
         settings = test_settings.model_copy(update={"payments_url": payments_url})
-        services = replace(integrations, payments=payments_url)
+        services = replace(integrations, urls={**integrations.urls, "payments": payments_url})
         workers = WorkerProcesses(client, settings, tmp_path)
         try:
             await workers.spawn()
