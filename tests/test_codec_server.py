@@ -185,8 +185,13 @@ async def test_cors_only_for_the_ui_origin(codec_api: httpx.AsyncClient) -> None
         assert allowed.status_code == 204, path
         assert allowed.headers["access-control-allow-origin"] == UI_ORIGIN
         assert allowed.headers["access-control-allow-credentials"] == "true"
-        assert "X-Namespace" in allowed.headers["access-control-allow-headers"]
-        assert "POST" in allowed.headers["access-control-allow-methods"]
+        assert allowed.headers["access-control-allow-headers"] == (
+            "Authorization, Content-Type, X-Namespace"
+        )
+        assert allowed.headers["access-control-allow-methods"] == "POST, OPTIONS"
+        assert allowed.headers["access-control-max-age"] == "600"
+        assert allowed.headers["vary"] == "Origin"  # caches keep answers per origin
+        assert "access-control-allow-private-network" not in allowed.headers
         other = await codec_api.options(path, headers={**preflight, "Origin": "http://evil.test"})
         assert "access-control-allow-origin" not in other.headers
         assert other.status_code == 403
@@ -203,6 +208,68 @@ async def test_cors_only_for_the_ui_origin(codec_api: httpx.AsyncClient) -> None
         f"/codec/{CODEC_TOKEN}/decode", json=body, headers={"Origin": "http://evil.test"}
     )
     assert "access-control-allow-origin" not in stranger.headers
+
+
+async def test_a_private_network_preflight_is_answered(codec_api: httpx.AsyncClient) -> None:
+    """Chrome asks first when a page on a more public address calls loopback."""
+    headers = {
+        "Origin": UI_ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Private-Network": "true",
+    }
+    path = f"/codec/{CODEC_TOKEN}/decode"
+    asked = await codec_api.options(path, headers=headers)
+    assert asked.status_code == 204
+    assert asked.headers["access-control-allow-private-network"] == "true"
+    stranger = await codec_api.options(path, headers={**headers, "Origin": "http://evil.test"})
+    assert "access-control-allow-private-network" not in stranger.headers
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        f"{UI_ORIGIN}.evil.test",  # the allowed origin as a prefix of another host
+        f"{UI_ORIGIN}3",  # ... of another port
+        f"{UI_ORIGIN}/",
+        UI_ORIGIN[:-1],  # a prefix of the allowed origin
+        "http://127.0.0.1",
+        "127.0.0.1:8233",  # a substring of it
+        "https://127.0.0.1:8233",
+        f"http://evil.test#{UI_ORIGIN}",
+        "null",
+        "",
+    ],
+)
+async def test_cors_needs_the_exact_origin(codec_api: httpx.AsyncClient, origin: str) -> None:
+    """Origins are compared whole: none that merely starts with, ends with or contains the
+    UI's origin gets a CORS grant, on the preflight or the request."""
+    path = f"/codec/{CODEC_TOKEN}/decode"
+    preflight = await codec_api.options(
+        path, headers={"Origin": origin, "Access-Control-Request-Method": "POST"}
+    )
+    assert preflight.status_code == 403
+    response = await codec_api.post(path, json=wire([payload("x")]), headers={"Origin": origin})
+    assert response.status_code == 200  # the token is valid: only the browser grant is missing
+    for answer in (preflight, response):
+        assert not [h for h in answer.headers if h.startswith("access-control-")]
+        assert answer.headers["vary"] == "Origin"
+
+
+async def test_cors_allows_each_listed_origin(
+    codec_settings: Settings, api_for: Callable[[Settings], httpx.AsyncClient]
+) -> None:
+    """`STEAD_UI_ORIGIN` may list the UI under several names, each allowed exactly."""
+    names = ["http://localhost:8233", "http://127.0.0.1:8233/"]
+    http = api_for(codec_settings.model_copy(update={"ui_origin": " , ".join(names)}))
+    path = f"/codec/{CODEC_TOKEN}/decode"
+    for origin in ("http://localhost:8233", UI_ORIGIN):
+        response = await http.options(
+            path, headers={"Origin": origin, "Access-Control-Request-Method": "POST"}
+        )
+        assert response.status_code == 204, origin
+        assert response.headers["access-control-allow-origin"] == origin
+    refused = await http.options(path, headers={"Origin": "http://localhost:823"})
+    assert refused.status_code == 403
 
 
 def test_a_bad_codec_token_is_refused_without_echoing_it(monkeypatch: pytest.MonkeyPatch) -> None:

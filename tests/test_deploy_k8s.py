@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from tests.deploy_support import (
     ROOT,
     Doc,
     all_manifests,
+    find_kubectl,
     is_pinned,
     kustomization,
     load_settings_from,
@@ -62,7 +62,7 @@ def test_schema_check_can_fail(typo: str) -> None:
 
 
 def test_kustomize_check_can_fail(tmp_path: Path) -> None:
-    kubectl = shutil.which("kubectl")
+    kubectl = find_kubectl()
     if kubectl is None:
         pytest.skip("kubectl is not installed")
     (tmp_path / "kustomization.yaml").write_text("resources:\n  - missing.yaml\n")
