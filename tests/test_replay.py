@@ -19,7 +19,7 @@ import stead
 from stead.builtin import BUILTIN_PIPELINES
 from stead.config import Settings
 from stead.temporal import data_converter
-from stead.worker import sandbox
+from stead.worker import PLATFORM_WORKFLOWS, sandbox
 from tests.helpers import HISTORIES
 from worker import APP
 from workflows.inputs import SummarizeInput, Summary
@@ -36,6 +36,7 @@ FILES = sorted(HISTORIES.rglob("*.json"))
 def test_every_workflow_has_a_history() -> None:
     recorded = {f.name.split("_")[0] for f in FILES}
     expected = {w.pipeline.replace("-", "") for w in WORKFLOWS}
+    expected |= {w.__name__.lower().removesuffix("workflow") for w in PLATFORM_WORKFLOWS}
     assert expected <= recorded, f"no committed history for {sorted(expected - recorded)}"
 
 
@@ -43,7 +44,9 @@ def test_every_workflow_has_a_history() -> None:
 async def test_replays(path: Path, settings: Settings) -> None:
     history = WorkflowHistory.from_json(path.stem, path.read_text())  # noqa: ASYNC240  # a small fixture file
     replayer = Replayer(
-        workflows=WORKFLOWS, data_converter=data_converter(settings), workflow_runner=sandbox()
+        workflows=[*WORKFLOWS, *PLATFORM_WORKFLOWS],
+        data_converter=data_converter(settings),
+        workflow_runner=sandbox(),
     )
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
