@@ -68,6 +68,8 @@ class Receiver:
     plan: deque[Answer] = field(default_factory=deque)
     default: Answer = field(default_factory=Answer)
     url: str = ""
+    # Requests received and not yet answered (a kill now loses the sender's answer).
+    answering: int = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -89,8 +91,12 @@ class Receiver:
             )
         )
         answer = self.plan.popleft() if self.plan else self.default
-        if answer.delay:
-            await asyncio.sleep(answer.delay)
+        self.answering += 1
+        try:
+            if answer.delay:
+                await asyncio.sleep(answer.delay)
+        finally:
+            self.answering -= 1
         await send(
             {
                 "type": "http.response.start",

@@ -17,6 +17,7 @@ from temporalio.worker import Worker
 from stead.config import Settings
 from stead.gateway.schedules import ScheduleActivities, ScheduledRun, StartScheduled
 from stead.service.runs import workflow_id
+from stead.store import schedules as store
 from stead.store.db import Pool
 from tests.conftest import Tenant, TenantFactory, app_runtime, make_services
 from tests.helpers import audit_actions, decide_pending, eventually, record_history, wait_json
@@ -252,6 +253,14 @@ async def test_a_demoted_owner_s_schedule_pauses_and_says_why(
     assert resumed.json()["paused"] is False
     await started_runs(hook_api, tenant, schedule_id, before + 1)
 
+    # A disabled owner's schedule stops too.
+    gone = await hook_api.delete("/v1/admin/users/requester", headers=tenant.auth("admin"))
+    assert gone.status_code == 204
+    stopped = await wait_json(
+        hook_api, f"/v1/schedules/{schedule_id}", tenant.auth("admin"), lambda b: b["paused"]
+    )
+    assert "owner requester is disabled or no longer exists" in stopped["note"]
+
 
 async def test_a_retried_firing_starts_one_run(
     client: Client, hook_settings: Settings, pool: Pool, tenant: Tenant, worker: list[Worker]
@@ -262,12 +271,14 @@ async def test_a_retried_firing_starts_one_run(
     activities = ScheduleActivities(
         runtime, hook_settings, pool, make_services(hook_settings, client, pool).audit
     )
+    schedule_id, body = "sch_" + "a" * 26, summarize(review=False)
+    async with pool.acquire() as conn:
+        await store.insert_schedule(
+            conn, tenant.id, schedule_id, "requester", body["pipeline"], body["input"], None
+        )
     job = StartScheduled(
         run=ScheduledRun(
-            tenant=tenant.id,
-            schedule_id="sch_" + "a" * 26,
-            owner="requester",
-            **{k: v for k, v in summarize(review=False).items()},
+            tenant=tenant.id, schedule_id=schedule_id, owner="requester", pipeline="summarize"
         ),
         scheduled_at=datetime(2026, 12, 1, 9, 30, tzinfo=UTC),
     )

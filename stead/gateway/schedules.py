@@ -38,14 +38,14 @@ RUN_STILL_RUNNING = "RunStillRunning"
 
 
 class ScheduledRun(Frozen):
-    """A schedule's action: what each firing starts, fixed when the schedule is created."""
+    """A schedule's action, fixed when the schedule is created. The run's input and budget
+    are read from PostgreSQL at each firing (see migrations/0012_schedules.sql for why they
+    are not in here)."""
 
     tenant: str
     schedule_id: str
     owner: str
     pipeline: str
-    input: dict[str, Any]
-    budget_usd: float | None = None
     # Watch the run to its end, so the schedule's overlap policy sees it running.
     watch: bool = True
     watch_max_seconds: float = 60.0
@@ -131,10 +131,15 @@ class ScheduleActivities:
         run = job.run
         async with self._pool.acquire() as conn:
             owner = await principals.get_principal(conn, run.tenant, run.owner)
+            defined = await store.definition(conn, run.tenant, run.schedule_id)
         if owner is None:
             raise Forbidden(f"the schedule's owner {run.owner} is disabled or no longer exists")
+        if defined is None:
+            raise Invalid("the schedule's definition is gone (deleted meanwhile?)")
         require(svc, owner, RIGHT)
-        body = StartRun(pipeline=run.pipeline, input=run.input, budget_usd=run.budget_usd)
+        body = StartRun(
+            pipeline=run.pipeline, input=defined["input"], budget_usd=defined["budget_usd"]
+        )
         started = await runs.start_run(
             svc,
             owner,
@@ -154,7 +159,11 @@ class ScheduleActivities:
             handle = svc.temporal.get_schedule_handle(
                 workflow_schedule_id(run.tenant, run.schedule_id)
             )
-            await handle.pause(note=f"paused by Stead: {why}"[:1000])
+            try:
+                await handle.pause(note=f"paused by Stead: {why}"[:1000])
+            except RPCError as exc:
+                if exc.status is not RPCStatusCode.NOT_FOUND:  # deleted meanwhile: no matter
+                    raise
         async with self._pool.acquire() as conn, conn.transaction():
             await store.record_start(
                 conn, run.tenant, run.schedule_id, job.scheduled_at, run_id=None, refused=why

@@ -150,11 +150,19 @@ async def create(svc: Services, principal: Principal, body: ScheduleIn) -> Sched
         schedule_id=schedule_id,
         owner=principal.id,
         pipeline=body.pipeline,
-        input=body.input,
-        budget_usd=body.budget_usd,
         watch=body.overlap != "allow_all",
         watch_max_seconds=svc.settings.schedule_watch_max_seconds,
     )
+    async with svc.pool.acquire() as conn:
+        await store.insert_schedule(
+            conn,
+            principal.tenant,
+            schedule_id,
+            principal.id,
+            body.pipeline,
+            body.input,
+            body.budget_usd,
+        )
     try:
         await svc.temporal.create_schedule(
             full_id,
@@ -186,6 +194,8 @@ async def create(svc: Services, principal: Principal, body: ScheduleIn) -> Sched
             ),
         )
     except RPCError as exc:
+        async with svc.pool.acquire() as conn:
+            await store.forget(conn, principal.tenant, schedule_id)
         if exc.status is RPCStatusCode.INVALID_ARGUMENT:
             raise Invalid(f"schedule: {exc.message}") from None
         raise
@@ -251,27 +261,26 @@ async def _handle(
 async def describe(svc: Services, principal: Principal, schedule_id: str) -> ScheduleOut:
     require(svc, principal, RIGHT)
     _, described = await _handle(svc, principal, schedule_id)
-    action = described.schedule.action
-    assert isinstance(action, ScheduleActionStartWorkflow)
-    decoded = await svc.temporal.data_converter.decode(action.args, [ScheduledRun])
-    run: ScheduledRun = decoded[0]
     memo = await described.memo()
     state, info = described.schedule.state, described.info
     async with svc.pool.acquire() as conn:
+        defined = await store.definition(conn, principal.tenant, schedule_id)
         recent = await store.recent_starts(conn, principal.tenant, schedule_id)
+    if defined is None:
+        raise NotFound("no such schedule")
     overlap = next(k for k, v in _OVERLAP.items() if v == described.schedule.policy.overlap)
     return ScheduleOut(
         schedule_id=schedule_id,
-        pipeline=run.pipeline,
-        owner=run.owner,
+        pipeline=defined["pipeline"],
+        owner=defined["owner"],
         cron=memo.get("cron"),
         every_seconds=memo.get("every_seconds"),
         timezone=memo.get("timezone"),
         overlap=overlap,
         paused=state.paused,
         note=state.note or "",
-        input=run.input,
-        budget_usd=run.budget_usd,
+        input=defined["input"],
+        budget_usd=defined["budget_usd"],
         created_at=info.created_at,
         next_runs=list(info.next_action_times[:5]) if not state.paused else [],
         skipped_overlapping=info.num_actions_skipped_overlap,

@@ -1,4 +1,4 @@
-"""Webhook endpoints, their deliveries and attempts (see migrations/0010_webhooks.sql).
+"""Webhook endpoints, their deliveries and attempts (see migrations/0011_webhooks.sql).
 
 Events and first deliveries are written by a trigger on the audit log, never from here; this
 module registers endpoints, re-delivers, claims deliveries for the dispatcher and records what
