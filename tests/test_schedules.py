@@ -15,7 +15,12 @@ from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
 
 from stead.config import Settings
-from stead.gateway.schedules import ScheduleActivities, ScheduledRun, StartScheduled
+from stead.gateway.schedules import (
+    ScheduleActivities,
+    ScheduledRun,
+    StartScheduled,
+    input_sealer,
+)
 from stead.service.runs import workflow_id
 from stead.store import schedules as store
 from stead.store.db import Pool
@@ -136,6 +141,17 @@ async def test_each_firing_starts_a_run_as_the_owner(
 ) -> None:
     made = await create_schedule(hook_api, tenant, created_schedules, every(1, overlap="allow_all"))
     schedule_id = made["schedule_id"]
+    # The input is kept for the firings sealed with the payload keys, and read back opened.
+    async with pool.acquire() as conn:
+        stored = await conn.fetchrow(
+            "SELECT input, input_sealed FROM schedules WHERE tenant_id = $1 AND id = $2",
+            tenant.id,
+            schedule_id,
+        )
+    assert stored is not None
+    assert stored["input"] is None
+    assert made["input"]["text"].startswith("Daily digest ")
+    assert made["input"]["text"].encode() not in stored["input_sealed"]
     run_ids = await started_runs(hook_api, tenant, schedule_id, 2)
     assert len(set(run_ids)) == len(run_ids)
     run = await wait_json(
@@ -274,7 +290,11 @@ async def test_a_retried_firing_starts_one_run(
     schedule_id, body = "sch_" + "a" * 26, summarize(review=False)
     async with pool.acquire() as conn:
         await store.insert_schedule(
-            conn, tenant.id, schedule_id, "requester", body["pipeline"], body["input"], None
+            conn,
+            tenant.id,
+            schedule_id,
+            input_sealer(hook_settings),
+            store.Definition("requester", body["pipeline"], body["input"], None),
         )
     job = StartScheduled(
         run=ScheduledRun(

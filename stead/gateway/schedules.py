@@ -21,6 +21,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from stead.app import Runtime
 from stead.config import Settings
 from stead.contract import AuditEvent, Frozen, RunStatus
+from stead.crypto import Sealer, SealError
 from stead.service import runs
 from stead.service.access import Services, require
 from stead.service.errors import Conflict, Forbidden, Invalid, RateLimited, ServiceError
@@ -82,6 +83,12 @@ def workflow_schedule_id(tenant: str, schedule_id: str) -> str:
     return f"{tenant}:{schedule_id}"
 
 
+def input_sealer(settings: Settings) -> Sealer | None:
+    """What seals a schedule's stored input: the payload keys, when there are any."""
+    keys = settings.encryption_keys
+    return Sealer(keys) if keys else None
+
+
 class ScheduleActivities:
     def __init__(self, runtime: Runtime, settings: Settings, pool: Pool, audit: AuditWriter):
         self._runtime = runtime
@@ -131,15 +138,18 @@ class ScheduleActivities:
         run = job.run
         async with self._pool.acquire() as conn:
             owner = await principals.get_principal(conn, run.tenant, run.owner)
-            defined = await store.definition(conn, run.tenant, run.schedule_id)
+            try:
+                defined = await store.definition(
+                    conn, run.tenant, run.schedule_id, input_sealer(self._settings)
+                )
+            except SealError as exc:
+                raise Invalid(f"the schedule's input cannot be opened: {exc}") from None
         if owner is None:
             raise Forbidden(f"the schedule's owner {run.owner} is disabled or no longer exists")
         if defined is None:
             raise Invalid("the schedule's definition is gone (deleted meanwhile?)")
         require(svc, owner, RIGHT)
-        body = StartRun(
-            pipeline=run.pipeline, input=defined["input"], budget_usd=defined["budget_usd"]
-        )
+        body = StartRun(pipeline=run.pipeline, input=defined.input, budget_usd=defined.budget_usd)
         started = await runs.start_run(
             svc,
             owner,

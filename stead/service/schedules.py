@@ -36,10 +36,11 @@ from temporalio.service import RPCError, RPCStatusCode
 from stead import search
 from stead.builtin.schedules import ScheduledRunWorkflow
 from stead.contract import MAX_BUDGET_USD
-from stead.gateway.schedules import RIGHT, ScheduledRun, workflow_schedule_id
+from stead.crypto import SealError
+from stead.gateway.schedules import RIGHT, ScheduledRun, input_sealer, workflow_schedule_id
 from stead.service.access import Services, require
 from stead.service.audited import by_caller
-from stead.service.errors import Conflict, Forbidden, Invalid, NotFound
+from stead.service.errors import Conflict, Forbidden, Invalid, NotFound, Unavailable
 from stead.service.runs import check_start
 from stead.service.schemas import Request, StartRun
 from stead.store import schedules as store
@@ -158,10 +159,8 @@ async def create(svc: Services, principal: Principal, body: ScheduleIn) -> Sched
             conn,
             principal.tenant,
             schedule_id,
-            principal.id,
-            body.pipeline,
-            body.input,
-            body.budget_usd,
+            input_sealer(svc.settings),
+            store.Definition(principal.id, body.pipeline, body.input, body.budget_usd),
         )
     try:
         await svc.temporal.create_schedule(
@@ -264,23 +263,28 @@ async def describe(svc: Services, principal: Principal, schedule_id: str) -> Sch
     memo = await described.memo()
     state, info = described.schedule.state, described.info
     async with svc.pool.acquire() as conn:
-        defined = await store.definition(conn, principal.tenant, schedule_id)
+        try:
+            defined = await store.definition(
+                conn, principal.tenant, schedule_id, input_sealer(svc.settings)
+            )
+        except SealError as exc:
+            raise Unavailable(f"the schedule's input cannot be opened: {exc}") from None
         recent = await store.recent_starts(conn, principal.tenant, schedule_id)
     if defined is None:
         raise NotFound("no such schedule")
     overlap = next(k for k, v in _OVERLAP.items() if v == described.schedule.policy.overlap)
     return ScheduleOut(
         schedule_id=schedule_id,
-        pipeline=defined["pipeline"],
-        owner=defined["owner"],
+        pipeline=defined.pipeline,
+        owner=defined.owner,
         cron=memo.get("cron"),
         every_seconds=memo.get("every_seconds"),
         timezone=memo.get("timezone"),
         overlap=overlap,
         paused=state.paused,
         note=state.note or "",
-        input=defined["input"],
-        budget_usd=defined["budget_usd"],
+        input=defined.input,
+        budget_usd=defined.budget_usd,
         created_at=info.created_at,
         next_runs=list(info.next_action_times[:5]) if not state.paused else [],
         skipped_overlapping=info.num_actions_skipped_overlap,

@@ -2,43 +2,79 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
+from stead.crypto import Sealer, SealError
 from stead.store.db import Conn
+
+
+@dataclass(frozen=True)
+class Definition:
+    """What a firing starts."""
+
+    owner: str
+    pipeline: str
+    input: dict[str, Any]
+    budget_usd: float | None
+
+
+def _associated(tenant: str, schedule_id: str) -> bytes:
+    # Bound to its row: a sealed input copied to another tenant's or schedule's row does not open.
+    return f"schedule-input\0{tenant}\0{schedule_id}".encode()
 
 
 async def insert_schedule(
     conn: Conn,
     tenant: str,
     schedule_id: str,
-    owner: str,
-    pipeline: str,
-    run_input: dict[str, Any],
-    budget_usd: float | None,
+    sealer: Sealer | None,
+    definition: Definition,
 ) -> None:
+    """`sealer` None: payload encryption is off, and the input is kept in clear like the
+    run's input in Temporal then."""
+    sealed = (
+        sealer.seal(json.dumps(definition.input).encode(), _associated(tenant, schedule_id))
+        if sealer is not None
+        else None
+    )
     await conn.execute(
-        "INSERT INTO schedules (tenant_id, id, owner, pipeline, input, budget_usd)"
-        " VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO schedules"
+        " (tenant_id, id, owner, pipeline, input, input_sealed, budget_usd)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
         tenant,
         schedule_id,
-        owner,
-        pipeline,
-        run_input,
-        budget_usd,
+        definition.owner,
+        definition.pipeline,
+        None if sealed is not None else definition.input,
+        sealed,
+        definition.budget_usd,
     )
 
 
-async def definition(conn: Conn, tenant: str, schedule_id: str) -> asyncpg.Record | None:
-    """The pipeline, input and budget a firing starts with."""
-    return await conn.fetchrow(
-        "SELECT owner, pipeline, input, budget_usd, created_at FROM schedules"
+async def definition(
+    conn: Conn, tenant: str, schedule_id: str, sealer: Sealer | None
+) -> Definition | None:
+    """Raises SealError when the input is sealed with a key no longer configured."""
+    row = await conn.fetchrow(
+        "SELECT owner, pipeline, input, input_sealed, budget_usd FROM schedules"
         " WHERE tenant_id = $1 AND id = $2",
         tenant,
         schedule_id,
     )
+    if row is None:
+        return None
+    run_input = row["input"]
+    if row["input_sealed"] is not None:
+        if sealer is None:
+            raise SealError("the schedule's input is sealed and no payload keys are configured")
+        opened = sealer.open(row["input_sealed"], _associated(tenant, schedule_id))
+        run_input = json.loads(opened)
+    return Definition(row["owner"], row["pipeline"], run_input, row["budget_usd"])
 
 
 async def record_start(

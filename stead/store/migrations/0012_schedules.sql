@@ -3,15 +3,19 @@
 -- an input past the claim-check threshold would be stored once in payload_store and then
 -- referenced by no history for as long as the schedule does not fire (a monthly schedule,
 -- a week's retention), so `stead payloads gc` would delete it from under the schedule.
+-- The input is customer data, as a run's input is in Temporal: sealed with the payload keys
+-- (`input_sealed`), in clear (`input`) only where payload encryption is off.
 CREATE TABLE schedules (
-    tenant_id  text NOT NULL REFERENCES tenants (id),
-    id         text NOT NULL,
-    owner      text NOT NULL,
-    pipeline   text NOT NULL,
-    input      jsonb NOT NULL,
-    budget_usd double precision,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (tenant_id, id)
+    tenant_id    text NOT NULL REFERENCES tenants (id),
+    id           text NOT NULL,
+    owner        text NOT NULL,
+    pipeline     text NOT NULL,
+    input        jsonb,
+    input_sealed bytea,
+    budget_usd   double precision,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, id),
+    CHECK ((input IS NULL) <> (input_sealed IS NULL))
 );
 
 -- What each firing did: the run it started as the schedule's owner, or why it started none
