@@ -53,7 +53,7 @@ from stead.store.db import Pool, pool_from_settings
 from stead.store.payloads import PostgresPayloadStore
 from stead.telemetry import interceptors, metrics_app, metrics_runtime, setup_tracing
 from stead.temporal import connect, data_converter
-from stead.webhooks.delivery import WebhookActivities
+from stead.webhooks.delivery import WebhookActivities, delivery_client
 from stead.webhooks.dispatch import Dispatcher
 from stead.webhooks.urls import Reach
 
@@ -85,10 +85,8 @@ class Deps:
     pool: Pool
     model: anthropic.AsyncAnthropic
     http: httpx.AsyncClient
-    # Webhook deliveries' own client: no redirects followed, no proxy from the environment.
-    hooks: httpx.AsyncClient = field(
-        default_factory=lambda: httpx.AsyncClient(follow_redirects=False, trust_env=False)
-    )
+    # Webhook deliveries' own client: no redirects, no proxy, no kept-alive connections.
+    hooks: httpx.AsyncClient = field(default_factory=delivery_client)
 
     async def close(self) -> None:
         await self.model.close()

@@ -12,10 +12,16 @@ import contextlib
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from starlette.types import Receive, Scope, Send
 from temporalio.client import Client
@@ -38,6 +44,7 @@ class Received:
     body: bytes
     # Indexes (in `Receiver.secrets`) of the secrets whose signature verified.
     verified_by: tuple[int, ...]
+    host: str = ""  # the Host header
 
     @property
     def verified(self) -> bool:
@@ -88,6 +95,7 @@ class Receiver:
                 signature=headers.get("webhook-signature", ""),
                 body=body,
                 verified_by=self._verify(body, headers),
+                host=headers.get("host", ""),
             )
         )
         answer = self.plan.popleft() if self.plan else self.default
@@ -141,6 +149,36 @@ async def receiving() -> AsyncIterator[Receiver]:
 async def receiver() -> AsyncIterator[Receiver]:
     async with receiving() as made:
         yield made
+
+
+def localhost_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for the name `localhost` only (no address in it), its own
+    trust anchor, and its key: a client verifying against an address fails."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "localhost.pem", directory / "localhost.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
 
 
 def quick(settings: Settings, **more: Any) -> Settings:

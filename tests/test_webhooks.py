@@ -7,23 +7,39 @@ The exactly-once drill under worker kills is in tests/test_hooks_drill.py (`-m d
 
 from __future__ import annotations
 
+import ssl
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
 import pytest
 from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.testing import ActivityEnvironment
 
 from stead.builtin.webhooks import WebhookDelivery
 from stead.config import Settings
 from stead.contract import AuditEvent
+from stead.crypto import Sealer
+from stead.service.access import Services
+from stead.serving import serving
 from stead.store.db import Pool
+from stead.webhooks.delivery import DeliveryJob, DeliveryOutcome, WebhookActivities
 from stead.webhooks.dispatch import Dispatcher, delivery_workflow_id
+from stead.webhooks.urls import Reach, Resolver
 from tests.conftest import Tenant, TenantFactory, make_services
 from tests.helpers import eventually, record_history, start_run, wait_json
-from tests.hooks_support import Answer, Receiver, arrived, receiving, register
+from tests.hooks_support import (
+    Answer,
+    Receiver,
+    arrived,
+    localhost_certificate,
+    receiving,
+    register,
+)
 
 pytest_plugins = ["tests.hooks_support"]
 
@@ -372,6 +388,100 @@ async def test_redirects_are_not_followed(
     assert attempts[0]["status_code"] == 307
     assert f"redirect to {elsewhere.url} not followed" in attempts[0]["error"]
     assert attempts[1]["status_code"] == 204
+
+
+def resolving(address: str) -> Resolver:
+    """A resolver whose answer for `localhost` is `address` (what the check sees)."""
+
+    async def resolve(host: str, port: int) -> list[str]:
+        assert host == "localhost"
+        return [address]
+
+    return resolve
+
+
+async def deliver_here(
+    api: httpx.AsyncClient,
+    tenant: Tenant,
+    services: Services,
+    receiver: Receiver,
+    resolver: Resolver,
+    http: httpx.AsyncClient | None = None,
+) -> DeliveryOutcome:
+    """Register `receiver`, enqueue one run.completed for it, and make the delivery's first
+    attempt in this process (no dispatcher), resolving with `resolver`."""
+    await register(api, tenant, receiver, ["run.completed"])
+    async with services.pool.acquire() as conn, conn.transaction():
+        await services.audit.append(
+            conn, [_event(tenant.id, "r_one", "run.completed", f"k-{uuid.uuid4().hex}")]
+        )
+        delivery_id = await conn.fetchval(
+            "UPDATE webhook_deliveries SET dispatched_at = now() WHERE tenant_id = $1 RETURNING id",
+            tenant.id,
+        )
+    activities = WebhookActivities(
+        services.pool,
+        services.audit,
+        Sealer(services.settings.encryption_keys),
+        Reach(loopback=True),
+        http,
+        resolver=resolver,
+    )
+    try:
+        job = DeliveryJob(tenant=tenant.id, delivery_id=delivery_id)
+        return await ActivityEnvironment(client=services.temporal).run(activities.deliver, job)
+    finally:
+        await activities.close()
+
+
+async def test_an_attempt_connects_to_the_address_it_checked(
+    api: httpx.AsyncClient, tenant: Tenant, pool: Pool, settings: Settings, client: Client
+) -> None:
+    """DNS rebinding: the endpoint's name answers the check with one address and a second
+    lookup with another (here `localhost`: 127.0.0.2 to the check, the system's 127.0.0.1 to
+    anyone else, a receiver listening on each). The request goes to the address checked,
+    still naming the endpoint's host."""
+    checked, elsewhere = Receiver(), Receiver()
+    async with serving(checked, host="127.0.0.2") as checked_url:
+        port = urlsplit(checked_url).port
+        async with serving(elsewhere, host="127.0.0.1", port=port or 0):
+            checked.url = f"http://localhost:{port}/hooks"
+            services = make_services(settings, client, pool)
+            outcome = await deliver_here(api, tenant, services, checked, resolving("127.0.0.2"))
+    assert outcome.status == "succeeded", outcome
+    assert elsewhere.received == []
+    assert [(r.host, r.verified) for r in checked.received] == [(f"localhost:{port}", True)]
+
+
+async def test_a_pinned_attempt_over_tls_checks_the_endpoint_s_name(
+    api: httpx.AsyncClient,
+    tenant: Tenant,
+    pool: Pool,
+    settings: Settings,
+    client: Client,
+    tmp_path: Path,
+) -> None:
+    """Connected to the checked address, TLS still names the endpoint's host (SNI) and its
+    certificate is verified against that name, not against the address."""
+    certificate, key = localhost_certificate(tmp_path)
+    receiver = Receiver()
+    trusting = httpx.AsyncClient(
+        verify=ssl.create_default_context(cafile=certificate),
+        follow_redirects=False,
+        trust_env=False,
+        limits=httpx.Limits(max_keepalive_connections=0),
+    )
+    async with serving(
+        receiver, host="127.0.0.2", ssl_certfile=str(certificate), ssl_keyfile=str(key)
+    ) as url:
+        port = urlsplit(url).port
+        receiver.url = f"https://localhost:{port}/hooks"
+        services = make_services(settings, client, pool)
+        outcome = await deliver_here(
+            api, tenant, services, receiver, resolving("127.0.0.2"), trusting
+        )
+    assert outcome.status == "succeeded", outcome
+    assert [(r.host, r.verified) for r in receiver.received] == [(f"localhost:{port}", True)]
 
 
 @pytest.mark.usefixtures("hook_worker")

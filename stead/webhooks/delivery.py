@@ -12,7 +12,10 @@ What a receiver can rely on: every event reaches it at least once, always with t
 are not ordered (each delivery retries on its own).
 
 Never followed: redirects (a 3xx is a failed attempt naming where it pointed). Bounded: the
-whole attempt by `STEAD_WEBHOOK_TIMEOUT_SECONDS`, the answer read to its first 2 KiB.
+whole attempt by `STEAD_WEBHOOK_TIMEOUT_SECONDS`, the answer read to its first 2 KiB. Each
+attempt connects to the address its check resolved (stead/webhooks/urls.py), on a connection
+of its own: a kept-alive connection is keyed by address, and one opened for another host's
+name there must not carry this host's request.
 """
 
 from __future__ import annotations
@@ -37,7 +40,15 @@ from stead.store.audit import AuditWriter
 from stead.store.db import Pool
 from stead.store.text import storable
 from stead.webhooks import payloads, signing
-from stead.webhooks.urls import Reach, UnsafeUrl, check_destination
+from stead.webhooks.urls import (
+    Pinned,
+    Reach,
+    Resolver,
+    UnsafeUrl,
+    check_destination,
+    pinned,
+    resolve,
+)
 
 RESPONSE_EXCERPT_BYTES = 2048
 DELIVERY_FAILED = "WebhookDeliveryFailed"
@@ -79,6 +90,16 @@ class Answer:
         return self.status is not None and 200 <= self.status < 300
 
 
+def delivery_client() -> httpx.AsyncClient:
+    """Redirects are never followed (httpx's default, stated); a proxy in the environment is
+    not used: deliveries go where the URL says; no connection is kept for another attempt."""
+    return httpx.AsyncClient(
+        follow_redirects=False,
+        trust_env=False,
+        limits=httpx.Limits(max_keepalive_connections=0),
+    )
+
+
 class WebhookActivities:
     def __init__(
         self,
@@ -87,14 +108,14 @@ class WebhookActivities:
         sealer: Sealer | None,
         reach: Reach,
         http: httpx.AsyncClient | None = None,
+        resolver: Resolver = resolve,
     ) -> None:
         self._pool = pool
         self._audit = audit
         self._sealer = sealer
         self._reach = reach
-        # Redirects are never followed (httpx's default, stated); a proxy in the environment
-        # is not used either: deliveries go where the URL says.
-        self._http = http or httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        self._http = http or delivery_client()
+        self._resolver = resolver
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -197,8 +218,8 @@ class WebhookActivities:
     async def _post(self, url: str, headers: dict[str, str], body: str, job: DeliveryJob) -> Answer:
         try:
             async with asyncio.timeout(job.timeout_seconds):
-                await check_destination(url, self._reach)
-                return await self._send(url, headers, body)
+                address = await check_destination(url, self._reach, self._resolver)
+                return await self._send(pinned(url, address), headers, body)
         except UnsafeUrl as exc:
             return Answer(None, f"destination refused: {exc}")
         except TimeoutError:
@@ -208,8 +229,14 @@ class WebhookActivities:
         except httpx.HTTPError as exc:
             return Answer(None, f"{type(exc).__name__}: {exc}"[:300])
 
-    async def _send(self, url: str, headers: dict[str, str], body: str) -> Answer:
-        async with self._http.stream("POST", url, content=body.encode(), headers=headers) as got:
+    async def _send(self, to: Pinned, headers: dict[str, str], body: str) -> Answer:
+        async with self._http.stream(
+            "POST",
+            to.url,
+            content=body.encode(),
+            headers={**headers, "host": to.host},
+            extensions={"sni_hostname": to.sni},
+        ) as got:
             excerpt = bytearray()
             async for chunk in got.aiter_bytes():
                 excerpt += chunk

@@ -8,9 +8,10 @@ the developer's own machine).
 At each attempt, the host's addresses are resolved and checked again: only public addresses
 (and loopback where registration allows it), unless `STEAD_WEBHOOK_PRIVATE_NETWORKS` is set,
 so no tenant can make Stead's workers post into the network they run in (a metadata service,
-a database's HTTP port). The check and the connection resolve separately, so a host that
-changes its answer between the two can still reach a private address once: a deployment that
-must rule that out routes webhooks through an egress proxy.
+a database's HTTP port). The connection goes to the address checked, not to a second
+resolution (`pinned`), so a host that changes its answer between the check and the connection
+(DNS rebinding) cannot reach a private address: the receiver still sees its own name in
+`Host` and, over TLS, in SNI, and its certificate is verified against that name.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from stead.config import Settings
 
@@ -104,18 +106,48 @@ def _check_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address, reach
         )
 
 
-async def check_destination(url: str, reach: Reach) -> None:
-    """Resolve the URL's host and check every address it has; UnsafeUrl if one is refused,
-    OSError if it does not resolve."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+async def resolve(host: str, port: int) -> list[str]:
+    """The host's addresses, as the system resolver answers."""
     found = await asyncio.get_running_loop().getaddrinfo(
         host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
     )
-    for *_, sockaddr in found:
+    return [str(sockaddr[0]) for *_, sockaddr in found]
+
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def check_destination(url: str, reach: Reach, resolver: Resolver = resolve) -> str:
+    """Resolve the URL's host and check every address it has; the address to connect to.
+    UnsafeUrl if one is refused, OSError if it does not resolve."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    checked: list[str] = []
+    for answer in await resolver(host, port):
         # An IPv6 link-local answer carries its zone (`fe80::1%eth0`).
-        address = _address(str(sockaddr[0]).split("%", 1)[0])
+        address = _address(answer.split("%", 1)[0])
         if address is None:
             raise UnsafeUrl(f"{host} resolved to something that is not an address")
         _check_address(address, reach)
+        checked.append(str(address))
+    if not checked:
+        raise UnsafeUrl(f"{host} has no address")
+    return checked[0]
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """A request to the checked address that still names the receiver's host."""
+
+    url: str
+    host: str  # the Host header
+    sni: str  # the TLS server name, checked against the certificate
+
+
+def pinned(url: str, address: str) -> Pinned:
+    parts = urlsplit(url)
+    literal = f"[{address}]" if ":" in address else address
+    netloc = f"{literal}:{parts.port}" if parts.port is not None else literal
+    # Registration refuses a user name or password, so the netloc is host[:port].
+    return Pinned(urlunsplit(parts._replace(netloc=netloc)), parts.netloc, parts.hostname or "")
