@@ -357,7 +357,12 @@ async def redeliver(
 ) -> DeliveryOut:
     """Send the delivery's event again, as a new delivery with the same `webhook-id` (a
     receiver that has it already ignores it). The endpoint must be enabled."""
+    require(svc, principal, RIGHT)
     _check_ids(endpoint_id, delivery_id)
+    # Missing, whichever id is wrong: the same answer as GET .../deliveries/{id}.
+    async with svc.pool.acquire() as conn:
+        if await store.get_delivery(conn, principal.tenant, delivery_id, endpoint_id) is None:
+            raise NotFound("no such delivery")
     endpoint = await get_endpoint(svc, principal, endpoint_id)
     if not endpoint.enabled:
         raise Conflict("the endpoint is disabled: enable it first (PATCH with enabled: true)")

@@ -35,6 +35,10 @@ CREATE TABLE webhook_endpoints (
     PRIMARY KEY (tenant_id, id)
 );
 
+-- `audit_seq` names the entry the event came from. Not a foreign key: only the trigger below
+-- writes events, from the entry being inserted, and a key would make audit_log a referenced
+-- table (its append-only trigger must be what refuses a TRUNCATE, and retention must not
+-- depend on the webhook tables).
 CREATE TABLE webhook_events (
     tenant_id  text NOT NULL,
     id         text NOT NULL,
@@ -43,8 +47,7 @@ CREATE TABLE webhook_events (
     run_id     text,
     at         timestamptz NOT NULL,
     PRIMARY KEY (tenant_id, id),
-    UNIQUE (tenant_id, audit_seq),
-    FOREIGN KEY (tenant_id, audit_seq) REFERENCES audit_log (tenant_id, seq)
+    UNIQUE (tenant_id, audit_seq)
 );
 
 CREATE TABLE webhook_deliveries (
