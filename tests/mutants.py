@@ -83,7 +83,11 @@ TARGETS: dict[str, Target] = {
     "attest": Target(
         ("stead/attest.py",), ("tests/test_attest.py", "tests/test_forged_messages.py")
     ),
-    "tools": Target(("stead/gateway/tools.py",), ("tests/test_tool_gateway.py",)),
+    # The gateway, and the client its tools reach integrations through (a provider's answer
+    # decides between retry and refusal there).
+    "tools": Target(
+        ("stead/gateway/tools.py", "stead/integrations.py"), ("tests/test_tool_gateway.py",)
+    ),
 }
 
 # mutmut's exit codes (mutmut.stats.status_by_exit_code), folded into what a score needs.
@@ -92,12 +96,17 @@ _TIMEOUT = {36, 24, -24, 152, 255}
 _NO_TESTS = {5, 33}
 
 
+# The reference application: tests/conftest.py imports `worker` (its `APP`), and the tests
+# drive its tools, policies and tables.
+REFERENCE_APP = ("workflows", "activities", "api", "policies", "worker.py")
+
+
 def _copied_paths() -> list[str]:
-    """What the wheel ships (pyproject's `only-include`), the tests and the project file: all a
-    test may import or read."""
+    """What the wheel ships (pyproject's wheel `packages`), the reference application, the
+    tests and the project file: all a test may import or read."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    shipped: list[str] = project["tool"]["hatch"]["build"]["targets"]["wheel"]["only-include"]
-    return [*shipped, "tests", "pyproject.toml"]
+    shipped: list[str] = project["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
+    return [*shipped, *REFERENCE_APP, "tests", "pyproject.toml"]
 
 
 # SQL text: mutmut's string mutants of it are its case (equivalent: SQL keywords and

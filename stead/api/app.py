@@ -18,9 +18,9 @@ from starlette.requests import Request as StarletteRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.client import Client
 
-from stead import metrics
+from stead import metrics, web
 from stead.api import errors
-from stead.api.deps import authenticate
+from stead.api.deps import authenticate_request
 from stead.api.routes import (
     admin,
     approvals,
@@ -107,6 +107,7 @@ def create_app(
         app.include_router(extra, responses=errors.RESPONSES)
     app.include_router(health.router)
     app.include_router(codec.router, responses=errors.RESPONSES)
+    web.mount(app)
     app.add_middleware(Admission)
     app.add_middleware(RequestMetrics)
     return app
@@ -141,16 +142,14 @@ class Admission:
         if path.startswith("/v1/"):
             request = StarletteRequest(scope)
             try:
-                principal = await authenticate(
-                    request.app.state.services, request.headers.get("authorization")
-                )
+                principal, key_id = await authenticate_request(request.app.state.services, request)
             except ServiceError as exc:
                 await errors.error_response(exc)(scope, receive, send)
                 return
             except errors.OUTAGES:
                 await errors.retry_shortly("PostgreSQL")(scope, receive, send)
                 return
-            scope.setdefault("state", {})["principal"] = principal
+            scope.setdefault("state", {}).update(principal=principal, key_id=key_id)
         received = 0
 
         async def bounded() -> Message:
