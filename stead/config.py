@@ -123,6 +123,21 @@ class Settings(BaseSettings):
     # Request limits per plan, replacing the policy path's (stead/policy/defaults/limits.yaml).
     limits_file: FilePath | None = None
 
+    # Webhooks (stead/webhooks). A delivery is tried `webhook_attempts` times: after the first
+    # failure it waits `webhook_retry_first_seconds`, then three times longer each time, at most
+    # `webhook_retry_max_seconds` (the defaults: 34 hours from the first attempt to the last).
+    # An endpoint that failed for a whole schedule with no success meanwhile is disabled.
+    webhook_attempts: int = Field(12, ge=1, le=50)
+    webhook_retry_first_seconds: float = Field(5.0, gt=0, le=3600)
+    webhook_retry_max_seconds: float = Field(36_000.0, gt=0, le=86_400)
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=60)
+    # Deliver to private, link-local and other non-public addresses too (a deployment whose
+    # tenants are trusted). Off: public addresses only, and loopback outside production.
+    webhook_private_networks: bool = False
+    # The longest a scheduled run's watcher waits between two looks at the run it started (the
+    # schedule's overlap policy counts the run as running until the watcher sees it end).
+    schedule_watch_max_seconds: float = Field(60.0, gt=0, le=3600)
+
     # Payloads larger than this (bytes, after encryption) are kept in PostgreSQL and referenced
     # by hash from the workflow history; 0 keeps everything inline.
     payload_offload_bytes: int = Field(512, ge=0)

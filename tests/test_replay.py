@@ -17,6 +17,7 @@ import stead
 from stead import testing
 from stead.builtin import BUILTIN_PIPELINES
 from stead.config import Settings
+from stead.worker import PLATFORM_WORKFLOWS
 from tests.helpers import HISTORIES
 from worker import APP
 from workflows.inputs import SummarizeInput, Summary
@@ -33,6 +34,7 @@ FILES = testing.histories(HISTORIES)
 def test_every_workflow_has_a_history() -> None:
     recorded = {f.name.split("_")[0] for f in FILES}
     expected = {w.pipeline.replace("-", "") for w in WORKFLOWS}
+    expected |= {w.__name__.lower().removesuffix("workflow") for w in PLATFORM_WORKFLOWS}
     assert expected <= recorded, f"no committed history for {sorted(expected - recorded)}"
 
 

@@ -24,7 +24,7 @@ from stead.app import App
 from stead.builtin import BUILTIN_PIPELINES
 from stead.config import Settings
 from stead.temporal import data_converter
-from stead.worker import sandbox
+from stead.worker import PLATFORM_WORKFLOWS, sandbox
 
 RECORD_VARIABLE = "STEAD_RECORD_HISTORIES"
 
@@ -50,14 +50,17 @@ def histories(directory: Path) -> list[Path]:
 
 
 def _workflows(of: App | Sequence[type[Any]]) -> list[type[Any]]:
-    return [*BUILTIN_PIPELINES, *of.pipelines] if isinstance(of, App) else list(of)
+    """An application's pipelines with every workflow Stead's worker runs beside them."""
+    if isinstance(of, App):
+        return [*BUILTIN_PIPELINES, *of.pipelines, *PLATFORM_WORKFLOWS]
+    return list(of)
 
 
 async def replay_failure(
     path: Path, workflows: App | Sequence[type[Any]], settings: Settings
 ) -> BaseException | None:
     """Replay the history at `path` with `workflows` (an application: its pipelines and
-    Stead's own) and `settings`' payload keys; why it does not replay, or None."""
+    Stead's own workflows) and `settings`' payload keys; why it does not replay, or None."""
     text = path.read_text()  # noqa: ASYNC240  # a small committed file
     history = WorkflowHistory.from_json(path.stem, text)
     replayer = Replayer(
