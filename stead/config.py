@@ -199,6 +199,15 @@ class Settings(BaseSettings):
             raise ValueError("must be an https:// URL (http:// only for a loopback issuer)")
         return value
 
+    @field_validator("anthropic_api_key", mode="before")
+    @classmethod
+    def _blank_key_is_no_key(cls, value: object) -> object:
+        # `ANTHROPIC_API_KEY=` (compose's `${ANTHROPIC_API_KEY:-}`, an emptied .env line)
+        # means "no key": the simulator, not Anthropic with an empty key.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @field_validator("payload_keys", "attestation_keys")
     @classmethod
     def _check_payload_keys(cls, value: SecretStr | None) -> SecretStr | None:
@@ -266,6 +275,11 @@ class Settings(BaseSettings):
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         """A copy whose derived keys follow its own settings: pydantic copies the instance's
         `__dict__`, where `cached_property` keeps what it derived from the original's keys."""
+        # An unknown name would be set as a plain attribute nothing reads: a test or caller
+        # meaning a setting that moved would silently run with the old configuration.
+        unknown = sorted(set(update or {}) - set(type(self).model_fields))
+        if unknown:
+            raise TypeError(f"not settings: {', '.join(unknown)}")
         copied = super().model_copy(update=update, deep=deep)
         for name, attribute in vars(Settings).items():
             if isinstance(attribute, cached_property):
