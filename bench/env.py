@@ -68,6 +68,7 @@ class RunOptions:
 
     quick: bool = False
     keep: bool = False
+    parked: int | None = None  # scale: runs parked per leg instead of the size's own
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from temporalio.client import WorkflowHandle
@@ -298,6 +298,8 @@ def _result(sizes: Sizes, quick: bool, outcomes: list[Outcome]) -> Result:
 
 async def run(options: RunOptions) -> Result:
     sizes = SIZES[options.quick]
+    if options.parked:
+        sizes = replace(sizes, parked=options.parked)
     outcomes = []
     for order in ORDERS:
         say(f"order: {' then '.join(order)}")
