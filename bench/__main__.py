@@ -25,6 +25,7 @@ from pathlib import Path
 
 import bench.budget
 import bench.cache
+import bench.cuts
 import bench.history
 import bench.latency
 import bench.profile
@@ -53,6 +54,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "budget": bench.budget.run,
     "profile": bench.profile.run,
     "ratelimit": bench.ratelimit.run,
+    "cuts": bench.cuts.run,
 }
 assert tuple(BENCHMARKS) == ORDER
 
