@@ -137,7 +137,8 @@ class AuditWriter:
         self._redactors: dict[tuple[tuple[str, ...], tuple[str, ...]], Redactor] = {}
         # `record` calls waiting for their tenant's appender, and the appenders running.
         self._waiting: dict[_ChainKey, list[_Waiting]] = {}
-        self._appenders: dict[_ChainKey, asyncio.Task[None]] = {}
+        # The task appending for a tenant: a caller committing its own events, or an appender.
+        self._appenders: dict[_ChainKey, asyncio.Task[Any]] = {}
 
     async def append(self, conn: Conn, events: Sequence[AuditEvent]) -> int:
         """Append events (any tenants) inside the caller's transaction; return how many were new."""
@@ -167,12 +168,28 @@ class AuditWriter:
         self, pool: Pool, tenant: str, events: Sequence[AuditEvent]
     ) -> list[AuditEvent]:
         key = (id(pool), tenant)
-        waiting = _Waiting(events, asyncio.get_running_loop().create_future())
-        self._waiting.setdefault(key, []).append(waiting)
         running = self._appenders.get(key)
-        if running is None or running.done():  # done: its loop went away mid-flush
+        if running is not None and not running.done():  # done: its loop went away mid-flush
+            waiting = _Waiting(events, asyncio.get_running_loop().create_future())
+            self._waiting.setdefault(key, []).append(waiting)
+            return await waiting.done
+        # Nobody is appending for the tenant: commit here, with no hop through another task,
+        # and hand to an appender whatever gathers meanwhile.
+        current = asyncio.current_task()
+        assert current is not None
+        self._appenders[key] = current
+        try:
+            return await self._commit(pool, events)
+        finally:
+            self._handed_over(pool, key, current)
+
+    def _handed_over(self, pool: Pool, key: _ChainKey, finished: asyncio.Task[Any]) -> None:
+        if self._appenders.get(key) is not finished:
+            return
+        if self._waiting.get(key):
             self._appenders[key] = asyncio.create_task(self._append_waiting(pool, key))
-        return await waiting.done
+        else:
+            del self._appenders[key]
 
     async def _append_waiting(self, pool: Pool, key: _ChainKey) -> None:
         """The tenant's appender: commits everything waiting, then what gathered meanwhile,
@@ -186,7 +203,8 @@ class AuditWriter:
                 _settle(waiting, exc)
             raise
         finally:
-            if self._appenders.get(key) is asyncio.current_task():
+            current = asyncio.current_task()
+            if current is not None and self._appenders.get(key) is current:
                 del self._appenders[key]
 
     async def _commit_batch(self, pool: Pool, batch: list[_Waiting]) -> None:
