@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import bench.audit
 import bench.budget
 import bench.cache
 import bench.cuts
@@ -55,6 +56,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "profile": bench.profile.run,
     "ratelimit": bench.ratelimit.run,
     "cuts": bench.cuts.run,
+    "audit": bench.audit.run,
 }
 assert tuple(BENCHMARKS) == ORDER
 

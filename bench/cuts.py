@@ -67,7 +67,7 @@ LEGS = (HAND.name, BEFORE, AFTER, BEFORE + SPREAD, AFTER + SPREAD, AFTER_512)
 ONE_TENANT_TARGET = 0.95
 
 
-SIZES = {False: Sizes(200, 20, 20, 3), True: Sizes(60, 20, 10, 3)}
+SIZES = {False: Sizes(100, 20, 10, 3), True: Sizes(60, 20, 10, 3)}
 
 
 def export_before(rev: str, into: Path) -> Path:

@@ -196,7 +196,7 @@ def cpu_delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[s
     return {name: after[name] - before.get(name, 0.0) for name in after}
 
 
-def _make_root() -> Path:
+def make_root() -> Path:
     root = Path(tempfile.mkdtemp(prefix="stead-bench-"))
     root.chmod(0o755)  # PostgreSQL runs as another user when we are root
     return root
@@ -392,7 +392,7 @@ async def _ready(env: BenchEnv) -> None:
 @contextlib.asynccontextmanager
 async def bench_env(spec: EnvSpec, options: RunOptions) -> AsyncIterator[BenchEnv]:
     """The platform for one benchmark; stopped and deleted on exit (kept with `--keep`)."""
-    root = _make_root()
+    root = make_root()
     dev = DevStack(_base_settings(root))
     dev.run_dir.mkdir(parents=True)
     started = time.monotonic()

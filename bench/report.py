@@ -35,6 +35,7 @@ ORDER = (
     "profile",
     "ratelimit",
     "cuts",
+    "audit",
 )
 
 
