@@ -8,7 +8,7 @@ PEERS_VENV := .bench-venv
 PEERS_STAMP := $(PEERS_VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help dev test lint typecheck unit test-drills bench bytecode lock clean
+.PHONY: help dev test lint typecheck unit test-drills bench bytecode lock clean mutants
 
 help: ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ $(PEERS_STAMP): bench/peers-requirements.txt
 
 bench: $(STAMP) $(PEERS_STAMP) bytecode ## benchmarks against hand-rolled Temporal and Pydantic AI; writes bench/results/ (BENCH_ARGS="--quick latency")
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+mutants: $(STAMP) ## mutation testing of the critical modules, slow (MUTANTS="audit codec" for some)
+	$(BIN)/python -m tests.mutants $(MUTANTS)
 
 lock: ## re-pin requirements.lock from pyproject.toml
 	$(BIN)/python -m pip install --quiet uv

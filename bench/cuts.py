@@ -41,8 +41,8 @@ from bench.throughput import (
     transactions_per_run,
     triage_input,
 )
-from stead.api.routes.runs import workflow_id
 from stead.config import Settings
+from stead.service.runs import workflow_id
 from stead.store.payloads import payloads_in
 
 # The last commit before the cuts: part 1's benchmarks and their results.

@@ -34,8 +34,8 @@ from bench.env import BenchEnv, EnvSpec, RunOptions, SteadSpec, Tenant, bench_en
 from bench.load import BenchError, SteadApi
 from bench.report import Comparison, Result, Table, at_most, say
 from bench.stats import ratio
-from stead.api.routes.runs import workflow_id
 from stead.config import Settings
+from stead.service.runs import workflow_id
 from stead.store.payloads import referenced
 
 TARGET_BYTES = 2048

@@ -32,11 +32,11 @@ from temporalio.worker import Worker
 
 from stead import search
 from stead.api.app import create_app
-from stead.api.deps import Services
 from stead.app import Runtime
 from stead.config import Settings
 from stead.policy.limits import LimitPolicy
 from stead.policy.permissions import PLATFORM_TENANT
+from stead.service.access import Services
 from stead.sim.integrations import create_email_app, create_payments_app
 from stead.sim.messages import SimConfig
 from stead.sim.messages import create_app as create_sim
@@ -72,10 +72,14 @@ def tmp_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def postgres(tmp_root: Path) -> Iterator[EmbeddedPostgres]:
-    pg = EmbeddedPostgres(tmp_root / "pg")
+    # `make mutants` runs thousands of short sessions: they share one server it started (and
+    # stops), instead of each paying for an initdb.
+    shared = os.environ.get("STEAD_TEST_PGDATA")
+    pg = EmbeddedPostgres(Path(shared) if shared else tmp_root / "pg")
     pg.start()
     yield pg
-    pg.stop("immediate")
+    if not shared:
+        pg.stop("immediate")
 
 
 @pytest.fixture(scope="session")
