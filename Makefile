@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The benchmarks' peers (Pydantic AI) in a venv of their own, so Stead's pins stay untouched.
+PEERS_VENV := .bench-venv
+PEERS_STAMP := $(PEERS_VENV)/.installed
 
 .DEFAULT_GOAL := help
 .PHONY: help dev test lint typecheck unit test-drills bench bytecode lock clean mutants
@@ -41,7 +44,12 @@ unit: $(STAMP) ## pytest, without the slow drills
 test-drills: $(STAMP) ## the slow reliability drills (kill -9, restarts, faults)
 	$(BIN)/pytest -q -m drill
 
-bench: $(STAMP) bytecode ## benchmarks against raw Temporal; writes bench/results/ (BENCH_ARGS="--quick latency")
+$(PEERS_STAMP): bench/peers-requirements.txt
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet -r bench/peers-requirements.txt
+	touch $(PEERS_STAMP)
+
+bench: $(STAMP) $(PEERS_STAMP) bytecode ## benchmarks against hand-rolled Temporal and Pydantic AI; writes bench/results/ (BENCH_ARGS="--quick latency")
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 mutants: $(STAMP) ## mutation testing of the critical modules, slow (MUTANTS="audit codec" for some)
@@ -52,4 +60,4 @@ lock: ## re-pin requirements.lock from pyproject.toml
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 
 clean: ## remove the venv and local state (.stead/)
-	rm -rf $(VENV) .stead .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) .stead .mypy_cache .ruff_cache

@@ -4,11 +4,12 @@
     python -m bench throughput latency   # some of them
     python -m bench --quick              # small sizes: a smoke test of the benchmarks
     python -m bench --out DIR --keep     # another results dir; keep the temporary platforms
+    python -m bench scale --parked 3000  # fewer parked runs per leg than the full 10,000
 
 Each benchmark starts its own platform (see bench/env.py), writes `<name>.json` and
 `<name>.md` to the results dir (`bench/results/`, or `bench/results/quick/` with `--quick`)
 and `SUMMARY.md` is rebuilt from every result there. Full sizes take long: run them on a quiet
-machine (22 minutes in all here, 16 of them the 10,000-run scale benchmark).
+machine (about an hour in all, half of it the scale benchmark's two orders of 10,000 runs).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import bench.audit
 import bench.budget
 import bench.cache
+import bench.cuts
 import bench.history
 import bench.latency
 import bench.profile
@@ -52,6 +55,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     "budget": bench.budget.run,
     "profile": bench.profile.run,
     "ratelimit": bench.ratelimit.run,
+    "cuts": bench.cuts.run,
+    "audit": bench.audit.run,
 }
 assert tuple(BENCHMARKS) == ORDER
 
@@ -64,6 +69,9 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     parser.add_argument("--out", type=Path, help="results dir (default bench/results[/quick])")
     parser.add_argument("--keep", action="store_true", help="keep temporary platforms")
+    parser.add_argument(
+        "--parked", type=int, metavar="N", help="scale: runs parked per leg (a busy machine)"
+    )
     options = parser.parse_args(argv)
     unknown = [name for name in options.names if name not in BENCHMARKS]
     if unknown:
@@ -94,7 +102,7 @@ async def _run_one(name: str, options: RunOptions, out: Path) -> bool:
 async def _main(options: argparse.Namespace) -> int:
     names = options.names or list(BENCHMARKS)
     out: Path = options.out or (RESULTS / "quick" if options.quick else RESULTS)
-    run_options = RunOptions(quick=options.quick, keep=options.keep)
+    run_options = RunOptions(quick=options.quick, keep=options.keep, parked=options.parked)
     failed = [name for name in names if not await _run_one(name, run_options, out)]
     say(f"summary: {write_summary(out)}")
     if failed:

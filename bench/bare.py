@@ -15,14 +15,13 @@ model, default worker settings. Run as its own process, like Stead's worker:
 from __future__ import annotations
 
 import asyncio
-import logging
-import signal
 from dataclasses import dataclass
 from datetime import timedelta
 
 from temporalio import activity, workflow
 from temporalio.client import Client
-from temporalio.worker import Worker
+
+from bench.serve import configure_logging, serve_until_stopped
 
 with workflow.unsafe.imports_passed_through():
     from stead.config import load_settings
@@ -84,23 +83,13 @@ class BareApproval:
 
 async def serve(target: str, queue: str) -> None:
     client = await Client.connect(target)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    worker = Worker(
-        client,
-        task_queue=queue,
-        workflows=[BareThreeSteps, BareApproval],
-        activities=[noop],
+    await serve_until_stopped(
+        client, queue, "bare", workflows=[BareThreeSteps, BareApproval], activities=[noop]
     )
-    async with worker:
-        logging.getLogger("bench.bare").info("bare worker polling %s", queue)
-        await stop.wait()
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging()
     settings = load_settings()
     asyncio.run(serve(settings.temporal_target, settings.task_queue))
 

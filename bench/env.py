@@ -5,7 +5,8 @@ Temporal dev server with `stead dev`'s exact arguments (`DevStack.temporal_args(
 `<tmp>/temporal.db`, WAL pragmas, `dev_server_args()`, Stead's search attributes); the model
 simulator at zero latency (`stead sim`); per `SteadSpec` a worker (`stead worker`) and an API
 (`stead api`) on their own task queue; and, when asked, the bare worker (`python -m
-bench.bare`). Every process is separate, so its CPU and memory can be read with psutil, and
+bench.bare`) and the peers' workers (`bench.peers`: hand-rolled and Pydantic AI). Every
+process is separate, so its CPU and memory can be read with psutil, and
 each dies with the benchmark (the same parent-death signal `stead dev` uses). Both legs of a
 comparison use this one server. Ports are free ones picked at start; nothing touches `.stead/`.
 """
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import asyncpg
 import httpx
 import psutil
 from pydantic import SecretStr
@@ -35,7 +37,9 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
+from bench.peers import HAND, PYDANTIC_AI, pydantic_ai_command, shape
 from bench.report import REPO, say
+from bench.shape import ENV as SHAPE_ENV
 from stead.config import Settings
 from stead.dev import Child, DevStack, dev_integrations
 from stead.store import principals
@@ -64,6 +68,7 @@ class RunOptions:
 
     quick: bool = False
     keep: bool = False
+    parked: int | None = None  # scale: runs parked per leg instead of the size's own
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,10 @@ class EnvSpec:
     stead: tuple[SteadSpec, ...] = (SteadSpec(),)
     bare: bool = True
     bare_command: tuple[str, ...] = ()  # replaces `python -m bench.bare`
+    peers: bool = False  # the hand-rolled and Pydantic AI workers
+    hand_command: tuple[str, ...] = ()  # replaces `python -m bench.handrolled`
+    # PostgreSQL with pg_stat_statements loaded (a restart at start): statements per run.
+    pg_statements: bool = False
 
 
 @dataclass
@@ -117,6 +126,7 @@ class BenchEnv:
     sim_url: str
     stacks: dict[str, SteadStack]
     bare: Child | None
+    peers: bool = False
 
     def stack(self, name: str = "stead") -> SteadStack:
         return self.stacks[name]
@@ -129,12 +139,14 @@ class BenchEnv:
             for user, roles in users.items():
                 await principals.upsert_principal(conn, tenant, user, list(roles))
                 keys[user] = await principals.create_key(conn, tenant, user)
+            # Report this connection's counts now, not up to 10 s later in a measured window.
+            await conn.execute("SELECT pg_stat_force_next_flush()")
         return Tenant(tenant, keys)
 
     async def pg_transactions(self) -> int:
         """Transactions PostgreSQL has finished so far (each statement outside an explicit
         transaction is one): a proxy for database round trips. Backends report their counts
-        about once a second, so read it a second after the work."""
+        at most once a second, and an idle one up to 10 s late: read it 10 s after the work."""
         async with self.pool.acquire() as conn:
             count = await conn.fetchval(
                 "SELECT sum(xact_commit + xact_rollback) FROM pg_stat_database"
@@ -184,7 +196,7 @@ def cpu_delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[s
     return {name: after[name] - before.get(name, 0.0) for name in after}
 
 
-def _make_root() -> Path:
+def make_root() -> Path:
     root = Path(tempfile.mkdtemp(prefix="stead-bench-"))
     root.chmod(0o755)  # PostgreSQL runs as another user when we are root
     return root
@@ -292,10 +304,37 @@ def _spawn_stack(dev: DevStack, settings: Settings, url: str, spec: SteadSpec) -
     return SteadStack(spec, f"http://{settings.host}:{api_port}", worker, api)
 
 
+async def _load_pg_statements(postgres: EmbeddedPostgres, url: str) -> None:
+    """Load pg_stat_statements (a preloaded library: it takes a restart) and create it."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+    finally:
+        await conn.close()
+    postgres.stop()
+    postgres.start()
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    finally:
+        await conn.close()
+
+
+def _spawn_peers(dev: DevStack, settings: Settings, url: str, spec: EnvSpec) -> None:
+    shape_env = {SHAPE_ENV: shape().to_env()}
+    hand_env = _child_env(settings, url, {"STEAD_TASK_QUEUE": HAND.queue, **shape_env})
+    command = spec.hand_command or (sys.executable, "-m", "bench.handrolled")
+    dev.spawn("hand-worker", list(command), hand_env)
+    pai_env = _child_env(settings, url, {"STEAD_TASK_QUEUE": PYDANTIC_AI.queue, **shape_env})
+    dev.spawn("pai-worker", list(pydantic_ai_command()), pai_env)
+
+
 async def _start(dev: DevStack, settings: Settings, spec: EnvSpec) -> BenchEnv:
     postgres = EmbeddedPostgres(settings.pg_dir.resolve())
     dev.postgres = postgres  # DevStack.stop() stops it
     url = postgres.start()  # the owner's: migrations and the driver's own pool
+    if spec.pg_statements:
+        await _load_pg_statements(postgres, url)
     assert APP.migrations is not None
     await migrate(url, application=(APP.name, APP.migrations))
     app_url = postgres.url(user=settings.db_app_role)  # what Stead's processes log in as
@@ -315,6 +354,8 @@ async def _start(dev: DevStack, settings: Settings, spec: EnvSpec) -> BenchEnv:
         bare_env = _child_env(settings, app_url, {"STEAD_TASK_QUEUE": BARE_QUEUE})
         command = spec.bare_command or (sys.executable, "-m", "bench.bare")
         bare = dev.spawn("bare-worker", list(command), bare_env)
+    if spec.peers:
+        _spawn_peers(dev, settings, app_url, spec)
     driver = settings.model_copy(
         update={
             "database_url": SecretStr(app_url),
@@ -325,7 +366,9 @@ async def _start(dev: DevStack, settings: Settings, spec: EnvSpec) -> BenchEnv:
     pool = await create_pool(url, app_role=None, max_size=20)
     raw = await Client.connect(driver.temporal_target)
     client = await connect(driver, payload_store=PostgresPayloadStore(pool))
-    env = BenchEnv(settings.data_dir, driver, dev, pool, raw, client, sim_url, stacks, bare)
+    env = BenchEnv(
+        settings.data_dir, driver, dev, pool, raw, client, sim_url, stacks, bare, spec.peers
+    )
     await _ready(env)
     return env
 
@@ -341,12 +384,15 @@ async def _ready(env: BenchEnv) -> None:
         await _until(stack.api.name, env.dev, partial(_http_ok, f"{stack.api_url}/healthz"))
     if env.bare is not None:
         await _until("bare-worker", env.dev, partial(_has_pollers, env.raw, BARE_QUEUE, workflow))
+    if env.peers:
+        for name, queue in (("hand-worker", HAND.queue), ("pai-worker", PYDANTIC_AI.queue)):
+            await _until(name, env.dev, partial(_has_pollers, env.raw, queue, workflow))
 
 
 @contextlib.asynccontextmanager
 async def bench_env(spec: EnvSpec, options: RunOptions) -> AsyncIterator[BenchEnv]:
     """The platform for one benchmark; stopped and deleted on exit (kept with `--keep`)."""
-    root = _make_root()
+    root = make_root()
     dev = DevStack(_base_settings(root))
     dev.run_dir.mkdir(parents=True)
     started = time.monotonic()

@@ -2,7 +2,7 @@
 
 One `support-agent` run of `turns` tool-calling turns per leg, on the same server, each leg
 with its own worker and API (own task queue): claim-check on (`STEAD_PAYLOAD_OFFLOAD_BYTES`
-2048, the default) and off (0, every payload inline: the baseline). The simulator is told to
+at its default, 512) and off (0, every payload inline: the baseline). The simulator is told to
 call tools for `turns` turns (`sim_tool_turns`), alternating `lookup_customer` and
 `draft_reply`, which the requester's grants allow without approval (`sim_skip_tools` keeps
 the refund and the email out). Every model turn re-sends the whole transcript, so inline
@@ -12,6 +12,12 @@ Measured from the server: `history_size_bytes` and `history_length` as Temporal 
 for its limits (50 MiB, 51,200 events), bytes kept outside the history, and from the history
 itself, the growth per turn between turn `turns/4` and the last (cumulative serialized event
 bytes at each turn's model-call scheduling) and over the last 10 turns.
+
+The claim-check only moves bytes: what leaves the history lands in the payload store. Every
+claim-check reference in the history (`stead.store.payloads.referenced`) is attributed to the
+turn that first references it, and its stored size read from `payload_store`: total stored
+bytes per turn, and whether a turn late in the conversation stores more than an early one
+(a conversation re-stored whole at every turn grows quadratically; the target is constant).
 """
 
 from __future__ import annotations
@@ -28,9 +34,16 @@ from bench.env import BenchEnv, EnvSpec, RunOptions, SteadSpec, Tenant, bench_en
 from bench.load import BenchError, SteadApi
 from bench.report import Comparison, Result, Table, at_most, say
 from bench.stats import ratio
+from stead.config import Settings
 from stead.service.runs import workflow_id
+from stead.store.payloads import referenced
 
 TARGET_BYTES = 2048
+# The claim-check leg runs at Stead's default threshold.
+OFFLOAD_DEFAULT: int = Settings.model_fields["payload_offload_bytes"].default
+# Stored bytes per turn late in the conversation over those early in it: constant is 1.
+STORED_GROWTH_TARGET = 1.1
+WINDOW = 10  # turns per window of the stored-bytes comparison
 HISTORY_LIMIT = 50 * 2**20
 EVENT_LIMIT = 51_200
 LEGS = {
@@ -111,6 +124,43 @@ def bytes_by_event(events: list[HistoryEvent], from_turn: int, turns: int) -> di
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
+async def stored_by_turn(env: BenchEnv, events: list[HistoryEvent], turns: int) -> list[int]:
+    """Payload-store bytes first referenced at each turn (index 0: before the first turn)."""
+    first_seen: dict[bytes, int] = {}
+    turn = 0
+    for event in events:
+        turn += _is_model_call(event)
+        for digest in referenced(event):
+            first_seen.setdefault(digest, turn)
+    async with env.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT sha256, size FROM payload_store WHERE sha256 = ANY($1)", list(first_seen)
+        )
+    sizes = {bytes(row["sha256"]): int(row["size"]) for row in rows}
+    if len(sizes) != len(first_seen):
+        raise BenchError(f"{len(first_seen) - len(sizes)} referenced payloads are not stored")
+    stored = [0] * (turns + 1)
+    for digest, at in first_seen.items():
+        stored[at] += sizes[digest]
+    return stored
+
+
+def stored_figures(stored: list[int], history_bytes: int, turns: int) -> dict[str, Any]:
+    first = max(turns // 4, 1)
+    early = stored[first : first + WINDOW]
+    late = stored[-WINDOW:]
+    total = sum(stored)
+    return {
+        "stored_bytes": total,
+        "stored_payloads_bytes_per_turn": total / turns,
+        "history_and_stored_bytes_per_turn": (total + history_bytes) / turns,
+        "stored_bytes_per_turn_early": sum(early) / len(early),
+        "stored_bytes_per_turn_last10": sum(late) / len(late),
+        "stored_early_window": f"turns {first}-{first + len(early) - 1}",
+        "stored_by_turn": stored,
+    }
+
+
 async def one_leg(
     env: BenchEnv, tenant: Tenant, leg: str, spec: SteadSpec, turns: int
 ) -> dict[str, Any]:
@@ -139,7 +189,12 @@ async def one_leg(
         "marks": marks,
         "bytes_per_turn_by_event": bytes_by_event(events, first, turns),
     }
-    say(f"{leg}: {info.history_size_bytes} bytes, {figures['slope_bytes_per_turn']:.0f} B/turn")
+    stored = await stored_by_turn(env, events, turns)
+    figures |= stored_figures(stored, info.history_size_bytes, turns)
+    say(
+        f"{leg}: {info.history_size_bytes} bytes, {figures['slope_bytes_per_turn']:.0f} B/turn;"
+        f" payload store {figures['stored_bytes']} bytes"
+    )
     return figures
 
 
@@ -163,6 +218,31 @@ def _comparisons(legs: dict[str, dict[str, Any]], turns: int) -> list[Comparison
                 at_most(on[key], TARGET_BYTES),
             )
         )
+    early, late = on["stored_bytes_per_turn_early"], on["stored_bytes_per_turn_last10"]
+    growth = ratio(late, early)
+    rows.append(
+        Comparison(
+            f"payload store bytes per turn, last {WINDOW} turns / {on['stored_early_window']}"
+            " (claim-check on)",
+            "bytes",
+            late,
+            early,
+            growth,
+            f"<= {STORED_GROWTH_TARGET} (constant per turn)",
+            at_most(growth, STORED_GROWTH_TARGET),
+        )
+    )
+    rows.append(
+        Comparison(
+            "history + payload store bytes per turn, claim-check on / off",
+            "bytes",
+            on["history_and_stored_bytes_per_turn"],
+            off["history_and_stored_bytes_per_turn"],
+            ratio(
+                on["history_and_stored_bytes_per_turn"], off["history_and_stored_bytes_per_turn"]
+            ),
+        )
+    )
     return rows
 
 
@@ -186,6 +266,11 @@ def _result(sizes: Sizes, quick: bool, legs: dict[str, dict[str, Any]]) -> Resul
         "largest_event_bytes",
         "external_payload_size_bytes",
         "external_payload_count",
+        "stored_bytes",
+        "stored_payloads_bytes_per_turn",
+        "history_and_stored_bytes_per_turn",
+        "stored_bytes_per_turn_early",
+        "stored_bytes_per_turn_last10",
     ]
     rows = [[key, *(legs[leg][key] for leg in LEGS)] for key in keys]
     rows.append(
@@ -204,15 +289,19 @@ def _result(sizes: Sizes, quick: bool, legs: dict[str, dict[str, Any]]) -> Resul
         name="history",
         title=f"History growth: a {sizes.turns}-turn agent conversation, claim-check on vs off",
         quick=quick,
-        params={**vars(sizes), "offload_bytes_on": 2048, "offload_bytes_off": 0},
+        params={**vars(sizes), "offload_bytes_on": OFFLOAD_DEFAULT, "offload_bytes_off": 0},
         comparisons=_comparisons(legs, sizes.turns),
         tables=[Table("Per leg", ["figure", *LEGS], rows), _by_event_table(legs)],
         data=legs,
         notes=[
             "Bytes are Temporal's own accounting (`history_size_bytes`) and serialized event"
             " sizes; payloads are encrypted either way.",
-            "With the claim-check, payloads above 2 KiB (after encryption) live in PostgreSQL"
+            f"With the claim-check, payloads above {OFFLOAD_DEFAULT} bytes (the default; after"
+            " encryption) live in PostgreSQL"
             " and the history keeps a reference with the payload's hash.",
+            "`stored_*`: payload-store bytes (encrypted, as stored) referenced by the run's"
+            " history, each counted once, at the turn that first references it;"
+            " `stored_bytes_per_turn_early` covers the window named in the comparison.",
         ],
     )
 

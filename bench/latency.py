@@ -1,25 +1,31 @@
-"""Latency, one run at a time on an otherwise idle platform, Stead against bare Temporal.
+"""Latency, one run at a time on an otherwise idle platform: Stead, its peers, bare Temporal.
 
-Samples alternate between the legs (bare, Stead, bare, ...) after a warm-up, so noise on the
-machine lands on both. Each sample waits for its run to finish before the next one starts.
+Samples rotate through the legs (each sample index starts at the next leg) after a warm-up, so
+noise on the machine lands on every leg. Each sample waits for its run to finish before the
+next one starts. The legs are Stead over HTTP, the hand-rolled and Pydantic AI peers
+(`bench.peers`, started with `start_workflow` as their users would) and bare Temporal.
 
 - start → accepted: Stead's `POST /v1/runs` (`triage`; HTTP, API key, permission check,
   approval policies from PostgreSQL, `start_workflow` with search attributes and memo) until
-  its 201, against `client.start_workflow` of `bare-three-steps` until it returns.
+  its 201, against a raw `client.start_workflow` of `bare-three-steps` (and the peers' own
+  starts, which are that same call) until it returns.
 - idle run end to end: the same start until the run's result is known to the client
-  (`handle.result()`): three model steps through the gateway against three no-op activities.
+  (`handle.result()`): three model steps, against the peers' same three model calls (the
+  target's baseline is the hand-rolled run) and three no-op activities.
 - approval round trip: with a `summarize` run parked at its review (approval published, no
   workflow task or activity pending), `POST /v1/approvals/{id}/decision` until the run's result
-  is known, against a signal to a parked `bare-approval` workflow until its result. The
-  decision is an update whose validator checks the decider, so the API's answer itself waits
-  for the worker; the time to that answer is reported too. For reference, the same round trip
-  with a bare *update* (`bare-update`), Stead's mechanism without Stead.
+  is known, against a raw *update* to a parked `bare-approval` workflow until its result
+  (`bare-update`: the mechanism Stead's decisions use, without Stead; the target's baseline),
+  the peers' parked approvals decided by an update, and a bare signal. The decision is an
+  update whose validator checks the decider, so the API's answer itself waits for the worker;
+  the time to that answer is reported too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +34,7 @@ from temporalio.client import WorkflowHandle
 from bench.bare import BareApproval, BareDecision, BareInput, BareThreeSteps
 from bench.env import BARE_QUEUE, BenchEnv, EnvSpec, RunOptions, SteadSpec, Tenant, bench_env
 from bench.load import BenchError, SteadApi
+from bench.peers import HAND, PEERS, Peer
 from bench.report import Comparison, Result, Table, at_most, say
 from bench.stats import ratio, summary_ms
 from bench.throughput import triage_input
@@ -93,6 +100,27 @@ async def bare_run(env: BenchEnv, index: int, out: Samples) -> None:
     out.add("bare:idle", time.perf_counter() - started)
 
 
+async def peer_run(env: BenchEnv, peer: Peer, index: int, out: Samples) -> None:
+    text = triage_input(peer.name, index)["message"]
+    started = time.perf_counter()
+    handle = await peer.start_triage(env.raw, text, f"{peer.name}-latency-{index}-{time.time_ns()}")
+    out.add(f"{peer.name}:start", time.perf_counter() - started)
+    await handle.result()
+    out.add(f"{peer.name}:idle", time.perf_counter() - started)
+
+
+async def peer_approval(env: BenchEnv, peer: Peer, index: int, out: Samples) -> None:
+    text = f"Revenue grew {index}% in Q3 for {peer.name}. Costs fell 3%."
+    run_id = f"{peer.name}-approval-{index}-{time.time_ns()}"
+    handle = await peer.start_approval(env.raw, text, run_id)
+    await settled(handle)
+    started = time.perf_counter()
+    await peer.approve(handle)
+    out.add(f"{peer.name}:decided", time.perf_counter() - started)
+    await handle.result()
+    out.add(f"{peer.name}:approval", time.perf_counter() - started)
+
+
 async def stead_run(env: BenchEnv, api: SteadApi, tenant: Tenant, index: int, out: Samples) -> None:
     started = time.perf_counter()
     run_id = await api.start(tenant, "triage", triage_input(tenant.id, index))
@@ -143,18 +171,25 @@ async def measure(env: BenchEnv, sizes: Sizes) -> Samples:
         api = SteadApi(http)
         for index in range(sizes.warmup + sizes.samples):
             out = warm if index < sizes.warmup else kept
-            await bare_run(env, index, out)
-            await stead_run(env, api, tenant, index, out)
-            await bare_approval(env, index, out, update=False)
-            await stead_approval(env, api, tenant, index, out)
-            await bare_approval(env, index, out, update=True)
+            legs: list[Awaitable[None]] = [
+                bare_run(env, index, out),
+                *(peer_run(env, peer, index, out) for peer in PEERS),
+                stead_run(env, api, tenant, index, out),
+                bare_approval(env, index, out, update=False),
+                stead_approval(env, api, tenant, index, out),
+                bare_approval(env, index, out, update=True),
+                *(peer_approval(env, peer, index, out) for peer in PEERS),
+            ]
+            shift = index % len(legs)
+            for leg in legs[shift:] + legs[:shift]:
+                await leg
             if (index + 1) % 50 == 0:
                 say(f"{index + 1}/{sizes.warmup + sizes.samples} samples")
     return kept
 
 
 def _comparison(
-    samples: Samples, measure: str, key: str, pct: str, target: float | None, base: str = "bare"
+    samples: Samples, measure: str, key: str, pct: str, target: float | None, base: str
 ) -> Comparison:
     stead = summary_ms(samples.values[f"stead:{key}"])[pct]
     bare = summary_ms(samples.values[f"{base}:{key}"])[pct]
@@ -172,13 +207,20 @@ def _comparison(
 
 def _comparisons(samples: Samples) -> list[Comparison]:
     decision = "approval decision → run completed"
+    start = "start → accepted"
+    idle = "idle run end to end"
+    pai = PEERS[1].name
     return [
-        _comparison(samples, "start → accepted", "start", "p99", 1.5),
-        _comparison(samples, "start → accepted", "start", "p50", None),
-        _comparison(samples, decision, "approval", "p50", 1.5),
-        _comparison(samples, decision, "approval", "p50", None, base="bare-update"),
-        _comparison(samples, "idle run end to end", "idle", "p50", 1.3),
-        _comparison(samples, "idle run end to end", "idle", "p99", None),
+        _comparison(samples, start, "start", "p50", 2.0, base="bare"),
+        _comparison(samples, start, "start", "p99", None, base="bare"),
+        _comparison(samples, start, "start", "p50", None, base=pai),
+        _comparison(samples, decision, "approval", "p50", 1.5, base="bare-update"),
+        _comparison(samples, decision, "approval", "p50", None, base=HAND.name),
+        _comparison(samples, decision, "approval", "p50", None, base=pai),
+        _comparison(samples, idle, "idle", "p50", 1.3, base=HAND.name),
+        _comparison(samples, idle, "idle", "p99", None, base=HAND.name),
+        _comparison(samples, idle, "idle", "p50", None, base=pai),
+        _comparison(samples, idle, "idle", "p50", None, base="bare"),
     ]
 
 
@@ -190,7 +232,7 @@ def _result(sizes: Sizes, quick: bool, samples: Samples) -> Result:
     ]
     return Result(
         name="latency",
-        title="Latency: start, idle run, approval round trip; Stead (HTTP) vs bare Temporal",
+        title="Latency: start, idle run, approval round trip; Stead (HTTP) vs its peers",
         quick=quick,
         params=vars(sizes),
         comparisons=_comparisons(samples),
@@ -204,18 +246,21 @@ def _result(sizes: Sizes, quick: bool, samples: Samples) -> Result:
         data={"summaries": summaries, "samples_s": samples.values},
         notes=[
             "`start`: request sent → run accepted (Stead: HTTP 201; bare: start_workflow).",
-            "`idle`: start request → result known to the client; triage vs three no-op activities.",
+            "`idle`: start request → result known to the client; `triage` vs the peers' same"
+            " three model calls and (bare) three no-op activities.",
             "`decided`: decision sent → accepted (Stead: the HTTP answer, which waits for the"
             " update to run in the worker; bare: the signal RPC).",
             "`approval`: decision sent → the run's result known to the client.",
             "`bare-update`: the bare approval decided with an update instead of a signal, the"
-            " mechanism Stead's decisions use; shown for reference, without a target.",
+            " mechanism Stead's decisions use: the approval target's baseline.",
+            f"`{HAND.name}`, `{PEERS[1].name}`: the peers (bench/peers.py); their approvals are"
+            " decided with an update too.",
         ],
     )
 
 
 async def run(options: RunOptions) -> Result:
     sizes = SIZES[options.quick]
-    async with bench_env(EnvSpec(stead=(SteadSpec(),)), options) as env:
+    async with bench_env(EnvSpec(stead=(SteadSpec(),), peers=True), options) as env:
         samples = await measure(env, sizes)
     return _result(sizes, options.quick, samples)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -24,7 +25,18 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 # The order benchmarks appear in SUMMARY.md.
-ORDER = ("throughput", "latency", "scale", "history", "cache", "budget", "profile", "ratelimit")
+ORDER = (
+    "throughput",
+    "latency",
+    "scale",
+    "history",
+    "cache",
+    "budget",
+    "profile",
+    "ratelimit",
+    "cuts",
+    "audit",
+)
 
 
 def say(message: str) -> None:
@@ -196,6 +208,52 @@ def write(result: Result, out: Path) -> None:
         partial.replace(out / name)
 
 
+_TARGET = re.compile(r"^(>=|<=)\s*(-?[0-9.]+)")
+
+
+def _target_figure(c: dict[str, Any]) -> float | None:
+    """What a target is read against: the ratio when the target is one ("<= 1.15"), else
+    Stead's own figure ("Stead <= 300 MiB", "on <= 2048", or no baseline at all)."""
+    if _TARGET.match(c["target"]) and c["ratio"] is not None:
+        return float(c["ratio"])
+    return None if c["stead"] is None else float(c["stead"])
+
+
+def _verdict(c: dict[str, Any], measured: float | None) -> str:
+    """met, or by how much (share of the target) it was missed."""
+    if c["met"] is None or measured is None:
+        return "-"
+    if c["met"]:
+        return "met"
+    found = re.search(r"(>=|<=)\s*(-?[0-9.]+)", c["target"])
+    if not found or float(found.group(2)) == 0:
+        return "**missed**"
+    goal = float(found.group(2))
+    short = (goal - measured) / goal if found.group(1) == ">=" else (measured - goal) / goal
+    return f"**missed by {abs(short) * 100:.0f}%**"
+
+
+def _targets_table(found: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
+    rows: list[list[Any]] = []
+    for name in names:
+        for c in found[name].get("comparisons", []):
+            if c["target"]:
+                measured = _target_figure(c)
+                label = f"[{name}]({name}.md)" + (" (quick)" if found[name].get("quick") else "")
+                rows.append([label, c["measure"], measured, c["target"],
+                             _verdict(c, measured)])  # fmt: skip
+    if not rows:
+        return []
+    return [
+        "## Targets",
+        "",
+        *_markdown_table(["benchmark", "measure", "measured", "target", "verdict"], rows),
+        "",
+        "## Every figure",
+        "",
+    ]
+
+
 def write_summary(out: Path) -> Path:
     """One table of every headline figure from the result files present in `out`."""
     found: dict[str, dict[str, Any]] = {
@@ -231,6 +289,7 @@ def write_summary(out: Path) -> Path:
         "",
         f"Machine: {_machine_line(machine)}." if machine else "",
         "",
+        *_targets_table(found, names),
         *_markdown_table(headers, rows),
         "",
         "Dates: " + "; ".join(dates),

@@ -1,16 +1,19 @@
 """Scale: many runs parked at an approval on one worker, then a mass approval.
 
-Both legs park `parked` runs on the same server, bare first, then Stead, and only then are
-both drained, so each leg's memory is read against a quiet baseline:
+Both legs park `parked` runs on the same server, one leg after the other, and only then are
+both drained, so each leg's memory is read against a quiet baseline. The server's heap grows
+in steps and keeps what it grew, so the leg parked second is measured on a heap the first one
+already grew: the benchmark runs twice, each time in a fresh environment, once with the bare
+leg first and once with Stead first, and reports each leg's growth in both orders.
 - Stead: `summarize` with `review: true` started over HTTP (one model step, then the review
   approval); parked when the approval is in PostgreSQL and the workflow has nothing in flight;
 - bare: `bare-approval` (one no-op activity, then waits for a signal).
 
 Memory: resident set size (psutil) of each worker process and of the Temporal server, before
-parking (after a warm-up) and once everything is parked; the peak over the whole benchmark is
-sampled every second. Each worker runs at its defaults: Stead's keeps 500 runs in its workflow
-cache (`STEAD_WORKER_WORKFLOW_CACHE`), the bare one the SDK's 1,000; beyond that runs are
-evicted and a decision replays their history.
+parking (after a warm-up), after each leg's parking and once everything is drained; the peak
+over each environment is sampled every second. Each worker runs at its defaults: Stead's
+keeps 500 runs in its workflow cache (`STEAD_WORKER_WORKFLOW_CACHE`), the bare one the SDK's
+1,000; beyond that runs are evicted and a decision replays their history.
 
 Drain: every parked run is approved at once with at most `concurrency` decisions in flight
 (Stead: `POST /v1/approvals/{id}/decision` over HTTP, which waits for the update; bare: a
@@ -24,7 +27,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from temporalio.client import WorkflowHandle
@@ -49,6 +52,8 @@ class Sizes:
 
 SIZES = {False: Sizes(10_000, 20, 20), True: Sizes(100, 10, 5)}
 PROCESSES = ("stead-worker", "bare-worker", "temporal")
+BARE, STEAD = "bare", "Stead"
+ORDERS = ((BARE, STEAD), (STEAD, BARE))
 
 
 @dataclass
@@ -152,8 +157,13 @@ async def drain_stead(
 
 @dataclass
 class Outcome:
+    order: tuple[str, str]  # the legs in the order they were parked
     memory: Memory
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.order[0]} first"
 
 
 async def _warm_up(env: BenchEnv, api: SteadApi, sizes: Sizes) -> None:
@@ -166,45 +176,57 @@ async def _warm_up(env: BenchEnv, api: SteadApi, sizes: Sizes) -> None:
     )
 
 
-async def measure(env: BenchEnv, sizes: Sizes) -> Outcome:
-    outcome = Outcome(Memory())
+async def measure(env: BenchEnv, sizes: Sizes, order: tuple[str, str]) -> Outcome:
+    outcome = Outcome(order, Memory())
     memory, seconds = outcome.memory, outcome.seconds
     async with watching(env, memory), SteadApi.client(env.stack().api_url) as http:
         api = SteadApi(http)
         await _warm_up(env, api, sizes)
         await asyncio.sleep(2)
         memory.read(env, "before")
-        bare_since, started = datetime.now(UTC), time.monotonic()
-        handles = await park_bare(env, sizes, sizes.parked)
-        seconds["park bare"] = time.monotonic() - started
-        await asyncio.sleep(2)
-        memory.read(env, "bare parked")
-        tenant, started = await env.tenant(), time.monotonic()
-        approvals = await park_stead(env, api, tenant, sizes, sizes.parked)
-        seconds["park Stead"] = time.monotonic() - started
-        await asyncio.sleep(2)
-        memory.read(env, "all parked")
-        seconds["drain bare"] = await drain_bare(env, sizes, handles, bare_since)
-        say(f"bare drained in {seconds['drain bare']:.1f} s")
-        seconds["drain Stead"] = await drain_stead(env, api, tenant, sizes, approvals)
-        say(f"Stead drained in {seconds['drain Stead']:.1f} s")
+        bare_since = datetime.now(UTC)
+        tenant = await env.tenant()
+        handles: list[WorkflowHandle[BareApproval, object]] = []
+        approvals: list[str] = []
+        for leg in order:
+            started = time.monotonic()
+            if leg == BARE:
+                handles = await park_bare(env, sizes, sizes.parked)
+            else:
+                approvals = await park_stead(env, api, tenant, sizes, sizes.parked)
+            seconds[f"park {leg}"] = time.monotonic() - started
+            await asyncio.sleep(2)
+            memory.read(env, f"{leg} parked")
+        for leg in order:
+            if leg == BARE:
+                seconds[f"drain {leg}"] = await drain_bare(env, sizes, handles, bare_since)
+            else:
+                seconds[f"drain {leg}"] = await drain_stead(env, api, tenant, sizes, approvals)
+            say(f"{leg} drained in {seconds[f'drain {leg}']:.1f} s")
         memory.read(env, "drained")
     return outcome
 
 
+def _growth_kib(outcome: Outcome, leg: str, process: str, parked: int) -> float:
+    """RSS growth of `process` while `leg` was parking, per parked run."""
+    at = outcome.memory.at
+    before = "before" if outcome.order[0] == leg else f"{outcome.order[0]} parked"
+    return (at[f"{leg} parked"][process] - at[before][process]) * 1024 / parked
+
+
 def _comparisons(sizes: Sizes, outcome: Outcome) -> list[Comparison]:
-    at, n = outcome.memory.at, sizes.parked
-    stead_rss = at["all parked"]["stead-worker"]
-    bare_rss = at["all parked"]["bare-worker"]
-    stead_kib = (stead_rss - at["before"]["stead-worker"]) * 1024 / n
-    bare_kib = (bare_rss - at["before"]["bare-worker"]) * 1024 / n
-    server_stead = (at["all parked"]["temporal"] - at["bare parked"]["temporal"]) * 1024 / n
-    server_bare = (at["bare parked"]["temporal"] - at["before"]["temporal"]) * 1024 / n
-    stead_rate = n / outcome.seconds["drain Stead"]
-    bare_rate = n / outcome.seconds["drain bare"]
+    at, n, label = outcome.memory.at, sizes.parked, outcome.label
+    parked = at[f"{outcome.order[1]} parked"]  # everything parked
+    stead_rss, bare_rss = parked["stead-worker"], parked["bare-worker"]
+    stead_kib = _growth_kib(outcome, STEAD, "stead-worker", n)
+    bare_kib = _growth_kib(outcome, BARE, "bare-worker", n)
+    server_stead = _growth_kib(outcome, STEAD, "temporal", n)
+    server_bare = _growth_kib(outcome, BARE, "temporal", n)
+    stead_rate = n / outcome.seconds[f"drain {STEAD}"]
+    bare_rate = n / outcome.seconds[f"drain {BARE}"]
     return [
         Comparison(
-            f"worker RSS with {n} parked, Stead vs bare",
+            f"worker RSS with {n} parked, Stead vs bare ({label})",
             "MiB",
             stead_rss,
             bare_rss,
@@ -213,21 +235,21 @@ def _comparisons(sizes: Sizes, outcome: Outcome) -> list[Comparison]:
             at_most(stead_rss, WORKER_TARGET_MIB),
         ),
         Comparison(
-            "worker RSS growth per parked run",
+            f"worker RSS growth per parked run ({label})",
             "KiB",
             stead_kib,
             bare_kib,
             ratio(stead_kib, bare_kib),
         ),
         Comparison(
-            "server RSS growth per parked run",
+            f"server RSS growth per parked run ({label})",
             "KiB",
             server_stead,
             server_bare,
             ratio(server_stead, server_bare),
         ),
         Comparison(
-            "drain after mass approval, Stead / bare",
+            f"drain after mass approval, Stead / bare ({label})",
             "runs/s",
             stead_rate,
             bare_rate,
@@ -236,37 +258,51 @@ def _comparisons(sizes: Sizes, outcome: Outcome) -> list[Comparison]:
     ]
 
 
-def _result(sizes: Sizes, quick: bool, outcome: Outcome) -> Result:
+def _tables(sizes: Sizes, outcome: Outcome) -> list[Table]:
     memory = outcome.memory
     moments = list(memory.at)
     rows = [
         [name, *(memory.at[m][name] for m in moments), memory.peak.get(name)] for name in PROCESSES
     ]
     timing = [[what, secs, sizes.parked / secs] for what, secs in outcome.seconds.items()]
+    return [
+        Table(f"Resident memory (MiB), {outcome.label}", ["process", *moments, "peak"], rows),
+        Table(f"Parking and draining, {outcome.label}", ["phase", "seconds", "runs/s"], timing),
+    ]
+
+
+def _result(sizes: Sizes, quick: bool, outcomes: list[Outcome]) -> Result:
     return Result(
         name="scale",
         title=f"Scale: {sizes.parked} runs parked at approval on one worker, then a mass approval",
         quick=quick,
-        params=vars(sizes),
-        comparisons=_comparisons(sizes, outcome),
-        tables=[
-            Table("Resident memory (MiB)", ["process", *moments, "peak"], rows),
-            Table("Parking and draining", ["phase", "seconds", "runs/s"], timing),
-        ],
-        data={"memory": memory.at, "peak_mib": memory.peak, "seconds": outcome.seconds},
+        params=vars(sizes) | {"orders": [o.label for o in outcomes]},
+        comparisons=[c for o in outcomes for c in _comparisons(sizes, o)],
+        tables=[table for o in outcomes for table in _tables(sizes, o)],
+        data={
+            o.label: {"memory": o.memory.at, "peak_mib": o.memory.peak, "seconds": o.seconds}
+            for o in outcomes
+        },
         notes=[
-            "Server growth for Stead is read after the bare runs were parked (both stay"
-            " parked until the drains), so it is not inflated by the bare leg.",
+            "Each order is its own environment (fresh server, workers and database). A leg's"
+            " growth is read across its own parking only; both stay parked until the drains.",
             "Workflow caches at their defaults: Stead 500 runs (STEAD_WORKER_WORKFLOW_CACHE),"
             " bare 1,000 (the SDK's). Beyond it, memory per parked run is mostly the server's,"
             " and a decision replays the run's history.",
-            "Go returns memory to the OS lazily: the server's RSS after draining is not a leak.",
+            "Go returns memory to the OS lazily and grows its heap in steps: the server's growth"
+            " depends on what came before (hence both orders), and its RSS after draining is"
+            " not a leak.",
         ],
     )
 
 
 async def run(options: RunOptions) -> Result:
     sizes = SIZES[options.quick]
-    async with bench_env(EnvSpec(stead=(SteadSpec(),)), options) as env:
-        outcome = await measure(env, sizes)
-    return _result(sizes, options.quick, outcome)
+    if options.parked:
+        sizes = replace(sizes, parked=options.parked)
+    outcomes = []
+    for order in ORDERS:
+        say(f"order: {' then '.join(order)}")
+        async with bench_env(EnvSpec(stead=(SteadSpec(),)), options) as env:
+            outcomes.append(await measure(env, sizes, order))
+    return _result(sizes, options.quick, outcomes)

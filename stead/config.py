@@ -139,8 +139,11 @@ class Settings(BaseSettings):
     schedule_watch_max_seconds: float = Field(60.0, gt=0, le=3600)
 
     # Payloads larger than this (bytes, after encryption) are kept in PostgreSQL and referenced
-    # by hash from the workflow history; 0 keeps everything inline.
-    payload_offload_bytes: int = Field(512, ge=0)
+    # by hash from the workflow history; 0 keeps everything inline. Measured (bench/cuts.py):
+    # a model step's payloads are 0.7-1.1 KiB, and each one offloaded costs a database insert
+    # with its own WAL flush, which 4 KiB spares them; a conversation's transcript, which
+    # outgrows it within a few turns, still leaves the history.
+    payload_offload_bytes: int = Field(4096, ge=0)
 
     # Payload encryption: comma-separated `key_id:base64key`, the first one encrypts.
     payload_keys: SecretStr | None = None

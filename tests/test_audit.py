@@ -575,6 +575,69 @@ async def test_the_same_events_twice_are_stored_once(pool: Pool, test_settings: 
     assert (result.ok, result.entries, keys) == (True, 8, 8)
 
 
+# --- one tenant's concurrent appends --------------------------------------------------------
+
+
+async def test_concurrent_appends_of_one_tenant_form_one_chain_and_share_commits(
+    pool: Pool, database_url: str, test_settings: Settings
+) -> None:
+    tenant = f"t-busy-{uuid.uuid4().hex[:8]}"
+    writer, other_process = audit_writer(test_settings), audit_writer(test_settings)
+    recorded = [
+        [event(tenant, "model.called", {"i": i, "j": j}, n=i) for j in range(i % 3 + 1)]
+        for i in range(120)
+    ]
+    in_transactions = [[event(tenant, "run.completed", {"i": i}, n=i)] for i in range(10)]
+    elsewhere = [[event(tenant, "tool.executed", {"i": i}, n=i)] for i in range(20)]
+    results = await asyncio.gather(
+        *(writer.record(pool, events) for events in recorded),
+        # What the ledger does (inside the caller's transaction) and a second worker process's
+        # writer: both contend for the same chain meanwhile.
+        *(append(pool, writer, events) for events in in_transactions),
+        *(other_process.record(pool, events) for events in elsewhere),
+    )
+    # Each caller gets back exactly its own events, all of them new.
+    assert results[: len(recorded)] == recorded
+    assert results[len(recorded) + len(in_transactions) :] == elsewhere
+
+    everything = [e for group in (*recorded, *in_transactions, *elsewhere) for e in group]
+    rows = await raw_rows(database_url, tenant)
+    assert [r["seq"] for r in rows] == list(range(1, len(everything) + 1))  # no gaps
+    assert {r["event_key"] for r in rows} == {e.key for e in everything}  # none lost
+    async with pool.acquire() as conn:
+        result = await verify(conn, tenant)
+        # Rows one transaction wrote share its xmin: the 120 `record` calls of one writer
+        # committed together in a few transactions, not each in its own.
+        transactions = await conn.fetchval(
+            "SELECT count(DISTINCT xmin::text) FROM audit_log"
+            " WHERE tenant_id = $1 AND action = 'model.called'",
+            tenant,
+        )
+    assert (result.ok, result.entries) == (True, len(everything))
+    assert transactions < len(recorded) / 4
+
+
+async def test_a_bad_event_fails_only_the_record_call_that_carried_it(
+    pool: Pool, test_settings: Settings
+) -> None:
+    tenant = f"t-bad-{uuid.uuid4().hex[:8]}"
+    writer = audit_writer(test_settings)
+    good = [[event(tenant, "model.called", {"i": i}, n=i)] for i in range(6)]
+    # PostgreSQL refuses a NUL in text: this one's transaction cannot commit.
+    bad = event(tenant, "model.called", {"i": -1})
+    bad = bad.model_copy(update={"key": "bad\x00key"})
+    calls = [writer.record(pool, events) for events in good[:3]]
+    calls += [writer.record(pool, [bad])]
+    calls += [writer.record(pool, events) for events in good[3:]]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(results[3], asyncpg.PostgresError), results[3]
+    assert [r for i, r in enumerate(results) if i != 3] == good
+
+    async with pool.acquire() as conn:
+        result = await verify(conn, tenant)
+    assert (result.ok, result.entries) == (True, len(good))
+
+
 async def test_an_empty_chain_verifies_with_no_head(pool: Pool) -> None:
     async with pool.acquire() as conn:
         result = await verify(conn, f"t-empty-{uuid.uuid4().hex[:8]}")

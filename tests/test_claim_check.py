@@ -32,7 +32,12 @@ from stead.config import Settings
 from stead.payload_gc import minimum_days, namespace_retention
 from stead.service.runs import workflow_id
 from stead.store.db import Pool
-from stead.store.payloads import PayloadMissing, PostgresPayloadStore, referenced
+from stead.store.payloads import (
+    PayloadMissing,
+    PostgresPayloadStore,
+    claim_digest,
+    referenced,
+)
 from stead.temporal import data_converter
 from tests.conftest import Tenant, make_services, running_workers
 from tests.helpers import wait_json
@@ -81,6 +86,30 @@ async def test_large_input_is_stored_outside_the_history(
     )
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None
+
+
+async def test_the_default_threshold_keeps_a_model_reply_inline_and_reads_older_claims(
+    pool: Pool, test_settings: Settings
+) -> None:
+    """A model step's payloads (about 1 KiB encrypted) stay in the history at the default
+    threshold; a long transcript still leaves it; and what the old 512-byte threshold
+    offloaded still decodes."""
+    default: int = Settings.model_fields["payload_offload_bytes"].default
+    at = {n: test_settings.model_copy(update={"payload_offload_bytes": n}) for n in (512, default)}
+    old = data_converter(at[512], PostgresPayloadStore(pool))
+    new = data_converter(at[default], PostgresPayloadStore(pool))
+    reply = {"role": "assistant", "text": " ".join(f"word{i}" for i in range(110))}
+    transcript = {"messages": [reply] * (default // 400 + 1)}
+
+    (inline,) = await new.encode([reply])
+    assert claim_digest(inline) is None, "a model reply of about 1 KiB was offloaded"
+    (long,) = await new.encode([transcript])
+    assert claim_digest(long) is not None, "a transcript over the threshold stayed inline"
+    (claimed,) = await old.encode([reply])
+    assert claim_digest(claimed) is not None
+    # A process that never saw it (empty payload memory) reads it from the store.
+    fresh = data_converter(at[default], PostgresPayloadStore(pool))
+    assert await fresh.decode([claimed, long]) == [reply, transcript]
 
 
 async def test_a_missing_or_altered_payload_is_refused(pool: Pool, database_url: str) -> None:

@@ -3,7 +3,10 @@
 Each entry's `entry_hash = sha256(prev_hash || canonical content)`, where the content covers
 every column (tenant, seq, key, time, actor, action, run, redacted data, sealed private part).
 Appends for one tenant are serialized by a transaction-scoped advisory lock, so the chain has
-no forks under concurrency. `verify` walks a chain and names the first broken entry and what
+no forks under concurrency. That lock is held until the commit's WAL flush, so `record` (an
+append in a transaction of its own) coalesces a process's concurrent appends of one tenant
+into one transaction: one lock and one flush for all of them, each caller still returning
+only once its entries are durable. `verify` walks a chain and names the first broken entry and what
 was done to it: altered, deleted, inserted or reordered.
 
 What the chain alone cannot show: entries removed from the end, or a whole chain rewritten
@@ -13,6 +16,7 @@ operator who records it elsewhere can detect both later.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -109,6 +113,19 @@ _CHAIN_STATE = """
 """
 
 
+@dataclass
+class _Waiting:
+    """Events a `record` call hands to its tenant's appender, and where it waits for them."""
+
+    events: Sequence[AuditEvent]
+    done: asyncio.Future[list[AuditEvent]]
+
+
+# Appends of one tenant through one pool: the pool's identity (it belongs to one event loop)
+# and the tenant.
+_ChainKey: TypeAlias = tuple[int, str]
+
+
 class AuditWriter:
     """Appends events idempotently, redacted by the file policy plus the tenant's own
     additions. `sealer` encrypts masked originals; without one they are not kept at all (the
@@ -118,19 +135,93 @@ class AuditWriter:
         self._policy = policy
         self._sealer = sealer
         self._redactors: dict[tuple[tuple[str, ...], tuple[str, ...]], Redactor] = {}
+        # `record` calls waiting for their tenant's appender, and the appenders running.
+        self._waiting: dict[_ChainKey, list[_Waiting]] = {}
+        # The task appending for a tenant: a caller committing its own events, or an appender.
+        self._appenders: dict[_ChainKey, asyncio.Task[Any]] = {}
 
     async def append(self, conn: Conn, events: Sequence[AuditEvent]) -> int:
         """Append events (any tenants) inside the caller's transaction; return how many were new."""
         return len(await self.append_new(conn, events))
 
     async def record(self, pool: Pool, events: Sequence[AuditEvent]) -> list[AuditEvent]:
-        """Append events in a transaction of their own; count what was new in the metrics."""
+        """Append events in a transaction of their own; count what was new in the metrics.
+
+        Returns once they are committed. Concurrent calls for the same tenant share one
+        transaction: while one commits, the next ones gather and commit together after it.
+        """
         if not events:
             return []
-        async with pool.acquire() as conn, conn.transaction():
-            new = await self.append_new(conn, events)
+        tenants = {event.tenant for event in events}
+        if len(tenants) == 1:
+            new = await self._through_appender(pool, tenants.pop(), events)
+        else:
+            new = await self._commit(pool, events)
         metrics.observe_events(new)
         return new
+
+    async def _commit(self, pool: Pool, events: Sequence[AuditEvent]) -> list[AuditEvent]:
+        async with pool.acquire() as conn, conn.transaction():
+            return await self.append_new(conn, events)
+
+    async def _through_appender(
+        self, pool: Pool, tenant: str, events: Sequence[AuditEvent]
+    ) -> list[AuditEvent]:
+        key = (id(pool), tenant)
+        running = self._appenders.get(key)
+        if running is not None and not running.done():  # done: its loop went away mid-flush
+            waiting = _Waiting(events, asyncio.get_running_loop().create_future())
+            self._waiting.setdefault(key, []).append(waiting)
+            return await waiting.done
+        # Nobody is appending for the tenant: commit here, with no hop through another task,
+        # and hand to an appender whatever gathers meanwhile.
+        current = asyncio.current_task()
+        assert current is not None
+        self._appenders[key] = current
+        try:
+            return await self._commit(pool, events)
+        finally:
+            self._handed_over(pool, key, current)
+
+    def _handed_over(self, pool: Pool, key: _ChainKey, finished: asyncio.Task[Any]) -> None:
+        if self._appenders.get(key) is not finished:
+            return
+        if self._waiting.get(key):
+            self._appenders[key] = asyncio.create_task(self._append_waiting(pool, key))
+        else:
+            del self._appenders[key]
+
+    async def _append_waiting(self, pool: Pool, key: _ChainKey) -> None:
+        """The tenant's appender: commits everything waiting, then what gathered meanwhile,
+        until nothing waits (no await between the last check and leaving)."""
+        batch: list[_Waiting] = []
+        try:
+            while batch := self._waiting.pop(key, []):
+                await self._commit_batch(pool, batch)
+        except BaseException as exc:  # cancelled with the loop: no caller may wait forever
+            for waiting in [*batch, *self._waiting.pop(key, [])]:
+                _settle(waiting, exc)
+            raise
+        finally:
+            current = asyncio.current_task()
+            if current is not None and self._appenders.get(key) is current:
+                del self._appenders[key]
+
+    async def _commit_batch(self, pool: Pool, batch: list[_Waiting]) -> None:
+        try:
+            new = await self._commit(pool, [event for waiting in batch for event in waiting.events])
+        except Exception as exc:
+            if len(batch) == 1:
+                _settle(batch[0], exc)
+                return
+            # One caller's bad event must not fail the others: each alone, in order.
+            for waiting in batch:
+                await self._commit_batch(pool, [waiting])
+            return
+        # `append_new` returns the very objects it stored, so each caller gets its own.
+        stored = {id(event) for event in new}
+        for waiting in batch:
+            _settle(waiting, [event for event in waiting.events if id(event) in stored])
 
     async def append_new(self, conn: Conn, events: Sequence[AuditEvent]) -> list[AuditEvent]:
         """Append events; return those that were not stored before (what a retry adds: none)."""
@@ -225,6 +316,17 @@ class AuditWriter:
             return None
         plaintext = canonical_json(private).encode()
         return self._sealer.seal(plaintext, associated=f"{tenant}:{key}".encode())
+
+
+def _settle(waiting: _Waiting, outcome: list[AuditEvent] | BaseException) -> None:
+    if waiting.done.done():  # its caller was cancelled; the entries are stored all the same
+        return
+    if isinstance(outcome, asyncio.CancelledError):
+        waiting.done.cancel()
+    elif isinstance(outcome, BaseException):
+        waiting.done.set_exception(outcome)
+    else:
+        waiting.done.set_result(outcome)
 
 
 def run_event(

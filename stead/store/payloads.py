@@ -160,14 +160,15 @@ def referenced(message: Message) -> set[bytes]:
     """Digests of every payload of this store that `message` (a history event, anything
     holding payloads at any depth) references."""
     found: set[bytes] = set()
-    for payload in _payloads(message):
+    for payload in payloads_in(message):
         digest = claim_digest(payload)
         if digest is not None:
             found.add(digest)
     return found
 
 
-def _payloads(message: Message) -> Iterator[Payload]:
+def payloads_in(message: Message) -> Iterator[Payload]:
+    """Every payload `message` holds, at any depth (maps of payloads included)."""
     if isinstance(message, Payload):
         yield message
         return
@@ -181,7 +182,7 @@ def _payloads(message: Message) -> Iterator[Payload]:
         else:
             items = value if field.is_repeated else [value]
         for item in items:
-            yield from _payloads(item)
+            yield from payloads_in(item)
 
 
 async def collect(conn: Conn, older_than: timedelta, keep: Collection[bytes] = ()) -> int:
