@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import yaml
 from pydantic import SecretStr
 from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client
@@ -245,7 +246,14 @@ async def test_kill_worker_during_tool_calls(
     answers: Counter[str] = Counter()
     killed: list[InFlight] = []
     async with serve_app(payments) as payments_url:
-        settings = test_settings.model_copy(update={"payments_url": payments_url})
+        # The workers reach integrations through their integrations file: the same file with
+        # payments pointed at the holding wrapper.
+        entries = yaml.safe_load(integrations.file.read_text())
+        entries["payments"]["url"] = payments_url
+        held_file = tmp_path / "integrations.yaml"
+        held_file.write_text(yaml.safe_dump(entries))
+        held_file.chmod(0o600)
+        settings = test_settings.model_copy(update={"integrations_file": held_file})
         services = replace(integrations, urls={**integrations.urls, "payments": payments_url})
         workers = WorkerProcesses(client, settings, tmp_path)
         try:
