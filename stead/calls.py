@@ -62,7 +62,10 @@ class ModelCall(Frozen):
     tool_choice: dict[str, Any] | None = None
     max_tokens: int = Field(1024, ge=1, le=64_000)
     escalate: bool = False
+    # The exact-match response cache (stead's own).
     cache: bool = True
+    # The provider's prompt cache: breakpoints at the route's TTL (off: none for this call).
+    prompt_cache: bool = True
     # The run's budget in force (raised by an approval, it differs from the context's).
     run_budget_nusd: int | None = None
     events: list[AuditEvent] = Field(default_factory=list)
@@ -77,6 +80,8 @@ class ModelReply(Frozen):
     fallbacks: int = 0
     attempt: int = 1
     latency_ms: float = 0.0
+    # Answered through the Message Batches API (billed at batch rates).
+    batch: bool = False
 
     @property
     def text(self) -> str:

@@ -217,6 +217,7 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
         max_tokens: int = ...,
         escalate: bool = ...,
         cache: bool = ...,
+        prompt_cache: bool = ...,
         output: None = ...,
     ) -> ModelReply: ...
 
@@ -232,6 +233,7 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
         max_tokens: int = ...,
         escalate: bool = ...,
         cache: bool = ...,
+        prompt_cache: bool = ...,
         output: type[ParsedT],
     ) -> Parsed[ParsedT]: ...
 
@@ -246,10 +248,13 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
         max_tokens: int = 1024,
         escalate: bool = False,
         cache: bool = True,
+        prompt_cache: bool = True,
         output: type[ParsedT] | None = None,
     ) -> ModelReply | Parsed[ParsedT]:
         """One model step through the gateway (routing by `task` and the tenant's plan,
         fallbacks, budget, cache, usage, audit). `messages` may be one user turn's text.
+        `cache=False` skips Stead's exact-match response cache; `prompt_cache=False` places no
+        provider prompt-cache breakpoints (otherwise the route's TTL decides: 5m, 1h or off).
         With `output`, the model is made to answer in that structure (a forced tool call),
         which is validated; an invalid answer is repaired once by the route's stronger model,
         and a second invalid one fails the run (`StructuredOutputInvalid`)."""
@@ -266,6 +271,7 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
             max_tokens=max_tokens,
             escalate=escalate,
             cache=cache,
+            prompt_cache=prompt_cache,
         )
         if output is None:
             return await self._model_step(call)
