@@ -75,6 +75,9 @@ class UsageOut(BaseModel):
     model_calls: int
     cache_hits: int
     fallbacks: int
+    cache_write_1h_tokens: int = 0
+    thinking_tokens: int = 0
+    batch_calls: int = 0
 
     @staticmethod
     def of(usage: Usage) -> UsageOut:

@@ -119,7 +119,7 @@ class Learned:
 
     def _read_result(self, block: dict[str, Any], call: dict[str, Any] | None) -> None:
         text = "\n".join(tool_result_texts(block))
-        data = _json_object(text)
+        data = _record(text)
         is_error = block.get("is_error") is True
         if not is_error:
             # What a tool found is better evidence than what the ticket says.
@@ -246,11 +246,13 @@ def _amount(match: re.Match[str]) -> Amount | None:
     return Amount(value, currency)
 
 
-def _json_object(text: str) -> dict[str, Any]:
+def _record(text: str) -> dict[str, Any]:
+    """A tool result's fields: a JSON object, or `key: value` lines."""
     try:
         parsed = json.loads(text)
     except ValueError:
-        return {}
+        lines = (HINT_LINE.match(line) for line in text.splitlines())
+        return {m.group(1): m.group(2) for m in lines if m is not None}
     return parsed if isinstance(parsed, dict) else {}
 
 

@@ -3,21 +3,37 @@
 Dev, tests and CI point the real `anthropic.AsyncAnthropic` SDK at this server through
 `base_url`, so every model call crosses the same wire protocol as in production while the
 answers stay reproducible: the same request body always yields the same response body, ids
-included (only the prompt-cache usage split depends on what came before).
+included (only the prompt-cache usage split depends on what came before; where the cache
+breakpoints sit never changes the answer).
 
 Endpoints (all require a key in `x-api-key` or `Authorization: Bearer KEY`):
 
 - `POST /v1/messages`: non-streaming message creation.
 - `POST /v1/messages/count_tokens`: `{"input_tokens": N}` from `count_tokens`.
-- `POST /_sim/faults`, `DELETE /_sim/faults`: queue or clear injected failures.
-- `GET /_sim/stats`, `POST /_sim/config`, `POST /_sim/reset`: observe and steer the simulator.
+- `POST /v1/messages/batches`, `GET .../{id}`, `GET .../{id}/results`, `POST .../{id}/cancel`:
+  Message Batches (see `stead.sim.batches`), processed after `batch_delay_seconds`.
+- `POST /_sim/faults`, `DELETE /_sim/faults`: queue or clear injected failures (a batch
+  request takes one too, and errors with it).
+- `GET /_sim/stats`, `GET /_sim/requests` (the latest bodies received), `POST /_sim/config`,
+  `POST /_sim/reset`: observe and steer the simulator.
 
-Behaviour is steered from inside the prompt by *hints*: lines `key: value` or `key=value` in
-the system prompt or user turns (tool results included); the latest occurrence of a key wins.
+The model reads the conversation like an agent would (`stead.sim.conversation`): it calls
+each offered tool once, in order, with arguments taken from what it has read (the email from
+a tool's result, the amount from the ticket's text, a reply that says what it found), leaves
+out a tool whose required email or amount nothing supplies, and ends with a summary of what
+each call returned. With `thinking`, it starts with a thinking block (billed as output, more
+of it at higher `output_config.effort`). Prompt caching is upstream's: prefixes up to each
+`cache_control` breakpoint (at most 4, 1-hour ones first), a minimum cacheable length, reads
+found up to 20 blocks back, 5m/1h TTLs refreshed on read, the writes split by TTL.
+
+Behaviour is scripted from inside the prompt by *hints*, which win over anything read: lines
+`key: value` or `key=value` in the system prompt or user turns (tool results included); the
+latest occurrence of a key wins.
 `sim_reply` forces the final text, `sim_skip_tools: a,b` keeps tools from being called,
 `sim_parallel_tools: true` calls every remaining tool in one response,
 `sim_tool_turns: N` keeps calling tools (cycling through the allowed ones) until the
-conversation has N tool-calling turns (long agent loops for benchmarks), and any other key
+conversation has N tool-calling turns (long agent loops for benchmarks),
+`sim_batch_result: errored|expired|canceled` is a batch request's outcome, and any other key
 names a tool input property (`city: Paris`, or `get_weather.city: Paris` for one tool only).
 
 Errors always use Anthropic's body shape: `{"type": "error", "error": {"type", "message"}}`.
