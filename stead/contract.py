@@ -139,6 +139,11 @@ class RunContext(Frozen):
     # Model calls go to the rate-limited `<queue>-model` (set when the API has a model-call
     # rate, STEAD_MODEL_CALLS_PER_SECOND), else to the run's own queue.
     limited_model_queue: bool = False
+    # Every model step through the Message Batches API, unless a step says otherwise; a
+    # deferred call not back within the deadline (default: the routing policy's) is made
+    # directly.
+    defer: bool = False
+    defer_deadline_seconds: float | None = Field(None, ge=1, le=7 * 86_400)
 
 
 class RunInput(Frozen):

@@ -37,8 +37,9 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from stead.app import App, AppError, Runtime
 from stead.attest import AttestationInterceptor
 from stead.config import ConfigError, Settings, load_settings
+from stead.gateway.batcher import ModelBatcher
+from stead.gateway.batches import BatchingModelActivities
 from stead.gateway.ledger import LedgerActivities
-from stead.gateway.model import ModelActivities
 from stead.gateway.retrieval import RetrievalActivities
 from stead.gateway.tools import ToolActivities
 from stead.loader import load_app
@@ -90,7 +91,7 @@ def make_deps(pool: Pool, settings: Settings) -> Deps:
 class Activities:
     """Stead's activities for one worker process, wired to their dependencies."""
 
-    model: ModelActivities
+    model: BatchingModelActivities
     ledger: LedgerActivities
     tools: ToolActivities
     retrieval: RetrievalActivities
@@ -98,6 +99,11 @@ class Activities:
     def all(self) -> list[Callable[..., Any]]:
         return [
             self.model.call_model,
+            self.model.defer,
+            self.model.collect_batch,
+            self.model.abandon_batch,
+            self.model.submit_batch,
+            self.model.poll_batch,
             self.ledger.flush,
             self.ledger.publish_approval,
             self.ledger.raise_budget,
@@ -112,7 +118,7 @@ def activities(runtime: Runtime, settings: Settings, deps: Deps) -> Activities:
     policies = runtime.policies
     audit = audit_writer(settings, policies.redaction)
     return Activities(
-        model=ModelActivities(
+        model=BatchingModelActivities(
             deps.pool,
             deps.model,
             policies.prices,
@@ -143,7 +149,8 @@ def plugin(
     made = made or activities(runtime, settings, deps)
     return SimplePlugin(
         "stead",
-        workflows=runtime.workflows,
+        # Stead's own: the batcher gathering a tenant's deferred model calls.
+        workflows=[*runtime.workflows, ModelBatcher],
         activities=made.all(),
         # Decisions and cancels must carry the API's attestation (stead/attest.py).
         interceptors=[AttestationInterceptor(settings.attestor)],

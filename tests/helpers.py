@@ -83,6 +83,24 @@ async def wait_json(
     return dict(response.json())
 
 
+async def wait_finished(
+    http: httpx.AsyncClient,
+    tenant: Tenant,
+    run_id: str,
+    user: str = "requester",
+    *,
+    within: float = 60,
+) -> dict[str, Any]:
+    """The run's view once it is no longer running."""
+    return await wait_json(
+        http,
+        f"/v1/runs/{run_id}",
+        tenant.auth(user),
+        lambda b: b["status"] != "running",
+        within=within,
+    )
+
+
 async def record_history(handle: WorkflowHandle[Any, Any], name: str) -> None:
     """With STEAD_RECORD_HISTORIES=1, save this run's history for the replay tests."""
     if os.environ.get("STEAD_RECORD_HISTORIES") != "1":

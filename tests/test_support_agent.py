@@ -19,7 +19,7 @@ from stead.store import policy as policy_store
 from stead.store import principals
 from stead.store.db import Pool
 from tests.conftest import Integrations, Tenant, spawn_worker
-from tests.helpers import eventually, record_history, wait_json
+from tests.helpers import eventually, record_history, wait_finished, wait_json
 from tests.helpers import start_run as start
 
 CUSTOMER_EMAIL = "jane@initech.test"
@@ -61,13 +61,7 @@ def ticket(customer: str = "cus_1", **hints: str) -> dict[str, Any]:
 async def finished(
     api: httpx.AsyncClient, tenant: Tenant, run_id: str, user: str = "requester"
 ) -> dict[str, Any]:
-    return await wait_json(
-        api,
-        f"/v1/runs/{run_id}",
-        tenant.auth(user),
-        lambda b: b["status"] != "running",
-        within=30,
-    )
+    return await wait_finished(api, tenant, run_id, user, within=30)
 
 
 async def pending_refund(api: httpx.AsyncClient, tenant: Tenant, run_id: str) -> dict[str, Any]:

@@ -119,31 +119,10 @@ class ModelActivities:
         key = call.call_key or _fallback_key()
         plan = self.plan(call)
         models, sent, digest, ttl = plan.models, plan.sent, plan.digest, plan.ttl
-        with span(
-            "model.cache_lookup",
-            tenant=call.context.tenant,
-            pipeline=call.context.pipeline,
-            step=call.step,
-        ) as lookup:
-            async with self._pool.acquire() as conn:
-                ready = await usage.prepare(
-                    conn,
-                    tenant=call.context.tenant,
-                    principal=call.context.requested_by,
-                    call_key=key,
-                    model=models[0],
-                    digest=digest if call.cache else None,
-                )
-            set_attributes(lookup, **_lookup_facts(call.cache, ready))
-        if ready.memo is not None:
-            memo = ModelReply.model_validate(ready.memo)
-            # The attempt that memoized it may have failed before its audit write.
-            await self._write_events([*call.events, _called(call, key, memo)])
-            return memo
-        if call.cache:
-            metrics.MODEL_CACHE.labels("hit" if ready.cached else "miss").inc()
-            if ready.cached is not None:
-                return await self._serve_cached(call, key, attempt, *ready.cached)
+        ready = await self._lookup(call, key, plan)
+        early = await self._answered(call, key, attempt, ready)
+        if early is not None:
+            return early
         # Without a budget to enforce there is nothing to reserve, and no reason to spend a
         # provider round trip counting tokens.
         budgeted = ready.budgeted or call.run_budget_nusd is not None
@@ -238,6 +217,40 @@ class ModelActivities:
 
     # --- steps -------------------------------------------------------------------------------
 
+    async def _lookup(self, call: ModelCall, key: str, plan: Planned) -> usage.Prepared:
+        with span(
+            "model.cache_lookup",
+            tenant=call.context.tenant,
+            pipeline=call.context.pipeline,
+            step=call.step,
+        ) as lookup:
+            async with self._pool.acquire() as conn:
+                ready = await usage.prepare(
+                    conn,
+                    tenant=call.context.tenant,
+                    principal=call.context.requested_by,
+                    call_key=key,
+                    model=plan.models[0],
+                    digest=plan.digest if call.cache else None,
+                )
+            set_attributes(lookup, **_lookup_facts(call.cache, ready))
+        return ready
+
+    async def _answered(
+        self, call: ModelCall, key: str, attempt: int, ready: usage.Prepared
+    ) -> ModelReply | None:
+        """The reply without a provider call: an earlier attempt's memo, or a cache hit."""
+        if ready.memo is not None:
+            memo = ModelReply.model_validate(ready.memo)
+            # The attempt that memoized it may have failed before its audit write.
+            await self._write_events([*call.events, called_event(call, key, memo)])
+            return memo
+        if call.cache:
+            metrics.MODEL_CACHE.labels("hit" if ready.cached else "miss").inc()
+            if ready.cached is not None:
+                return await self._serve_cached(call, key, attempt, *ready.cached)
+        return None
+
     async def _serve_cached(
         self, call: ModelCall, key: str, attempt: int, model: str, stored: dict[str, Any]
     ) -> ModelReply:
@@ -265,7 +278,15 @@ class ModelActivities:
             # every tokenizer we know, so the reservation stays a worst case.
             return len(repr(params).encode()) // 2 + 16
 
-    async def _reserve(self, call: ModelCall, key: str, attempt: int, amount: int) -> None:
+    async def _reserve(
+        self,
+        call: ModelCall,
+        key: str,
+        attempt: int,
+        amount: int,
+        *,
+        held_until: datetime | None = None,
+    ) -> None:
         """Reserve the call's worst case. While the only obstacle is other calls' reservations
         in flight, wait (heartbeating) for them to settle, up to `budget_wait`.
 
@@ -287,6 +308,7 @@ class ModelActivities:
                         attempt,
                         amount,
                         run_limit_nusd=call.run_budget_nusd,
+                        held_until=held_until,
                     )
                 return
             except budgets.BudgetExhausted as exc:
@@ -313,7 +335,7 @@ class ModelActivities:
         await self._write_events(
             [
                 *call.events,
-                _event(
+                gateway_event(
                     call,
                     f"{key}:budget:{attempt}",
                     "budget.rejected",
@@ -426,7 +448,7 @@ class ModelActivities:
                 if cacheable and digest is not None
                 else None,
             )
-        await self._write_events([*call.events, _called(call, key, reply)])
+        await self._write_events([*call.events, called_event(call, key, reply)])
 
     async def _record_cost(
         self, call: ModelCall, key: str, attempt: int, reply: ModelReply, *, budgeted: bool
@@ -470,7 +492,7 @@ class ModelActivities:
     async def _release(
         self, call: ModelCall, key: str, attempt: int, charged: int, why: str
     ) -> None:
-        failed = _event(
+        failed = gateway_event(
             call,
             f"{key}:failed:{attempt}",
             "model.failed",
@@ -580,14 +602,14 @@ def _facts(call: ModelCall, reply: ModelReply) -> dict[str, Any]:
     }
 
 
-def _called(call: ModelCall, key: str, reply: ModelReply) -> AuditEvent:
+def called_event(call: ModelCall, key: str, reply: ModelReply) -> AuditEvent:
     """The call's audit event; one per call (its key has no attempt), from the reply alone,
     so a retry that returns the memo writes the same event."""
     data = {**_facts(call, reply), "attempt": reply.attempt, "stop_reason": reply.stop_reason}
-    return _event(call, f"{key}:call", "model.called", data)
+    return gateway_event(call, f"{key}:call", "model.called", data)
 
 
-def _event(call: ModelCall, key: str, action: str, data: dict[str, Any]) -> AuditEvent:
+def gateway_event(call: ModelCall, key: str, action: str, data: dict[str, Any]) -> AuditEvent:
     actor = f"workflow:{call.context.pipeline}"
     return run_event(call.context, key, action, data, actor=actor, actor_kind="system")
 
