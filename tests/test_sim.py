@@ -4,6 +4,8 @@ Each test gets its own app and server, so faults, stats and the prompt cache nev
 between tests.
 """
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from anthropic.types import (
 from fastapi import FastAPI
 
 from stead.sim.messages import SimConfig, SimState, count_tokens, create_app
+from tests.helpers import eventually
 from tests.servers import serve_app
 
 MODEL = "claude-sim-test"
@@ -608,6 +611,42 @@ async def test_oversized_body_is_rejected(sim: Sim) -> None:
 
     assert response.status_code == 413
     assert response.json()["error"]["type"] == "request_too_large"
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_a_client_gone_mid_body_leaves_no_traceback(sim: Sim) -> None:
+    """A worker killed while sending its request is ordinary: counted, not logged as a crash."""
+    logged = _Records()
+    server_log = logging.getLogger("uvicorn.error")  # where uvicorn logs an app's exception
+    server_log.addHandler(logged)
+    try:
+        host, port = sim.url.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        head = (
+            f"POST /v1/messages HTTP/1.1\r\nHost: {host}\r\nx-api-key: {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        )
+        writer.write(head.encode() + b'{"model": ')  # and no more: the client dies
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        # Either outcome ends the request: the disconnect counted, or a crash logged.
+        await eventually(
+            lambda: sim.control("GET", "/_sim/stats"),
+            lambda stats: stats.get("client_disconnects") == 1 or bool(logged.records),
+        )
+    finally:
+        server_log.removeHandler(logged)
+    assert [r.getMessage() for r in logged.records] == []
+    assert sim.state.stats.requests_total == 0  # it never became a request
 
 
 async def test_unknown_route_uses_the_error_shape(sim: Sim) -> None:

@@ -58,6 +58,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from stead.sim.batches import Batch, BatchRefused, BatchStore
 from stead.sim.conversation import HINT_LINE as _HINT_LINE
@@ -152,6 +153,8 @@ class _Stats:
     requests_total: int = 0
     faults_served: int = 0
     count_tokens_calls: int = 0
+    # Requests whose client went away before its body was in (a killed worker, a timeout).
+    client_disconnects: int = 0
 
 
 @dataclass
@@ -1150,10 +1153,16 @@ async def _read_body(request: Request) -> bytes:
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+    except ClientDisconnect:
+        # A client that goes away mid-request (a killed worker) is ordinary, not a crash: an
+        # ApiError ends the request without the traceback the catch-all handler would log.
+        _state(request).stats.client_disconnects += 1
+        raise ApiError(499, "the client closed the connection before its body was in") from None
     return bytes(body)
 
 
@@ -1276,6 +1285,7 @@ async def _get_stats(request: Request, _api_key: ApiKey) -> dict[str, Any]:
         "faults_served": state.stats.faults_served,
         "faults_pending": len(state.faults),
         "count_tokens_calls": state.stats.count_tokens_calls,
+        "client_disconnects": state.stats.client_disconnects,
         "cache_entries": len(state.cache),
         "batches_created": state.batches.created,
         "batch_requests": state.batches.requests,
