@@ -1,8 +1,9 @@
 """The reference application: the composition root, and its worker.
 
 `APP` is what `stead dev`, `stead worker` and `stead api` load (`--app worker:APP`, as the
-Makefile passes it): the support desk's pipelines, its records and facts, its policy files and
-its tables. `python worker.py` runs a worker for it, like `stead worker --app worker:APP`.
+Makefile passes it): the support desk's pipelines, its records and facts, its policy files,
+its tables and its own HTTP routes. `python worker.py` runs a worker for it, like
+`stead worker --app worker:APP`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import stead
 from activities import support_desk
+from api import intake
 from workflows.doc_qa import DocQaWorkflow
 from workflows.summarize import SummarizeWorkflow
 from workflows.support_agent import SupportAgentWorkflow
@@ -26,6 +28,7 @@ APP = stead.App(
     policies=HERE / "policies",
     migrations=support_desk.MIGRATIONS,
     seed=support_desk.seed,
+    routers=[intake.router],
 )
 
 if __name__ == "__main__":

@@ -27,11 +27,11 @@ from bench.env import BenchEnv, EnvSpec, RunOptions, SteadSpec, Tenant, bench_en
 from bench.load import SteadApi
 from bench.report import Comparison, Result, Table, say
 from bench.stats import ratio, summary_ms
-from stead.api.routes.runs import workflow_id
 from stead.calls import ModelCall
 from stead.contract import RunContext
 from stead.gateway.model import ModelActivities
 from stead.policy.models import load_prices, load_routing
+from stead.service.runs import workflow_id
 from stead.store.audit import audit_writer
 from stead.store.db import create_pool
 from stead.worker import model_client

@@ -28,7 +28,7 @@ from bench.env import BenchEnv, EnvSpec, RunOptions, SteadSpec, Tenant, bench_en
 from bench.load import BenchError, SteadApi
 from bench.report import Comparison, Result, Table, at_most, say
 from bench.stats import ratio
-from stead.api.routes.runs import workflow_id
+from stead.service.runs import workflow_id
 
 TARGET_BYTES = 2048
 HISTORY_LIMIT = 50 * 2**20

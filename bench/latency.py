@@ -31,7 +31,7 @@ from bench.load import BenchError, SteadApi
 from bench.report import Comparison, Result, Table, at_most, say
 from bench.stats import ratio, summary_ms
 from bench.throughput import triage_input
-from stead.api.routes.runs import workflow_id
+from stead.service.runs import workflow_id
 
 
 @dataclass(frozen=True)

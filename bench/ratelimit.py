@@ -33,8 +33,8 @@ from bench.load import SteadApi, bounded
 from bench.report import Comparison, Result, Table, say
 from bench.stats import ratio, summary_ms
 from bench.throughput import triage_input
-from stead.api.routes.runs import workflow_id
 from stead.policy.limits import LIMITS_FILE, LimitPolicy, load_limits
+from stead.service.runs import workflow_id
 from stead.store import approvals as approvals_store
 from stead.store import ratelimits
 

@@ -35,7 +35,7 @@ from bench.latency import settled
 from bench.load import BenchError, SteadApi, bounded, last_close, since, wait_closed
 from bench.report import Comparison, Result, Table, at_most, say
 from bench.stats import ratio
-from stead.api.routes.runs import workflow_id
+from stead.service.runs import workflow_id
 
 WORKER_TARGET_MIB = 300
 

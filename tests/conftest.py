@@ -32,11 +32,11 @@ from temporalio.worker import Worker
 
 from stead import search
 from stead.api.app import create_app
-from stead.api.deps import Services
 from stead.app import Runtime
 from stead.config import Settings
 from stead.policy.limits import LimitPolicy
 from stead.policy.permissions import PLATFORM_TENANT
+from stead.service.access import Services
 from stead.sim.integrations import create_email_app, create_payments_app
 from stead.sim.messages import SimConfig
 from stead.sim.messages import create_app as create_sim

@@ -27,8 +27,8 @@ from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
 
-from stead.api.routes.runs import workflow_id
 from stead.config import Settings
+from stead.service.runs import workflow_id
 from stead.store import budgets
 from stead.store.audit import verify
 from stead.store.db import Pool
@@ -84,7 +84,7 @@ class WorkerProcesses:
         self._all.append(process)
         self.current = process
         deadline = time.monotonic() + within
-        while "ready: polling" not in (log.read_text() if log.exists() else ""):
+        while " ready: " not in (log.read_text() if log.exists() else ""):
             if process.poll() is not None:
                 raise AssertionError(f"worker exited with {process.returncode}:\n{log.read_text()}")
             if time.monotonic() > deadline:

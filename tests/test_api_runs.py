@@ -12,7 +12,7 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from stead.api.routes.runs import workflow_id
+from stead.service.runs import workflow_id
 from stead.store import principals
 from tests.conftest import Tenant, TenantFactory
 from tests.helpers import record_history, start_run, wait_json

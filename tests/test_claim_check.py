@@ -27,10 +27,10 @@ from temporalio.converter import (
 from temporalio.worker import Replayer
 
 from stead.api.app import create_app
-from stead.api.routes.runs import workflow_id
 from stead.builtin import BUILTIN_PIPELINES
 from stead.config import Settings
 from stead.payload_gc import minimum_days, namespace_retention
+from stead.service.runs import workflow_id
 from stead.store.db import Pool
 from stead.store.payloads import PayloadMissing, PostgresPayloadStore, referenced
 from stead.temporal import data_converter

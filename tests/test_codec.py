@@ -47,9 +47,7 @@ from temporalio.converter import (
 )
 
 from stead.api.app import create_app
-from stead.api.deps import Services
 from stead.api.routes import codec as codec_route
-from stead.api.routes.runs import launch, new_run_id, workflow_id
 from stead.codec import ENCODING, KEY_ID, REFUSED, EncryptionCodec
 from stead.config import ConfigError, Settings, load_settings
 from stead.contract import RunContext, RunInput
@@ -57,6 +55,8 @@ from stead.crypto import SealError
 from stead.dev import DevStack
 from stead.pipeline.base import Pipeline
 from stead.search import SEARCH_ATTRIBUTES
+from stead.service.access import Services
+from stead.service.runs import launch, new_run_id, workflow_id
 from stead.serving import serving
 from stead.store.db import Pool
 from stead.store.payloads import PostgresPayloadStore

@@ -13,10 +13,10 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from stead.api.routes.runs import workflow_id
 from stead.calls import ChunkDocument, Passage
 from stead.gateway.retrieval import RetrievalActivities, chunk_text
 from stead.pipeline.base import Pipeline
+from stead.service.runs import workflow_id
 from stead.store import documents
 from stead.store.db import Pool
 from tests.conftest import Tenant, TenantFactory

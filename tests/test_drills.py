@@ -27,10 +27,10 @@ from temporalio.client import Client
 
 from activities import support_desk
 from stead.api.app import create_app
-from stead.api.routes.runs import workflow_id
 from stead.config import Settings
 from stead.dev import DevStack
 from stead.policy.limits import ACTIONS, LimitPolicy
+from stead.service.runs import workflow_id
 from stead.sim.integrations import create_payments_app
 from stead.store import budgets, principals
 from stead.store.db import Pool, create_pool
@@ -87,7 +87,9 @@ async def kill_when_running(
     activity: str,
     committed: Callable[[list[InFlight]], Awaitable[bool]],
     *,
-    within: float = 60,
+    # Generous: on a loaded 2-core machine a new worker takes a while to pick up the calls a
+    # killed one held (their heartbeats must time out first).
+    within: float = 180,
 ) -> list[InFlight]:
     """SIGKILL the current worker as soon as it runs `activity` for one of the workflows and
     `committed` confirms the call is past the point of no return (its budget reserved, its

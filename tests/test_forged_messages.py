@@ -23,12 +23,12 @@ from temporalio.client import (
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 
-from stead.api.routes.runs import workflow_id
 from stead.attest import Attestor, derive_keys
 from stead.config import Settings
 from stead.contract import CancelInput, DecideInput
 from stead.errors import ErrorType
 from stead.pipeline.base import Pipeline
+from stead.service.runs import workflow_id
 from stead.store.db import Pool
 from tests.conftest import Tenant, running_workers
 from tests.helpers import audit_actions, eventually, wait_json

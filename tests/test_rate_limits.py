@@ -19,9 +19,9 @@ import pytest
 from temporalio.client import Client
 
 from stead.api.app import create_app
-from stead.api.routes.runs import workflow_id
 from stead.config import Settings
 from stead.policy.limits import LimitPolicy, load_limits
+from stead.service.runs import workflow_id
 from stead.store import ratelimits
 from stead.store.db import Pool, create_pool
 from tests.conftest import Tenant, TenantFactory, make_services

@@ -14,8 +14,8 @@ import pytest
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client
 
-from stead.api.routes.runs import workflow_id
 from stead.config import Settings
+from stead.service.runs import workflow_id
 from stead.store import budgets
 from stead.store.db import Pool
 from tests.conftest import SimControl, Tenant, TenantFactory, running_workers, spawn_worker

@@ -22,12 +22,12 @@ from temporalio.workflow import HandlerUnfinishedPolicy
 
 from stead import metrics, search
 from stead.api.app import refresh_gauges
-from stead.api.routes.runs import new_run_id, workflow_id
 from stead.attest import AttestationInterceptor
 from stead.config import Settings
 from stead.contract import RunContext, RunInput
 from stead.gateway.ledger import LedgerActivities
 from stead.pipeline.base import Completed, Outcome, Pipeline
+from stead.service.runs import new_run_id, workflow_id
 from stead.store.audit import audit_writer
 from stead.store.db import Pool
 from tests.conftest import Tenant

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from stead.api.routes.runs import workflow_id
+from stead.service.runs import workflow_id
 from tests.conftest import Tenant
 from tests.helpers import record_history, wait_json
 

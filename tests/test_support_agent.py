@@ -13,8 +13,8 @@ import pytest
 from temporalio.client import Client
 
 from activities import support_desk
-from stead.api.routes.runs import workflow_id
 from stead.config import Settings
+from stead.service.runs import workflow_id
 from stead.store import policy as policy_store
 from stead.store import principals
 from stead.store.db import Pool

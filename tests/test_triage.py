@@ -8,8 +8,8 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from stead.api.routes.runs import workflow_id
 from stead.policy.models import load_routing
+from stead.service.runs import workflow_id
 from stead.store.db import Pool
 from tests.conftest import SimControl, Tenant
 from tests.helpers import record_history, wait_json

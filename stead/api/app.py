@@ -20,12 +20,14 @@ from temporalio.client import Client
 
 from stead import metrics
 from stead.api import errors
-from stead.api.deps import Services, authenticate
+from stead.api.deps import authenticate
 from stead.api.routes import admin, approvals, audit, codec, documents, health, runs, usage
 from stead.api.routes.documents import MAX_TEXT_BYTES
-from stead.api.routes.runs import STUCK_QUERY
 from stead.app import App, Runtime
 from stead.config import Settings, load_settings
+from stead.service.access import Services
+from stead.service.errors import ServiceError
+from stead.service.runs import STUCK_QUERY
 from stead.store import approvals as approvals_store
 from stead.store.audit import audit_writer
 from stead.store.db import Pool, pool_from_settings
@@ -131,7 +133,7 @@ class Admission:
                 principal = await authenticate(
                     request.app.state.services, request.headers.get("authorization")
                 )
-            except errors.ApiError as exc:
+            except ServiceError as exc:
                 await errors.error_response(exc)(scope, receive, send)
                 return
             except errors.OUTAGES:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,50 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 from temporalio.service import RPCError, RPCStatusCode
 
-
-class ApiError(Exception):
-    status: int = 400
-    code: str = "bad_request"
-    headers: dict[str, str] | None = None
-
-    def __init__(self, detail: str, *, code: str | None = None, status: int | None = None) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.code = code or self.code
-        self.status = status or self.status
-
-
-class Unauthorized(ApiError):
-    status, code = 401, "unauthorized"
-
-
-class Forbidden(ApiError):
-    status, code = 403, "forbidden"
-
-
-class NotFound(ApiError):
-    status, code = 404, "not_found"
-
-
-class Conflict(ApiError):
-    status, code = 409, "conflict"
-
-
-class Invalid(ApiError):
-    status, code = 422, "invalid"
-
-
-class Unavailable(ApiError):
-    status, code = 503, "unavailable"
-
-
-class RateLimited(ApiError):
-    status, code = 429, "rate_limited"
-
-    def __init__(self, detail: str, *, retry_after: float) -> None:
-        super().__init__(detail)
-        # Retry-After is whole seconds (RFC 9110); rounding down would invite a second refusal.
-        self.headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
+from stead.service.errors import ServiceError
 
 
 class ErrorOut(BaseModel):
@@ -141,11 +97,11 @@ class BodyTooLarge(StarletteHTTPException):
         self.limit = limit
 
 
-def too_large(limit: int) -> ApiError:
-    return ApiError(f"the body is over {limit} bytes", code="too_large", status=413)
+def too_large(limit: int) -> ServiceError:
+    return ServiceError(f"the body is over {limit} bytes", code="too_large", status=413)
 
 
-def error_response(exc: ApiError) -> JSONResponse:
+def error_response(exc: ServiceError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else exc.headers
     return JSONResponse(
         {"detail": exc.detail, "code": exc.code}, status_code=exc.status, headers=headers
@@ -182,10 +138,10 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, invalid_request)
 
     async def handle(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, ApiError)
+        assert isinstance(exc, ServiceError)
         return error_response(exc)
 
-    app.add_exception_handler(ApiError, handle)
+    app.add_exception_handler(ServiceError, handle)
 
     async def method_not_allowed(request: Request, exc: Exception) -> Response:
         # Starlette answers 405 from the first route whose path matches, so `Allow` named only

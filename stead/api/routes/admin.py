@@ -12,11 +12,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Response, status
 from pydantic import BaseModel, Field, ValidationError
 
-from stead.api.deps import CurrentPrincipal, Services, ServicesDep, limited, require
-from stead.api.errors import RATE_LIMITED, Conflict, Forbidden, Invalid, NotFound
-from stead.api.schemas import Request
+from stead.api.deps import CurrentPrincipal, ServicesDep, limited
+from stead.api.errors import RATE_LIMITED
 from stead.contract import MAX_BUDGET_USD, ApprovalPolicy
 from stead.policy.permissions import Constraint, Override
+from stead.service.access import Services, require
+from stead.service.errors import Conflict, Forbidden, Invalid, NotFound
+from stead.service.schemas import Request
 from stead.store import approvals as approvals_store
 from stead.store import budgets, principals
 from stead.store import policy as policy_store

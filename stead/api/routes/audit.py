@@ -25,17 +25,19 @@ from temporalio.client import WorkflowExecutionDescription
 from temporalio.service import RPCError
 
 from stead import search
-from stead.api.deps import CurrentPrincipal, Services, ServicesDep, limited, require
-from stead.api.errors import RATE_LIMITED, Invalid, NotFound
-from stead.api.ledger import (
+from stead.api.deps import CurrentPrincipal, ServicesDep, limited
+from stead.api.errors import RATE_LIMITED
+from stead.contract import AuditEvent
+from stead.service.access import Services, require
+from stead.service.errors import Invalid, NotFound
+from stead.service.ledger import (
     Ledger,
     LedgerOut,
     masked,
     text_of,
 )
-from stead.api.routes.runs import RUN_ID, describe_run, run_status
-from stead.api.schemas import DateTimeParam, Page, Request
-from stead.contract import AuditEvent
+from stead.service.runs import RUN_ID, describe_run, run_status
+from stead.service.schemas import DateTimeParam, Page, Request
 from stead.store import audit, redaction
 from stead.store.audit import AuditEntry, Problem, Verification
 from stead.store.principals import Principal

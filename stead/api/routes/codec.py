@@ -34,11 +34,12 @@ from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.api.sdk.v1 import ExternalStorageReference
 from temporalio.converter import StorageDriverClaim, StorageDriverRetrieveContext
 
-from stead.api.deps import CurrentPrincipal, ServicesDep, require, services
-from stead.api.errors import ApiError, Unauthorized, Unavailable
+from stead.api.deps import CurrentPrincipal, ServicesDep, services
 from stead.codec import EncryptionCodec
 from stead.config import Settings
 from stead.crypto import SealError
+from stead.service.access import require
+from stead.service.errors import ServiceError, Unauthorized, Unavailable
 from stead.store.payloads import PayloadMissing, PostgresPayloadStore
 
 # Temporal refuses payloads over 2 MiB; base64 adds a third. A request the size of several of
@@ -60,7 +61,7 @@ class _CodecRoute(APIRoute):
         async def with_cors(request: Request) -> Response:
             try:
                 response = await handler(request)
-            except ApiError as exc:
+            except ServiceError as exc:
                 # The same body shape as api.errors, built here so the CORS headers survive.
                 response = JSONResponse(
                     {"detail": exc.detail, "code": exc.code}, status_code=exc.status
@@ -157,7 +158,7 @@ async def _read_payloads(request: Request) -> Payloads:
         ]
         return json_format.ParseDict({"payloads": known}, Payloads())
     except (json_format.ParseError, ValueError):
-        raise ApiError('body must be proto-JSON Payloads: {"payloads": [...]}') from None
+        raise ServiceError('body must be proto-JSON Payloads: {"payloads": [...]}') from None
 
 
 def _payloads_shaped(data: object) -> bool:
@@ -176,8 +177,8 @@ def _payloads_shaped(data: object) -> bool:
     )
 
 
-def _too_large() -> ApiError:
-    return ApiError(f"body over {MAX_BODY_BYTES} bytes", code="payload_too_large", status=413)
+def _too_large() -> ServiceError:
+    return ServiceError(f"body over {MAX_BODY_BYTES} bytes", code="payload_too_large", status=413)
 
 
 async def _encode(request: Request) -> JSONResponse:
@@ -221,8 +222,8 @@ async def _claimed(store: PostgresPayloadStore, payload: Payload) -> Payload:
     return stored
 
 
-def _undecodable(index: int, reason: str) -> ApiError:
-    return ApiError(f"payload {index} {reason}", code="undecodable", status=422)
+def _undecodable(index: int, reason: str) -> ServiceError:
+    return ServiceError(f"payload {index} {reason}", code="undecodable", status=422)
 
 
 def _reply(payloads: list[Payload]) -> JSONResponse:

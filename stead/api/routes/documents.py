@@ -20,12 +20,15 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from stead import metrics
-from stead.api.deps import ApiKeyId, CurrentPrincipal, Services, ServicesDep, admit_start, require
-from stead.api.errors import RATE_LIMITED, ApiError, Conflict, Invalid, NotFound, Unavailable
-from stead.api.routes.runs import IdempotencyKey, input_digest, launch, new_run_id
-from stead.api.schemas import Page, Request, StartRun
+from stead.api.deps import ApiKeyId, CurrentPrincipal, ServicesDep
+from stead.api.errors import RATE_LIMITED
+from stead.api.routes.runs import IdempotencyKey
 from stead.builtin.ingest import IngestWorkflow
 from stead.contract import RunContext, RunInput
+from stead.service.access import Services, admit_start, require
+from stead.service.errors import Conflict, Invalid, NotFound, ServiceError, Unavailable
+from stead.service.runs import input_digest, launch, new_run_id
+from stead.service.schemas import Page, Request, StartRun
 from stead.store import documents
 from stead.store.principals import Principal
 
@@ -78,7 +81,7 @@ class DocumentOut(BaseModel):
         )
 
 
-class TooLarge(ApiError):
+class TooLarge(ServiceError):
     status, code = 413, "too_large"
 
 

@@ -9,9 +9,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from stead.api.deps import CurrentPrincipal, ServicesDep, require
-from stead.api.errors import Invalid
-from stead.api.schemas import DateTimeParam
+from stead.api.deps import CurrentPrincipal, ServicesDep
+from stead.service.access import require
+from stead.service.errors import Invalid
+from stead.service.schemas import DateTimeParam
 from stead.store import usage
 from stead.store.usage import GroupBy
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stead.api.deps import Services
-from stead.api.schemas import ApprovalOut
 from stead.policy.redaction import Redactor, tenant_redactor
+from stead.service.access import Services
+from stead.service.schemas import ApprovalOut
 from stead.store import redaction
 from stead.store.db import Conn
 from stead.store.principals import Principal
