@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -71,6 +71,9 @@ DEFER_ATTEMPT = 0
 HOLD_MARGIN = timedelta(hours=1)
 ENQUEUE = "stead.batch_enqueue"
 _SIGNALS_AT_ONCE = 32
+# Results recorded at once: each is a few short transactions, so one at a time made a
+# 500-request batch take minutes to record (bench/batches.py); bounded to spare the pool.
+_RECORDS_AT_ONCE = 8
 _RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
 
 
@@ -268,9 +271,7 @@ class BatchingModelActivities(ModelActivities):
         if batch.processing_status != "ended":
             return False
         results = await self._client.messages.batches.results(poll.batch_id)
-        async for item in results:
-            await self._record_result(item)
-            activity.heartbeat()
+        await self._record_results(results)
         async with self._pool.acquire() as conn:
             members = await batches.in_batch(conn, poll.batch_id)
         for missing in (m for m in members if m.status == "submitted"):
@@ -279,6 +280,29 @@ class BatchingModelActivities(ModelActivities):
             await batches.end_batch(conn, poll.batch_id)
         await self._signal(m for m in members if not m.abandoned)
         return True
+
+    async def _record_results(self, results: AsyncIterator[MessageBatchIndividualResponse]) -> None:
+        """Record the results as they stream in, a few at once (each on its own custom_id)."""
+        gate = asyncio.Semaphore(_RECORDS_AT_ONCE)
+        # Every task is kept to the end: a failed one must fail the poll (and be retried),
+        # never leave its call to be taken for missing from the results.
+        recording: list[asyncio.Task[None]] = []
+
+        async def one(item: MessageBatchIndividualResponse) -> None:
+            try:
+                await self._record_result(item)
+                activity.heartbeat()
+            finally:
+                gate.release()
+
+        try:
+            async for item in results:
+                await gate.acquire()
+                recording.append(asyncio.create_task(one(item)))
+            await asyncio.gather(*recording)
+        finally:
+            for task in recording:
+                task.cancel()
 
     async def _record_result(self, item: MessageBatchIndividualResponse) -> None:
         """One result: what it cost first (settled at batch rates), then what it said."""
