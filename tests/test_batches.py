@@ -16,10 +16,10 @@ import pytest
 import yaml
 from temporalio.client import Client
 
-from stead.api.routes.runs import workflow_id
 from stead.config import Settings
 from stead.gateway.batches import batcher_id, custom_id_of
 from stead.policy.models import TokenCounts, load_prices
+from stead.service.runs import workflow_id
 from stead.sim.messages import SimConfig, SimState, create_app
 from stead.store import budgets
 from stead.store.db import Pool
