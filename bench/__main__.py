@@ -22,8 +22,10 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import bench.batches
 import bench.budget
 import bench.cache
+import bench.caching
 import bench.history
 import bench.latency
 import bench.profile
@@ -52,6 +54,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     "budget": bench.budget.run,
     "profile": bench.profile.run,
     "ratelimit": bench.ratelimit.run,
+    "caching": bench.caching.run,
+    "batches": bench.batches.run,
 }
 assert tuple(BENCHMARKS) == ORDER
 

@@ -24,7 +24,18 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 # The order benchmarks appear in SUMMARY.md.
-ORDER = ("throughput", "latency", "scale", "history", "cache", "budget", "profile", "ratelimit")
+ORDER = (
+    "throughput",
+    "latency",
+    "scale",
+    "history",
+    "cache",
+    "budget",
+    "profile",
+    "ratelimit",
+    "caching",
+    "batches",
+)
 
 
 def say(message: str) -> None:
