@@ -258,6 +258,9 @@ async def test_runs_share_a_batch_and_each_gets_its_own_result_at_batch_rates(
         client.get_workflow_handle(workflow_id(tenant.id, run_ids[0])), "summarize_deferred"
     )
     batcher = client.get_workflow_handle(batcher_id(batch_settings.task_queue, tenant.id))
+    # Its tasks go ahead of the runs' own: a backlog of runs must not hold up every batch.
+    described = (await batcher.describe()).raw_description.workflow_execution_info
+    assert described.priority.priority_key == 1
     await record_history(batcher, "batcher_three_runs")
 
 

@@ -38,6 +38,7 @@ import anthropic
 from anthropic.types.messages import MessageBatchIndividualResponse
 from anthropic.types.messages.batch_create_params import Request as BatchRequest
 from temporalio import activity
+from temporalio.common import Priority
 from temporalio.service import RPCError, RPCStatusCode
 
 from stead import metrics
@@ -70,6 +71,7 @@ DEFER_ATTEMPT = 0
 # A held reservation outlives its deadline by this much before the sweeper may charge it.
 HOLD_MARGIN = timedelta(hours=1)
 ENQUEUE = "stead.batch_enqueue"
+BATCHER_PRIORITY = Priority(priority_key=1)
 _SIGNALS_AT_ONCE = 32
 # Results recorded at once: each is a few short transactions, so one at a time made a
 # 500-request batch take minutes to record (bench/batches.py); bounded to spare the pool.
@@ -153,6 +155,9 @@ class BatchingModelActivities(ModelActivities):
             task_queue=task_queue,
             start_signal=ENQUEUE,
             start_signal_args=[custom_id],
+            # Ahead of the runs' own tasks (default 3): with a backlog of runs on the queue, a
+            # batcher behind them flushed nothing for minutes while every run waited on it.
+            priority=BATCHER_PRIORITY,
         )
 
     @activity.defn(name="model.batch_collect")
