@@ -101,7 +101,9 @@ def test_walkthrough_and_clean_stop(
     process, data_dir = dev
     info = json.loads((data_dir / "dev.json").read_text())
     assert set(info["keys"]) == {
-        f"{t}/{r}" for t in ("acme", "globex") for r in ("requester", "approver", "admin")
+        f"{t}/{r}"
+        for t in ("acme", "globex")
+        for r in ("requester", "approver", "finance", "admin")
     } | {"platform/operator"}
     api, keys = info["api"], info["keys"]
     with httpx.Client(base_url=api, timeout=10) as http:
