@@ -5,6 +5,7 @@ stead api | worker | sim | integrations     one process each
 stead migrate                  apply schema migrations as the owner (STEAD_MIGRATE_DATABASE_URL)
 stead audit verify [--tenant T]   recompute audit hash chains; non-zero exit on tampering
 stead admin ...                tenants, users, keys, roles, grants, budgets
+stead new app DIR | pipeline NAME | tool NAME   a new application, or a pipeline or tool in one
 """
 
 from __future__ import annotations
@@ -385,6 +386,49 @@ def cmd_payloads_gc(args: argparse.Namespace) -> int:
     return _run(go)
 
 
+def cmd_new(args: argparse.Namespace) -> int:
+    """Write a project, or a pipeline or tool into the one in --dir; say what was done."""
+    from stead import scaffold  # noqa: PLC0415  # keeps `stead --help` fast
+
+    root = Path(args.dir)
+    try:
+        match args.new_command:
+            case "app":
+                root = Path(args.target)
+                report = scaffold.new_app(root, args.name)
+            case "pipeline":
+                report = scaffold.new_pipeline(root, args.name, args.tool)
+            case _:
+                report = scaffold.new_tool(
+                    root, args.name, args.integration, args.resource, args.action
+                )
+    except scaffold.ScaffoldError as exc:
+        print(f"stead: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(report.lines(root)))
+    return 0
+
+
+def _new_parser(sub: Any) -> None:
+    new = sub.add_parser("new", help="a new application, or a pipeline or tool in one")
+    new.set_defaults(func=cmd_new)
+    cmds = new.add_subparsers(dest="new_command", required=True)
+    app = cmds.add_parser("app", help="a new project: an example pipeline, tool and tests")
+    app.add_argument("target", help="the project's directory (new, or empty)")
+    app.add_argument("--name", default=None, help="the project's name (default: the directory's)")
+    app.set_defaults(dir=".")
+    pipeline = cmds.add_parser("pipeline", help="a pipeline with a model step and a review")
+    pipeline.add_argument("name", help="kebab-case, e.g. refund-request")
+    pipeline.add_argument("--tool", default=None, help="a tool of the project it calls")
+    tool = cmds.add_parser("tool", help="a tool on an HTTP integration")
+    tool.add_argument("name", help="snake_case, e.g. issue_credit")
+    tool.add_argument("--integration", required=True, help="e.g. billing (new or existing)")
+    tool.add_argument("--resource", default=None, help="what grants name (default: last word)")
+    tool.add_argument("--action", default="execute", choices=["read", "draft", "execute"])
+    for command in (pipeline, tool):
+        command.add_argument("--dir", default=".", help="the project (default: here)")
+
+
 def _admin_parser(sub: Any) -> None:
     admin = sub.add_parser("admin", help="tenants, users, keys, budgets (platform operator)")
     admin.set_defaults(func=cmd_admin)
@@ -444,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--tenant", default=None)
     verify.set_defaults(func=cmd_audit_verify)
     _admin_parser(sub)
+    _new_parser(sub)
     payloads = sub.add_parser("payloads", help="the claim-check store of large payloads")
     payloads_sub = payloads.add_subparsers(dest="payloads_command", required=True)
     gc = payloads_sub.add_parser(

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, FilePath, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,6 +30,7 @@ Environment = Literal["dev", "test", "production"]
 # The codec token travels in a URL path, so it must be path-safe; 16+ characters keeps it
 # unguessable.
 _CODEC_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,256}")
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 class ConfigError(Exception):
@@ -121,6 +123,21 @@ class Settings(BaseSettings):
     # Request limits per plan, replacing the policy path's (stead/policy/defaults/limits.yaml).
     limits_file: FilePath | None = None
 
+    # Webhooks (stead/webhooks). A delivery is tried `webhook_attempts` times: after the first
+    # failure it waits `webhook_retry_first_seconds`, then three times longer each time, at most
+    # `webhook_retry_max_seconds` (the defaults: 34 hours from the first attempt to the last).
+    # An endpoint that failed for a whole schedule with no success meanwhile is disabled.
+    webhook_attempts: int = Field(12, ge=1, le=50)
+    webhook_retry_first_seconds: float = Field(5.0, gt=0, le=3600)
+    webhook_retry_max_seconds: float = Field(36_000.0, gt=0, le=86_400)
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=60)
+    # Deliver to private, link-local and other non-public addresses too (a deployment whose
+    # tenants are trusted). Off: public addresses only, and loopback outside production.
+    webhook_private_networks: bool = False
+    # The longest a scheduled run's watcher waits between two looks at the run it started (the
+    # schedule's overlap policy counts the run as running until the watcher sees it end).
+    schedule_watch_max_seconds: float = Field(60.0, gt=0, le=3600)
+
     # Payloads larger than this (bytes, after encryption) are kept in PostgreSQL and referenced
     # by hash from the workflow history; 0 keeps everything inline.
     payload_offload_bytes: int = Field(512, ge=0)
@@ -142,11 +159,53 @@ class Settings(BaseSettings):
     # bearer token nor cookies to a codec, so its endpoint URL carries the credential.
     codec_token: SecretStr | None = None
 
+    # The reviewers' web app (stead/web, under /ui/ on the API). Links to a run in the
+    # Temporal Web UI start here; unset: the dev server's UI when Temporal is embedded, else
+    # no link.
+    temporal_ui_url: str | None = Field(None, pattern=r"^https?://[^\s]+$")
+    web_session_hours: float = Field(12, gt=0, le=24 * 30)
+    # Mark session cookies Secure even when the request came over plain HTTP (TLS ends at a
+    # proxy that does not say so); over HTTPS they always are.
+    web_secure_cookies: bool = False
+    # How often a page without the live event stream refreshes what it shows, in seconds.
+    web_refresh_seconds: float = Field(5, ge=0.2, le=600)
+    # OIDC sign-in, offered when the issuer is set: the authorization code flow with PKCE.
+    oidc_issuer: str | None = Field(None, pattern=r"^https?://[^\s]+$")
+    oidc_client_id: str | None = None
+    oidc_client_secret: SecretStr | None = None
+    oidc_scopes: str = "openid email profile"
+    # The ID token's claim that names the Stead principal (its id in the tenant), and the
+    # tenant: fixed (`oidc_tenant`) or read from a claim. The principal must exist and be
+    # enabled; its roles are Stead's, never the token's.
+    oidc_principal_claim: str = "sub"
+    oidc_tenant: str | None = None
+    oidc_tenant_claim: str = "stead_tenant"
+    # Where the issuer sends the browser back; unset: <public API URL>/ui/oidc/callback.
+    oidc_redirect_url: str | None = None
+
     @field_validator("codec_token")
     @classmethod
     def _check_codec_token(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not _CODEC_TOKEN.fullmatch(value.get_secret_value()):
             raise ValueError("must be 16-256 URL-safe characters (A-Z a-z 0-9 _ -)")
+        return value
+
+    @field_validator("oidc_issuer")
+    @classmethod
+    def _check_oidc_issuer(cls, value: str | None) -> str | None:
+        # Tokens and keys from an issuer reached in clear could be anyone's.
+        host = urlsplit(value).hostname if value else None
+        if value and not value.startswith("https://") and host not in _LOOPBACK:
+            raise ValueError("must be an https:// URL (http:// only for a loopback issuer)")
+        return value
+
+    @field_validator("anthropic_api_key", mode="before")
+    @classmethod
+    def _blank_key_is_no_key(cls, value: object) -> object:
+        # `ANTHROPIC_API_KEY=` (compose's `${ANTHROPIC_API_KEY:-}`, an emptied .env line)
+        # means "no key": the simulator, not Anthropic with an empty key.
+        if isinstance(value, str) and not value.strip():
+            return None
         return value
 
     @field_validator("payload_keys", "attestation_keys")
@@ -191,6 +250,16 @@ class Settings(BaseSettings):
         return f"http://{self.host}:{self.temporal_ui_port}"
 
     @property
+    def temporal_ui_base(self) -> str | None:
+        if self.temporal_ui_url:
+            return self.temporal_ui_url.rstrip("/")
+        return self.ui_url if self.temporal_embedded else None
+
+    @property
+    def oidc_callback_url(self) -> str:
+        return self.oidc_redirect_url or f"{self.api_url}/ui/oidc/callback"
+
+    @property
     def model_url(self) -> str | None:
         """Where model calls go; None means Anthropic's own endpoint."""
         if self.model_base_url:
@@ -206,6 +275,11 @@ class Settings(BaseSettings):
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         """A copy whose derived keys follow its own settings: pydantic copies the instance's
         `__dict__`, where `cached_property` keeps what it derived from the original's keys."""
+        # An unknown name would be set as a plain attribute nothing reads: a test or caller
+        # meaning a setting that moved would silently run with the old configuration.
+        unknown = sorted(set(update or {}) - set(type(self).model_fields))
+        if unknown:
+            raise TypeError(f"not settings: {', '.join(unknown)}")
         copied = super().model_copy(update=update, deep=deep)
         for name, attribute in vars(Settings).items():
             if isinstance(attribute, cached_property):
@@ -226,6 +300,8 @@ class Settings(BaseSettings):
                 f"the {process} has no payload keys: set STEAD_PAYLOAD_KEYS (the same in every"
                 " process), or STEAD_PAYLOAD_ENCRYPTION=false to keep payloads in clear"
             )
+        if self.oidc_issuer and not self.oidc_client_id:
+            raise ConfigError("STEAD_OIDC_ISSUER is set: set STEAD_OIDC_CLIENT_ID too")
         if self.attestor is None:
             raise ConfigError(
                 f"the {process} has no key for decisions: with STEAD_PAYLOAD_ENCRYPTION=false,"

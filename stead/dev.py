@@ -478,6 +478,8 @@ class DevStack:
         if s.temporal_embedded:
             self.spawn("temporal", self.temporal_args(), env, probe=self.temporal_healthy)
             env["STEAD_TEMPORAL_ADDRESS"] = s.temporal_target
+            # The children see an external Temporal now: tell the web app where its UI is.
+            env["STEAD_TEMPORAL_UI_URL"] = s.temporal_ui_base or s.ui_url
             servers += ("temporal",)
         stead = str(BIN / "stead")
         self.spawn("sim", [stead, "sim"], env, probe=self.answers(s.sim_port))
@@ -669,6 +671,8 @@ def _banner(info: dict[str, object], stack: DevStack) -> str:
     lines = [
         "",
         "Stead is running.",
+        f"  Web app       {s.api_url}/ui/  (sign in with a demo key below: acme/approver"
+        " approves refunds, acme/admin sees runs and usage)",
         f"  API docs      {s.api_url}/docs",
         f"  Temporal UI   {s.ui_url}",
         f"  Temporal      {s.temporal_target}",

@@ -35,11 +35,14 @@ class EmbeddedServer(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def serving(app: Any, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+async def serving(
+    app: Any, host: str = "127.0.0.1", port: int = 0, **options: Any
+) -> AsyncIterator[str]:
     """Serve `app` for the duration of the block; yield its base URL once it accepts
-    connections. Port 0 picks a free one. Shuts down cleanly (lifespan included) on exit."""
+    connections. Port 0 picks a free one; `options` go to uvicorn.Config (`ssl_certfile`...).
+    Shuts down cleanly (lifespan included) on exit."""
     server = EmbeddedServer(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+        uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, **options)
     )
     task = asyncio.create_task(server.serve())
     ready = asyncio.create_task(server.ready.wait())

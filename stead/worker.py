@@ -21,7 +21,7 @@ import logging
 import signal
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -36,11 +36,15 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from stead.app import App, AppError, Runtime
 from stead.attest import AttestationInterceptor
+from stead.builtin.schedules import ScheduledRunWorkflow
+from stead.builtin.webhooks import WebhookDelivery
 from stead.config import ConfigError, Settings, load_settings
+from stead.crypto import Sealer
 from stead.gateway.batcher import ModelBatcher
 from stead.gateway.batches import BatchingModelActivities
 from stead.gateway.ledger import LedgerActivities
 from stead.gateway.retrieval import RetrievalActivities
+from stead.gateway.schedules import ScheduleActivities
 from stead.gateway.tools import ToolActivities
 from stead.loader import load_app
 from stead.serving import serving
@@ -50,8 +54,14 @@ from stead.store.db import Pool, pool_from_settings
 from stead.store.payloads import PostgresPayloadStore
 from stead.telemetry import interceptors, metrics_app, metrics_runtime, setup_tracing
 from stead.temporal import connect, data_converter
+from stead.webhooks.delivery import WebhookActivities, delivery_client
+from stead.webhooks.dispatch import Dispatcher
+from stead.webhooks.urls import Reach
 
 log = logging.getLogger("stead.worker")
+# Stead's own workflows that are not pipelines: webhook deliveries, schedules' firings, the
+# batchers gathering deferred model calls.
+PLATFORM_WORKFLOWS: tuple[type[Any], ...] = (WebhookDelivery, ScheduledRunWorkflow, ModelBatcher)
 
 
 def model_client(settings: Settings) -> anthropic.AsyncAnthropic:
@@ -77,10 +87,13 @@ class Deps:
     pool: Pool
     model: anthropic.AsyncAnthropic
     http: httpx.AsyncClient
+    # Webhook deliveries' own client: no redirects, no proxy, no kept-alive connections.
+    hooks: httpx.AsyncClient = field(default_factory=delivery_client)
 
     async def close(self) -> None:
         await self.model.close()
         await self.http.aclose()
+        await self.hooks.aclose()
 
 
 def make_deps(pool: Pool, settings: Settings) -> Deps:
@@ -95,6 +108,8 @@ class Activities:
     ledger: LedgerActivities
     tools: ToolActivities
     retrieval: RetrievalActivities
+    webhooks: WebhookActivities
+    schedules: ScheduleActivities
 
     def all(self) -> list[Callable[..., Any]]:
         return [
@@ -111,6 +126,11 @@ class Activities:
             self.retrieval.chunk_document,
             self.retrieval.search,
             self.retrieval.mark_document,
+            self.webhooks.deliver,
+            self.webhooks.give_up,
+            self.schedules.start_run,
+            self.schedules.watch_run,
+            self.schedules.cancel_run,
         ]
 
 
@@ -131,6 +151,14 @@ def activities(runtime: Runtime, settings: Settings, deps: Deps) -> Activities:
             deps.pool, runtime, audit, deps.http, heartbeat_every=settings.heartbeat_seconds
         ),
         retrieval=RetrievalActivities(deps.pool),
+        webhooks=WebhookActivities(
+            deps.pool,
+            audit,
+            Sealer(settings.encryption_keys) if settings.encryption_keys else None,
+            Reach.of(settings),
+            deps.hooks,
+        ),
+        schedules=ScheduleActivities(runtime, settings, deps.pool, audit),
     )
 
 
@@ -149,8 +177,7 @@ def plugin(
     made = made or activities(runtime, settings, deps)
     return SimplePlugin(
         "stead",
-        # Stead's own: the batcher gathering a tenant's deferred model calls.
-        workflows=[*runtime.workflows, ModelBatcher],
+        workflows=[*runtime.workflows, *PLATFORM_WORKFLOWS],
         activities=made.all(),
         # Decisions and cancels must carry the API's attestation (stead/attest.py).
         interceptors=[AttestationInterceptor(settings.attestor)],
@@ -226,6 +253,7 @@ async def run(settings: Settings, runtime: Runtime) -> None:
             )
             log.info("metrics at %s/metrics", url)
         sweeper = asyncio.create_task(sweep_forever(pool))
+        dispatcher = asyncio.create_task(Dispatcher(pool, client, settings).run_forever())
         tasks = [asyncio.create_task(w.run()) for w in workers]
         await client.service_client.check_health()
         for missing in runtime.unconfigured():
@@ -247,6 +275,7 @@ async def run(settings: Settings, runtime: Runtime) -> None:
         )
         await stop.wait()
         sweeper.cancel()
+        dispatcher.cancel()
         await asyncio.gather(*(w.shutdown() for w in workers))
         await asyncio.gather(*tasks, return_exceptions=True)
     await deps.close()

@@ -414,7 +414,15 @@ async def inbox_by_run(
             a["run_id"]: a["approval_id"] for a in response.json()["items"] if a["run_id"] in wanted
         }
 
-    return await eventually(probe, lambda found: set(found) == wanted, within=within)
+    try:
+        return await eventually(probe, lambda found: set(found) == wanted, within=within)
+    except AssertionError as missing:
+        found = await probe()
+        views = [
+            (await api.get(f"/v1/runs/{r}", headers=tenant.auth("requester"))).text[:300]
+            for r in sorted(wanted - set(found))[:3]
+        ]
+        raise AssertionError(f"{len(found)} of {len(wanted)} in the inbox; {views}") from missing
 
 
 async def decide(

@@ -173,7 +173,7 @@ def _run(name: str, target: Target, max_children: int, pgdata: Path) -> int:
     names = [] if target.only == ("*",) else list(target.only)
     command = [str(mutmut), "run", f"--max-children={max_children}", *names]
     env = {k: v for k, v in os.environ.items() if not k.startswith("STEAD_")}
-    env["STEAD_TEST_PGDATA"] = str(pgdata)  # tests/conftest.py attaches instead of initdb
+    env["STEAD_TEST_PGDATA"] = str(pgdata)  # stead.testing attaches instead of initdb
     # In a session of its own, so that a stop reaches every process it started (its workers'
     # test sessions and their Temporal servers) and nothing else.
     process = subprocess.Popen(command, cwd=work, env=env, start_new_session=True)

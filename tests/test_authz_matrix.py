@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
+from temporalio.client import Client
 
 from activities import support_desk
 from stead.api.app import create_app
@@ -25,7 +27,18 @@ from tests.helpers import wait_json
 # Routes open to anyone by design.
 PUBLIC = {("GET", "/healthz"), ("GET", "/metrics")}
 # Path parameters that name a tenant's object (others, like a pipeline name, do not).
-OBJECTS = ("{run_id}", "{approval_id}", "{document_id}", "{user_id}", "{key_id}", "{grant_id}")
+OBJECTS = (
+    "{run_id}",
+    "{approval_id}",
+    "{document_id}",
+    "{user_id}",
+    "{key_id}",
+    "{grant_id}",
+    "{endpoint_id}",
+    "{delivery_id}",
+    "{schedule_id}",
+)
+WEBHOOKS, SCHEDULES = ("POST", "/v1/admin/webhooks"), ("POST", "/v1/schedules")
 
 
 @dataclass
@@ -37,7 +50,9 @@ class World:
 
 
 @pytest.fixture
-async def world(api: httpx.AsyncClient, make_tenant: TenantFactory, pool: Pool) -> World:
+async def world(
+    api: httpx.AsyncClient, make_tenant: TenantFactory, pool: Pool, client: Client
+) -> AsyncIterator[World]:
     unique_user = f"alice-{uuid.uuid4().hex[:8]}"
     tenant = await make_tenant(
         {
@@ -62,6 +77,13 @@ async def world(api: httpx.AsyncClient, make_tenant: TenantFactory, pool: Pool) 
             },
             by="admin",
         )
+    admin = tenant.auth("admin")
+    endpoint = await api.post("/v1/admin/webhooks", json=BODIES[WEBHOOKS], headers=admin)
+    assert endpoint.status_code == 201, endpoint.text
+    endpoint_id = endpoint.json()["endpoint_id"]
+    schedule = await api.post("/v1/schedules", json=BODIES[SCHEDULES], headers=auth)
+    assert schedule.status_code == 201, schedule.text
+    schedule_id = schedule.json()["schedule_id"]
     started = await api.post(
         "/v1/runs",
         json={"pipeline": "summarize", "input": {"text": "secret plans of A"}},
@@ -76,7 +98,14 @@ async def world(api: httpx.AsyncClient, make_tenant: TenantFactory, pool: Pool) 
         headers=tenant.auth("admin"),
     )
     assert document.status_code == 201, document.text
-    return World(
+    # The run's approval.requested, enqueued for the endpoint (no dispatcher runs here).
+    deliveries = await wait_json(
+        api,
+        f"/v1/admin/webhooks/{endpoint_id}/deliveries",
+        admin,
+        lambda b: bool(b["items"]),
+    )
+    yield World(
         tenant,
         {
             "run_id": run_id,
@@ -87,8 +116,12 @@ async def world(api: httpx.AsyncClient, make_tenant: TenantFactory, pool: Pool) 
             "grant_id": str(grant),
             "pipeline": "summarize",
             "step": "review",
+            "endpoint_id": endpoint_id,
+            "delivery_id": deliveries["items"][0]["delivery_id"],
+            "schedule_id": schedule_id,
         },
     )
+    await client.get_schedule_handle(f"{tenant.id}:{schedule_id}").delete()
 
 
 # A valid body per route, so that a refusal is about authorization, never validation.
@@ -110,6 +143,16 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("PUT", "/v1/admin/budgets"): {"scope": "customer", "period": "day", "limit_usd": 1000},
     ("PUT", "/v1/admin/approval-policies/{pipeline}/{step}"): {"roles": ["requester"]},
     ("PUT", "/v1/admin/redaction"): {"drop": [], "mask": ["notes"]},
+    WEBHOOKS: {"url": "https://hooks.example.com/stead", "events": ["approval.requested"]},
+    ("PATCH", "/v1/admin/webhooks/{endpoint_id}"): {"enabled": False},
+    ("POST", "/v1/admin/webhooks/{endpoint_id}/rotate-secret"): {"keep_previous_seconds": 0},
+    SCHEDULES: {
+        "pipeline": "summarize",
+        "input": {"text": "Daily digest."},
+        "cron": "0 9 * * 1-5",
+        "paused": True,  # never fires during the test
+    },
+    ("POST", "/v1/schedules/{schedule_id}/pause"): {"note": "x"},
 }
 
 
@@ -186,6 +229,8 @@ def test_every_route_is_in_the_matrix() -> None:
     bodyless = {
         ("POST", "/v1/runs/{run_id}/cancel"),
         ("POST", "/v1/runs/{run_id}/retry"),
+        ("POST", "/v1/admin/webhooks/{endpoint_id}/deliveries/{delivery_id}/redeliver"),
+        ("POST", "/v1/schedules/{schedule_id}/resume"),
     }
     missing = sorted(r for r in with_body if r not in BODIES and r not in bodyless)
     assert not missing, f"add a valid body for {missing}"

@@ -261,7 +261,7 @@ async def test_runs_share_a_batch_and_each_gets_its_own_result_at_batch_rates(
     # Its tasks go ahead of the runs' own: a backlog of runs must not hold up every batch.
     described = (await batcher.describe()).raw_description.workflow_execution_info
     assert described.priority.priority_key == 1
-    await record_history(batcher, "batcher_three_runs")
+    await record_history(batcher, "modelbatcher_three_runs")
 
 
 @pytest.mark.usefixtures("batch_worker")

@@ -66,3 +66,17 @@ def test_a_copy_derives_its_keys_from_its_own_settings() -> None:
     assert keyed.attestor is not None
     bare = keyed.model_copy(update={"payload_keys": None})
     assert (bare.encryption_keys, bare.attestor) == ([], None)
+
+
+def test_a_copy_refuses_names_that_are_not_settings() -> None:
+    """A setting that moved (the payments URL went into the integrations file) must not be
+    accepted silently and ignored."""
+    with pytest.raises(TypeError, match="payments_url"):
+        Settings().model_copy(update={"payments_url": "http://127.0.0.1:1"})
+
+
+def test_a_blank_api_key_means_the_simulator(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "")
+    settings = Settings()
+    assert settings.anthropic_api_key is None
+    assert settings.model_url == f"http://{settings.host}:{settings.sim_port}"

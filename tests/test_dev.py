@@ -23,6 +23,7 @@ from temporalio.client import Client
 
 from stead.dev import port_free
 from tests.helpers import free_ports
+from tests.web_support import csrf_field
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).parent.parent
@@ -96,10 +97,13 @@ def dev(dev_env: dict[str, str], tmp_path: Path) -> Iterator[tuple[subprocess.Po
 
 
 def test_walkthrough_and_clean_stop(
-    dev: tuple[subprocess.Popen[bytes], Path], dev_env: dict[str, str]
+    dev: tuple[subprocess.Popen[bytes], Path], dev_env: dict[str, str], tmp_path: Path
 ) -> None:
     process, data_dir = dev
     info = json.loads((data_dir / "dev.json").read_text())
+    # The banner sends a reviewer to the web app's sign-in, which answers.
+    assert f"Web app       {info['api']}/ui/" in (tmp_path / "dev.log").read_text()
+    assert httpx.get(f"{info['api']}/ui/sign-in", timeout=10).status_code == 200
     assert set(info["keys"]) == {
         f"{t}/{r}"
         for t in ("acme", "globex")
@@ -160,6 +164,16 @@ def test_walkthrough_and_clean_stop(
         assert other.status_code == 404
         ui = httpx.get(info["ui"], timeout=10)
         assert ui.status_code == 200
+    # The approver reads the run on the web app, linked to it in this Temporal Web UI.
+    with httpx.Client(base_url=api, timeout=10) as browser:
+        form = browser.get("/ui/sign-in")
+        signed_in = browser.post(
+            "/ui/sign-in", data={"key": keys["acme/approver"], "csrf": csrf_field(form.text)}
+        )
+        assert signed_in.status_code == 303, signed_in.text
+        page = browser.get(f"/ui/runs/{run_id}")
+        assert page.status_code == 200
+        assert f'href="{info["ui"]}/namespaces/default/workflows/acme%3A{run_id}"' in page.text
 
     children = child_pids(data_dir)
     assert len(children) == 5  # temporal, sim, integrations, worker, api

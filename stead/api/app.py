@@ -18,10 +18,21 @@ from starlette.requests import Request as StarletteRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.client import Client
 
-from stead import metrics
+from stead import metrics, web
 from stead.api import errors
-from stead.api.deps import authenticate
-from stead.api.routes import admin, approvals, audit, codec, documents, health, runs, usage
+from stead.api.deps import authenticate_request
+from stead.api.routes import (
+    admin,
+    approvals,
+    audit,
+    codec,
+    documents,
+    health,
+    runs,
+    schedules,
+    usage,
+    webhooks,
+)
 from stead.api.routes.documents import MAX_TEXT_BYTES
 from stead.app import App, Runtime
 from stead.config import Settings, load_settings
@@ -90,12 +101,13 @@ def create_app(
     if services is not None:
         app.state.services = services
     errors.install(app)
-    for router in (runs, approvals, audit, documents, admin, usage):
+    for router in (runs, approvals, audit, documents, admin, usage, webhooks, schedules):
         app.include_router(router.router, responses=errors.RESPONSES)
     for extra in runtime.app.routers:
         app.include_router(extra, responses=errors.RESPONSES)
     app.include_router(health.router)
     app.include_router(codec.router, responses=errors.RESPONSES)
+    web.mount(app)
     app.add_middleware(Admission)
     app.add_middleware(RequestMetrics)
     return app
@@ -130,16 +142,14 @@ class Admission:
         if path.startswith("/v1/"):
             request = StarletteRequest(scope)
             try:
-                principal = await authenticate(
-                    request.app.state.services, request.headers.get("authorization")
-                )
+                principal, key_id = await authenticate_request(request.app.state.services, request)
             except ServiceError as exc:
                 await errors.error_response(exc)(scope, receive, send)
                 return
             except errors.OUTAGES:
                 await errors.retry_shortly("PostgreSQL")(scope, receive, send)
                 return
-            scope.setdefault("state", {})["principal"] = principal
+            scope.setdefault("state", {}).update(principal=principal, key_id=key_id)
         received = 0
 
         async def bounded() -> Message:

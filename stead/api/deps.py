@@ -6,14 +6,17 @@ caller may then do is checked by the service layer (stead.service), for every fr
 
 from __future__ import annotations
 
+import secrets
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import HTTPConnection
 
 from stead.policy.limits import Action
-from stead.service.access import Services, enforce, require
-from stead.service.errors import Unauthorized
+from stead.service import sessions
+from stead.service.access import Services, admit
+from stead.service.errors import Forbidden, Unauthorized
 from stead.store import principals
 from stead.store.principals import Principal
 
@@ -23,6 +26,7 @@ def services(request: Request) -> Services:
     return found
 
 
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
 _bearer = HTTPBearer(auto_error=False, description="Stead API key: `Bearer stead_...`")
 
 
@@ -36,6 +40,28 @@ async def authenticate(svc: Services, authorization: str | None) -> Principal:
     if principal is None:
         raise Unauthorized("invalid or revoked API key")
     return principal
+
+
+async def authenticate_request(svc: Services, request: HTTPConnection) -> tuple[Principal, str]:
+    """The caller of an API request and the subject of its per-key limits: a Bearer key, or
+    the web app's session cookie. A cookie alone authenticates reads only (a browser's
+    EventSource); a write with it also needs the session's CSRF token in `X-CSRF-Token`, which
+    another site cannot read, so the JSON API is no more open to forged requests than a key."""
+    authorization = request.headers.get("authorization")
+    token = request.cookies.get(sessions.COOKIE)
+    if authorization or not token:
+        principal = await authenticate(svc, authorization)
+        return principal, principals.key_id((authorization or "").partition(" ")[2].strip()) or ""
+    session = await sessions.resolve(svc, token)
+    if session is None:
+        raise Unauthorized("the browser session has expired or was signed out; sign in again")
+    if request.scope.get("method") not in _READS:
+        sent = request.headers.get(sessions.CSRF_HEADER, "")
+        if not secrets.compare_digest(sent.encode(), session.csrf_token.encode()):
+            raise Forbidden(
+                f"a write with a browser session needs its CSRF token in {sessions.CSRF_HEADER}"
+            )
+    return session.principal, session.limit_key
 
 
 async def current_principal(
@@ -54,14 +80,16 @@ ServicesDep = Annotated[Services, Depends(services)]
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 
 
-_READS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
 def api_key_id(
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
-    """The id part of the caller's key, `stead_<id>_<secret>`: the subject of per-key limits.
-    Meaningful only beside `CurrentPrincipal`, which checks the key."""
+    """The id part of the caller's key, `stead_<id>_<secret>`: the subject of per-key limits
+    (for a browser session, what its session counts against). Meaningful only beside
+    `CurrentPrincipal`, which checks the key."""
+    found = getattr(request.state, "key_id", None)
+    if isinstance(found, str):
+        return found
     parts = credentials.credentials.split("_", 2) if credentials else []
     return parts[1] if len(parts) == 3 else ""
 
@@ -70,16 +98,14 @@ ApiKeyId = Annotated[str, Depends(api_key_id)]
 
 
 def limited(action: Action, right: str) -> Any:
-    """A route dependency for writes: the caller holds `right` and is within the plan's
-    limits for `action` (429 otherwise). Reads pass untouched. The right is checked first, so a
-    caller refused anyway spends none of the allowance the tenant's real callers need."""
+    """A route dependency for writes: `stead.service.access.admit` (the right, then the plan's
+    limits for `action`). Reads pass untouched."""
 
     async def check(
         request: Request, svc: ServicesDep, principal: CurrentPrincipal, key_id: ApiKeyId
     ) -> None:
         if request.method in _READS:
             return
-        require(svc, principal, right)
-        await enforce(svc, principal, key_id, action)
+        await admit(svc, principal, key_id, action, right)
 
     return Depends(check)

@@ -71,6 +71,16 @@ def require(svc: Services, principal: Principal, right: str) -> None:
         raise Forbidden(f"this action needs the right {right!r}, which your roles do not grant")
 
 
+async def admit(
+    svc: Services, principal: Principal, key_id: str, action: Action, right: str
+) -> None:
+    """A write of `action`: the caller holds `right` and is within the plan's limits (429
+    otherwise). The right is checked first, so a caller refused anyway spends none of the
+    allowance the tenant's real callers need."""
+    require(svc, principal, right)
+    await enforce(svc, principal, key_id, action)
+
+
 async def enforce(svc: Services, principal: Principal, key_id: str, action: Action) -> None:
     """Charge one request of `action` to the caller's key and tenant, or refuse it (429)."""
     if not svc.limits.enforced(action):

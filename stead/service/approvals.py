@@ -25,7 +25,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from stead import metrics
-from stead.contract import DecideInput, DecideResult, Proposal
+from stead.contract import ApprovalStatus, DecideInput, DecideResult, Proposal
 from stead.errors import ErrorType
 from stead.pipeline.base import Pipeline
 from stead.pipeline.proposals import InvalidEdits, apply_edits
@@ -75,9 +75,16 @@ def _after(cursor: str | None) -> tuple[datetime, str] | None:
 
 
 async def inbox(
-    svc: Services, principal: Principal, *, limit: int = 50, cursor: str | None = None
+    svc: Services,
+    principal: Principal,
+    *,
+    limit: int = 50,
+    cursor: str | None = None,
+    pipeline: str | None = None,
+    kind: str | None = None,
 ) -> Page[ApprovalOut]:
-    """Pending approvals the caller may decide now, earliest deadline first."""
+    """Pending approvals the caller may decide now, earliest deadline first; `pipeline` and
+    `kind` narrow them."""
     require(svc, principal, "approvals:read")
     async with svc.pool.acquire() as conn:
         rows = await approvals_store.inbox(
@@ -87,6 +94,8 @@ async def inbox(
             principal.roles,
             limit=limit + 1,
             after=_after(cursor),
+            pipeline=pipeline,
+            kind=kind,
         )
         viewer = await proposal_viewer(svc, conn, principal)
     page = rows[:limit]
@@ -136,6 +145,23 @@ async def get_approval(svc: Services, principal: Principal, approval_id: str) ->
     if row is None:
         raise NotFound("no such approval")
     return viewer.show(ApprovalOut.of_row(row))
+
+
+def may_decide(svc: Services, principal: Principal, approval: ApprovalOut) -> bool:
+    """Whether to offer the caller a decision on `approval` (a page's buttons): pending, not
+    their own request, not decided by them yet, their right and an eligible role or name.
+    Only a hint: `decide` and the run's validator refuse what they must, whatever a page
+    offered (a tool call's approver must also hold the right to make the call)."""
+    return (
+        approval.status == ApprovalStatus.PENDING
+        and svc.permissions.has_right(principal.roles, "approvals:decide")
+        and approval.requested_by != principal.id
+        and principal.id not in approval.decided_by
+        and (
+            principal.id in approval.eligible_principals
+            or principal.has_role(*approval.eligible_roles)
+        )
+    )
 
 
 async def decide(

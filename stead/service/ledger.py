@@ -14,8 +14,18 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
+from temporalio.client import WorkflowExecutionDescription
+from temporalio.service import RPCError
 
+from stead import search
+from stead.service.access import Services, require
+from stead.service.errors import NotFound
+from stead.service.runs import RUN_ID, describe_run, run_status
+from stead.store import audit
 from stead.store.audit import AuditEntry
+from stead.store.principals import Principal
+
+_TERMINAL = {"run.completed": "completed", "run.failed": "failed", "run.cancelled": "cancelled"}
 
 
 class _Item(BaseModel):
@@ -277,6 +287,61 @@ class Ledger:
             if approval_id in self._approvals:
                 self._approvals[approval_id].status = "cancelled"
         self._event(entry)
+
+
+async def run_ledger(svc: Services, principal: Principal, run_id: str) -> LedgerOut:
+    """The run in time order, redacted for the caller (`GET /v1/runs/{id}/ledger`)."""
+    require(svc, principal, "audit:read")
+    described, entries = await run_entries(svc, principal, run_id)
+    ledger = Ledger()
+    for entry in entries:
+        ledger.add(entry)
+    started = next((e for e in entries if e.action == "run.started"), None)
+    pipeline = described.typed_search_attributes.get(search.PIPELINE) if described else None
+    if pipeline is None and started is not None:
+        pipeline = text_of(started.data.get("pipeline")) or None
+    return LedgerOut(
+        run_id=run_id,
+        pipeline=pipeline,
+        status=run_status(described.status).value if described else _status(entries),
+        requested_by=started.actor if started else None,
+        items=ledger.items,
+        model_calls=ledger.model_calls,
+        total_cost_nusd=ledger.cost_nusd,
+        total_cost_usd=round(ledger.cost_nusd / 1e9, 9),
+        redacted=any(not e.revealed and masked(e.data) for e in entries),
+    )
+
+
+async def run_entries(
+    svc: Services, principal: Principal, run_id: str
+) -> tuple[WorkflowExecutionDescription | None, list[AuditEntry]]:
+    """The run's audit entries decoded for the caller, and its description while Temporal
+    still has it. A 404 unless the caller's tenant has the run."""
+    if not RUN_ID.match(run_id):
+        raise NotFound("no such run")
+    try:
+        _, described = await describe_run(svc, principal, run_id)
+    except (NotFound, RPCError):
+        # Gone from Temporal (retention) or Temporal unreachable: the log still has the run.
+        # Tenant isolation does not depend on Temporal: the query below is the caller's tenant's.
+        described = None
+    async with svc.pool.acquire() as conn:
+        rows = await audit.run_rows(conn, principal.tenant, run_id)
+    if described is None and not rows:
+        raise NotFound("no such run")
+    reveal = svc.permissions.has_right(principal.roles, "audit:read_sensitive")
+    return described, [svc.audit.decode(row, reveal_private=reveal) for row in rows]
+
+
+def _status(entries: list[AuditEntry]) -> str:
+    status = "running"
+    for entry in entries:
+        if entry.action in _TERMINAL:
+            status = _TERMINAL[entry.action]
+        elif entry.action == "run.redriven":
+            status = "running"
+    return status
 
 
 def masked(value: Any) -> bool:

@@ -124,6 +124,23 @@ async def start_run(
     """Start a run of a pipeline. With the same `idempotency_key` the same run comes back
     (`created` false) instead of another; the same key with a different body is a Conflict."""
     require(svc, principal, "runs:start")
+    check_start(svc, body)
+    run_id = new_run_id(principal.tenant, idempotency_key)
+    digest = input_digest(body)
+    context = await new_context(svc, principal, key_id, body.pipeline, run_id, body.budget_usd)
+    deferred = {"defer": body.defer, "defer_deadline_seconds": body.defer_deadline_seconds}
+    context = context.model_copy(update=deferred)
+    try:
+        await launch(svc, RunInput(context=context, input=body.input), digest)
+    except WorkflowAlreadyStartedError:
+        return await _existing_run(svc, principal, run_id, digest)
+    metrics.RUNS_STARTED.labels(body.pipeline).inc()
+    return RunStarted(run_id=run_id, pipeline=body.pipeline, status=RunStatus.RUNNING, created=True)
+
+
+def check_start(svc: Services, body: StartRun) -> None:
+    """Invalid unless `body` names a pipeline callers may start, with input its model takes
+    (a schedule checks its run's body with this when it is created)."""
     pipelines = svc.runtime.pipelines
     workflow_cls = pipelines.get(body.pipeline)
     if workflow_cls is None:
@@ -137,18 +154,6 @@ async def start_run(
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "input"
         raise Invalid(f"input.{where}: {first['msg']}") from None
-
-    run_id = new_run_id(principal.tenant, idempotency_key)
-    digest = input_digest(body)
-    context = await new_context(svc, principal, key_id, body.pipeline, run_id, body.budget_usd)
-    deferred = {"defer": body.defer, "defer_deadline_seconds": body.defer_deadline_seconds}
-    context = context.model_copy(update=deferred)
-    try:
-        await launch(svc, RunInput(context=context, input=body.input), digest)
-    except WorkflowAlreadyStartedError:
-        return await _existing_run(svc, principal, run_id, digest)
-    metrics.RUNS_STARTED.labels(body.pipeline).inc()
-    return RunStarted(run_id=run_id, pipeline=body.pipeline, status=RunStatus.RUNNING, created=True)
 
 
 async def new_context(

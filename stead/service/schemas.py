@@ -118,6 +118,13 @@ class ApprovalOut(BaseModel):
     approvals: int
     deadline_at: datetime
     created_at: datetime
+    rule: str | None = Field(
+        None, description="the permission rule that required this approval (a tool call's)"
+    )
+    proposal_schema: str | None = Field(
+        None, description="the schema the proposal and its edits validate against"
+    )
+    decided_by: list[str] = Field(default_factory=list, description="who decided so far")
 
     @staticmethod
     def of_state(run_id: str, pipeline: str, approval: ApprovalState) -> ApprovalOut:
@@ -137,6 +144,9 @@ class ApprovalOut(BaseModel):
             approvals=approval.approve_count,
             deadline_at=approval.deadline_at,
             created_at=approval.created_at,
+            rule=_rule(approval.proposal.context),
+            proposal_schema=approval.proposal.schema_name,
+            decided_by=[d.principal for d in approval.decisions],
         )
 
     @staticmethod
@@ -157,7 +167,15 @@ class ApprovalOut(BaseModel):
             approvals=row["approvals"],
             deadline_at=row["deadline_at"],
             created_at=row["created_at"],
+            rule=_rule(row["proposal"].get("context") or {}),
+            proposal_schema=row["proposal"].get("schema"),
+            decided_by=list(row.get("decided_by") or []),
         )
+
+
+def _rule(context: dict[str, Any]) -> str | None:
+    rule = context.get("rule")
+    return rule if isinstance(rule, str) else None
 
 
 class RunOut(BaseModel):

@@ -85,8 +85,11 @@ async def inbox(
     *,
     limit: int,
     after: tuple[datetime, str] | None,
+    pipeline: str | None = None,
+    kind: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Pending approvals this principal may decide now, oldest deadline first.
+    """Pending approvals this principal may decide now, oldest deadline first, optionally of
+    one pipeline or kind only.
 
     Excludes requests the principal made (they cannot approve their own) and ones they have
     already voted on (quorum needs distinct principals).
@@ -98,6 +101,7 @@ async def inbox(
           AND (eligible_roles && $3::text[] OR $2 = ANY (eligible_principals))
           AND requested_by <> $2 AND NOT ($2 = ANY (decided_by))
           AND ($4::timestamptz IS NULL OR (deadline_at, id) > ($4, $5))
+          AND ($7::text IS NULL OR pipeline = $7) AND ($8::text IS NULL OR kind = $8)
         ORDER BY deadline_at, id
         LIMIT $6
         """,
@@ -107,6 +111,8 @@ async def inbox(
         after[0] if after else None,
         after[1] if after else "",
         limit,
+        pipeline,
+        kind,
     )
     return [dict(r) for r in rows]
 

@@ -111,6 +111,12 @@ async def revoke_key(conn: Conn, tenant: str, key_id: str) -> bool:
     return done.endswith(" 1")
 
 
+def key_id(key: str) -> str | None:
+    """The id part of a well-formed key (not a check that it authenticates)."""
+    match = _KEY.match(key)
+    return match[1] if match else None
+
+
 async def authenticate(conn: Conn, key: str) -> Principal | None:
     """The principal behind a key, or None for an unknown, revoked or malformed key, or a
     disabled principal. Never raises on bad input."""

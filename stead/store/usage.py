@@ -199,3 +199,21 @@ async def for_run(conn: Conn, tenant: str, run_id: str) -> list[dict[str, Any]]:
         run_id,
     )
     return [dict(r) for r in rows]
+
+
+async def daily(
+    conn: Conn, tenant: str, by: Literal["model", "pipeline"], start: datetime, end: datetime
+) -> list[dict[str, Any]]:
+    """Calls, tokens and cost per UTC day and model (or pipeline), oldest day first."""
+    day, group = _GROUP_SQL["day"], _GROUP_SQL[by]
+    rows = await conn.fetch(
+        f"SELECT {day} AS day, {group} AS key, count(*) AS calls,"  # noqa: S608  # fixed map
+        " sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens) AS tokens,"
+        " sum(cost_nusd) AS cost_nusd"
+        " FROM model_usage WHERE tenant_id = $1 AND at >= $2 AND at < $3"
+        " GROUP BY 1, 2 ORDER BY 1, 2",
+        tenant,
+        start,
+        end,
+    )
+    return [dict(r) for r in rows]

@@ -18,9 +18,13 @@ async def inbox(
     principal: CurrentPrincipal,
     limit: int = Query(50, ge=1, le=500),
     cursor: str | None = Query(None, max_length=1000),
+    pipeline: str | None = Query(None, max_length=64, description="only this pipeline's"),
+    kind: str | None = Query(None, max_length=64, description="only this kind, e.g. tool_call"),
 ) -> Page[ApprovalOut]:
     """Pending approvals the caller may decide now, earliest deadline first."""
-    return await approvals.inbox(svc, principal, limit=limit, cursor=cursor)
+    return await approvals.inbox(
+        svc, principal, limit=limit, cursor=cursor, pipeline=pipeline, kind=kind
+    )
 
 
 @router.get("/{approval_id}")

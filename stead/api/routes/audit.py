@@ -17,35 +17,28 @@ import base64
 import binascii
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field, StringConstraints
-from temporalio.client import WorkflowExecutionDescription
-from temporalio.service import RPCError
 
-from stead import search
 from stead.api.deps import CurrentPrincipal, ServicesDep, limited
 from stead.api.errors import RATE_LIMITED
 from stead.contract import AuditEvent
+from stead.service import audit as chain
+from stead.service import ledger
 from stead.service.access import Services, require
-from stead.service.errors import Invalid, NotFound
-from stead.service.ledger import (
-    Ledger,
-    LedgerOut,
-    masked,
-    text_of,
-)
-from stead.service.runs import RUN_ID, describe_run, run_status
+from stead.service.audit import ChainOut
+from stead.service.errors import Invalid
+from stead.service.ledger import LedgerOut
+from stead.service.runs import RUN_ID
 from stead.service.schemas import DateTimeParam, Page, Request
 from stead.store import audit, redaction
-from stead.store.audit import AuditEntry, Problem, Verification
-from stead.store.principals import Principal
+from stead.store.audit import AuditEntry
 
 router = APIRouter(tags=["audit"])
 
 _ACTION = r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*(\.\*)?$"
-_TERMINAL = {"run.completed": "completed", "run.failed": "failed", "run.cancelled": "cancelled"}
 # Keys the ledger reads to fold entries into items: a tenant may not redact them, or its
 # ledgers would lose their steps, costs and decisions.
 _STRUCTURAL = frozenset(
@@ -107,34 +100,6 @@ class AuditEntryOut(BaseModel):
         )
 
 
-class ChainOut(BaseModel):
-    scope: Literal["tenant", "run"] = Field(
-        description="run: the run's entries and their neighbours were checked in place; "
-        "tenant: the tenant's whole chain was recomputed"
-    )
-    ok: bool
-    entries: int = Field(description="entries checked (up to the first bad one)")
-    first_bad_seq: int | None = None
-    problem: Problem | None = None
-    detail: str = ""
-    head_seq: int | None = Field(None, description="tenant scope: last entry of the intact chain")
-    head_hash: str | None = None
-
-    @staticmethod
-    def of(result: Verification, scope: Literal["tenant", "run"]) -> ChainOut:
-        whole = scope == "tenant" and result.ok
-        return ChainOut(
-            scope=scope,
-            ok=result.ok,
-            entries=result.entries,
-            first_bad_seq=result.first_bad_seq,
-            problem=result.problem,
-            detail=result.detail,
-            head_seq=result.head_seq if whole else None,
-            head_hash=(result.head_hash or None) if whole else None,
-        )
-
-
 class RunAuditOut(BaseModel):
     run_id: str
     items: list[AuditEntryOut]
@@ -166,26 +131,7 @@ async def run_ledger(run_id: str, svc: ServicesDep, principal: CurrentPrincipal)
     """The run in time order: steps, model calls (tokens, cost, cache, latency), tool calls
     (arguments, permission decisions, result), approvals (who, when, comment) and the rest,
     with the run's total model cost. Redacted for the caller."""
-    require(svc, principal, "audit:read")
-    described, entries = await _run_entries(svc, principal, run_id)
-    ledger = Ledger()
-    for entry in entries:
-        ledger.add(entry)
-    started = next((e for e in entries if e.action == "run.started"), None)
-    pipeline = described.typed_search_attributes.get(search.PIPELINE) if described else None
-    if pipeline is None and started is not None:
-        pipeline = text_of(started.data.get("pipeline")) or None
-    return LedgerOut(
-        run_id=run_id,
-        pipeline=pipeline,
-        status=run_status(described.status).value if described else _status(entries),
-        requested_by=started.actor if started else None,
-        items=ledger.items,
-        model_calls=ledger.model_calls,
-        total_cost_nusd=ledger.cost_nusd,
-        total_cost_usd=round(ledger.cost_nusd / 1e9, 9),
-        redacted=any(not e.revealed and masked(e.data) for e in entries),
-    )
+    return await ledger.run_ledger(svc, principal, run_id)
 
 
 @router.get("/v1/runs/{run_id}/audit")
@@ -193,7 +139,7 @@ async def run_audit(run_id: str, svc: ServicesDep, principal: CurrentPrincipal) 
     """The run's raw audit entries, redacted for the caller, and whether they are intact and
     in place in the tenant's chain (on a failure, the whole chain is checked to name it)."""
     require(svc, principal, "audit:read")
-    _, entries = await _run_entries(svc, principal, run_id)
+    _, entries = await ledger.run_entries(svc, principal, run_id)
     async with svc.pool.acquire() as conn:
         result = await audit.verify_run(conn, principal.tenant, run_id)
     return RunAuditOut(
@@ -201,35 +147,6 @@ async def run_audit(run_id: str, svc: ServicesDep, principal: CurrentPrincipal) 
         items=[AuditEntryOut.of(e) for e in entries],
         chain=ChainOut.of(result, "run" if result.ok else "tenant"),
     )
-
-
-async def _run_entries(
-    svc: Services, principal: Principal, run_id: str
-) -> tuple[WorkflowExecutionDescription | None, list[AuditEntry]]:
-    if not RUN_ID.match(run_id):
-        raise NotFound("no such run")
-    try:
-        _, described = await describe_run(svc, principal, run_id)
-    except (NotFound, RPCError):
-        # Gone from Temporal (retention) or Temporal unreachable: the log still has the run.
-        # Tenant isolation does not depend on Temporal: the query below is the caller's tenant's.
-        described = None
-    async with svc.pool.acquire() as conn:
-        rows = await audit.run_rows(conn, principal.tenant, run_id)
-    if described is None and not rows:
-        raise NotFound("no such run")
-    reveal = svc.permissions.has_right(principal.roles, "audit:read_sensitive")
-    return described, [svc.audit.decode(row, reveal_private=reveal) for row in rows]
-
-
-def _status(entries: list[AuditEntry]) -> str:
-    status = "running"
-    for entry in entries:
-        if entry.action in _TERMINAL:
-            status = _TERMINAL[entry.action]
-        elif entry.action == "run.redriven":
-            status = "running"
-    return status
 
 
 # --- the tenant's log ------------------------------------------------------------------------
@@ -301,10 +218,7 @@ def _after(cursor: str | None) -> int:
 async def verify_chain(svc: ServicesDep, principal: CurrentPrincipal) -> ChainOut:
     """Recompute the tenant's whole chain; name the first entry altered, deleted, inserted or
     reordered. Record `head_seq`/`head_hash` elsewhere to detect a later truncation."""
-    require(svc, principal, "audit:verify")
-    async with svc.pool.acquire() as conn:
-        result = await audit.verify(conn, principal.tenant)
-    return ChainOut.of(result, "tenant")
+    return await chain.verify_chain(svc, principal)
 
 
 # --- the tenant's redaction fields -----------------------------------------------------------

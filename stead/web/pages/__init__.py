@@ -1,0 +1,1 @@
+"""The reviewers' pages, one module per area; each route goes through stead.service."""
