@@ -24,8 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import bench.audit
+import bench.batches
 import bench.budget
 import bench.cache
+import bench.caching
 import bench.cuts
 import bench.history
 import bench.latency
@@ -57,6 +59,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     "ratelimit": bench.ratelimit.run,
     "cuts": bench.cuts.run,
     "audit": bench.audit.run,
+    "caching": bench.caching.run,
+    "batches": bench.batches.run,
 }
 assert tuple(BENCHMARKS) == ORDER
 

@@ -36,6 +36,8 @@ ORDER = (
     "ratelimit",
     "cuts",
     "audit",
+    "caching",
+    "batches",
 )
 
 

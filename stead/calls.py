@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import Field
@@ -62,9 +63,15 @@ class ModelCall(Frozen):
     tool_choice: dict[str, Any] | None = None
     max_tokens: int = Field(1024, ge=1, le=64_000)
     escalate: bool = False
+    # The exact-match response cache (stead's own).
     cache: bool = True
+    # The provider's prompt cache: breakpoints at the route's TTL (off: none for this call).
+    prompt_cache: bool = True
     # The run's budget in force (raised by an approval, it differs from the context's).
     run_budget_nusd: int | None = None
+    # Through the Message Batches API (half price, results within hours): True or False for
+    # this step; None follows the run's start flag.
+    defer: bool | None = None
     events: list[AuditEvent] = Field(default_factory=list)
 
 
@@ -77,6 +84,8 @@ class ModelReply(Frozen):
     fallbacks: int = 0
     attempt: int = 1
     latency_ms: float = 0.0
+    # Answered through the Message Batches API (billed at batch rates).
+    batch: bool = False
 
     @property
     def text(self) -> str:
@@ -85,6 +94,75 @@ class ModelReply(Frozen):
     @property
     def tool_uses(self) -> list[dict[str, Any]]:
         return [b for b in self.content if b.get("type") == "tool_use"]
+
+
+# --- Deferred model calls (Message Batches) -----------------------------------------------------
+
+
+class DeferCall(Frozen):
+    """Queue a model call for the tenant's batcher; `deadline_seconds` overrides the policy's."""
+
+    call: ModelCall
+    workflow_id: str
+    task_queue: str
+    deadline_seconds: float | None = Field(None, gt=0, le=7 * 86_400)
+
+
+class DeferTicket(Frozen):
+    """A queued call (`custom_id`), or its reply at once (a memo or a response-cache hit)."""
+
+    custom_id: str
+    reply: ModelReply | None = None
+    deadline_seconds: float = 86_400.0
+    # How often the waiting run looks for its result without a signal (a signal lost to an
+    # outage must not leave it waiting until the deadline).
+    check_seconds: float = 60.0
+
+
+class BatchCheck(Frozen):
+    """Look for a deferred call's result; `events` are the run's buffered audit events."""
+
+    custom_id: str
+    events: list[AuditEvent] = Field(default_factory=list)
+
+
+BatchStatus = Literal["pending", "succeeded", "failed"]
+
+
+class BatchOutcome(Frozen):
+    status: BatchStatus
+    reply: ModelReply | None = None
+    reason: str = ""
+
+
+class SubmitBatch(Frozen):
+    """Submit these queued calls as one Message Batch; `flush_key` makes a retry find it."""
+
+    tenant: str
+    custom_ids: list[str]
+    flush_key: str
+
+
+class PollBatch(Frozen):
+    tenant: str
+    batch_id: str
+
+
+class Queued(Frozen):
+    custom_id: str
+    queued_at: datetime
+
+
+class BatcherInput(Frozen):
+    """A tenant's batcher, and what it carries across continue-as-new."""
+
+    tenant: str
+    max_requests: int = Field(500, ge=1, le=100_000)
+    max_age_seconds: float = Field(30.0, gt=0)
+    poll_seconds: float = Field(30.0, gt=0)
+    pending: list[Queued] = Field(default_factory=list)
+    in_flight: list[str] = Field(default_factory=list)
+    flushes: int = 0
 
 
 class ApprovalGrant(Frozen):

@@ -50,13 +50,19 @@ class Frozen(BaseModel):
 
 class Usage(BaseModel):
     input_tokens: int = 0
-    output_tokens: int = 0
+    output_tokens: int = Field(0, description="thinking included")
     cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
+    cache_write_tokens: int = Field(0, description="prompt-cache writes, both TTLs")
     cost_nusd: int = Field(0, description="cost in nano-USD (1e-9), exact for every listed price")
     model_calls: int = 0
     cache_hits: int = 0
     fallbacks: int = 0
+    cache_write_1h_tokens: int = Field(0, description="the part of the writes with a 1-hour TTL")
+    thinking_tokens: int = Field(0, description="the part of the output spent thinking")
+    cache_saved_nusd: int = Field(
+        0, description="what provider prompt caching saved, against every token uncached"
+    )
+    batch_calls: int = Field(0, description="calls answered through the Message Batches API")
 
     @property
     def cost_usd(self) -> float:
@@ -133,6 +139,11 @@ class RunContext(Frozen):
     # Model calls go to the rate-limited `<queue>-model` (set when the API has a model-call
     # rate, STEAD_MODEL_CALLS_PER_SECOND), else to the run's own queue.
     limited_model_queue: bool = False
+    # Every model step through the Message Batches API, unless a step says otherwise; a
+    # deferred call not back within the deadline (default: the routing policy's) is made
+    # directly.
+    defer: bool = False
+    defer_deadline_seconds: float | None = Field(None, ge=1, le=7 * 86_400)
 
 
 class RunInput(Frozen):

@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from stead.contract import ApprovalStatus, AuditEvent
+from stead.contract import ApprovalStatus, AuditEvent, Usage
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -70,6 +70,26 @@ MODEL_TOKENS = Counter(
     "stead_model_tokens", "Model tokens by kind.", ["model", "kind"], registry=REGISTRY
 )
 MODEL_COST = Counter("stead_model_cost_usd", "Model cost in USD.", ["model"], registry=REGISTRY)
+MODEL_PROMPT_TOKENS = Counter(
+    "stead_model_prompt_tokens",
+    "Prompt tokens by how the provider's prompt cache served them: uncached, cache_read or"
+    " cache_write. The cache hit ratio is cache_read over their sum.",
+    ["pipeline", "model", "kind"],
+    registry=REGISTRY,
+)
+MODEL_THINKING_TOKENS = Counter(
+    "stead_model_thinking_tokens",
+    "Output tokens spent on extended thinking (a part of the output tokens, billed as output).",
+    ["pipeline", "model"],
+    registry=REGISTRY,
+)
+MODEL_BATCH_REQUESTS = Counter(
+    "stead_model_batch_requests",
+    "Deferred model calls by how they ended: succeeded, errored, expired or canceled at the"
+    " provider, or fallback (answered by a direct call after an error or the deadline).",
+    ["result"],
+    registry=REGISTRY,
+)
 MODEL_CACHE = Counter(
     "stead_model_cache_lookups", "Response cache lookups.", ["result"], registry=REGISTRY
 )
@@ -114,6 +134,29 @@ HTTP_LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
     registry=REGISTRY,
 )
+
+
+def observe_usage(pipeline: str, model: str, used: Usage) -> None:
+    """Count a billed call's tokens and cost."""
+    for kind, tokens in (
+        ("input", used.input_tokens),
+        ("output", used.output_tokens),
+        ("cache_read", used.cache_read_tokens),
+        ("cache_write", used.cache_write_tokens),
+    ):
+        if tokens:
+            MODEL_TOKENS.labels(model, kind).inc(tokens)
+    for kind, tokens in (
+        ("uncached", used.input_tokens),
+        ("cache_read", used.cache_read_tokens),
+        ("cache_write", used.cache_write_tokens),
+    ):
+        if tokens:
+            MODEL_PROMPT_TOKENS.labels(pipeline, model, kind).inc(tokens)
+    if used.thinking_tokens:
+        MODEL_THINKING_TOKENS.labels(pipeline, model).inc(used.thinking_tokens)
+    if used.cost_nusd:
+        MODEL_COST.labels(model).inc(used.cost_nusd / 1e9)
 
 
 def observe_events(events: Iterable[AuditEvent]) -> None:

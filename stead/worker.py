@@ -40,8 +40,9 @@ from stead.builtin.schedules import ScheduledRunWorkflow
 from stead.builtin.webhooks import WebhookDelivery
 from stead.config import ConfigError, Settings, load_settings
 from stead.crypto import Sealer
+from stead.gateway.batcher import ModelBatcher
+from stead.gateway.batches import BatchingModelActivities
 from stead.gateway.ledger import LedgerActivities
-from stead.gateway.model import ModelActivities
 from stead.gateway.retrieval import RetrievalActivities
 from stead.gateway.schedules import ScheduleActivities
 from stead.gateway.tools import ToolActivities
@@ -58,8 +59,9 @@ from stead.webhooks.dispatch import Dispatcher
 from stead.webhooks.urls import Reach
 
 log = logging.getLogger("stead.worker")
-# Stead's own workflows that are not pipelines: webhook deliveries, schedules' firings.
-PLATFORM_WORKFLOWS: tuple[type[Any], ...] = (WebhookDelivery, ScheduledRunWorkflow)
+# Stead's own workflows that are not pipelines: webhook deliveries, schedules' firings, the
+# batchers gathering deferred model calls.
+PLATFORM_WORKFLOWS: tuple[type[Any], ...] = (WebhookDelivery, ScheduledRunWorkflow, ModelBatcher)
 
 
 def model_client(settings: Settings) -> anthropic.AsyncAnthropic:
@@ -102,7 +104,7 @@ def make_deps(pool: Pool, settings: Settings) -> Deps:
 class Activities:
     """Stead's activities for one worker process, wired to their dependencies."""
 
-    model: ModelActivities
+    model: BatchingModelActivities
     ledger: LedgerActivities
     tools: ToolActivities
     retrieval: RetrievalActivities
@@ -112,6 +114,11 @@ class Activities:
     def all(self) -> list[Callable[..., Any]]:
         return [
             self.model.call_model,
+            self.model.defer,
+            self.model.collect_batch,
+            self.model.abandon_batch,
+            self.model.submit_batch,
+            self.model.poll_batch,
             self.ledger.flush,
             self.ledger.publish_approval,
             self.ledger.raise_budget,
@@ -131,7 +138,7 @@ def activities(runtime: Runtime, settings: Settings, deps: Deps) -> Activities:
     policies = runtime.policies
     audit = audit_writer(settings, policies.redaction)
     return Activities(
-        model=ModelActivities(
+        model=BatchingModelActivities(
             deps.pool,
             deps.model,
             policies.prices,

@@ -101,6 +101,7 @@ def spawn_worker(client: Client, settings: Settings, log: Path) -> subprocess.Po
         "STEAD_PAYLOAD_KEYS": PAYLOAD_KEYS,
         "STEAD_WORKER_METRICS_PORT": str(settings.worker_metrics_port),
         "STEAD_PAYLOAD_OFFLOAD_BYTES": str(settings.payload_offload_bytes),
+        "STEAD_POLICY_PATH": settings.policy_path_dirs or "",
     }
     return subprocess.Popen(
         [sys.executable, str(ROOT / "worker.py")],

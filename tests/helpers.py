@@ -46,10 +46,18 @@ async def start_run(
 ) -> str:
     """Start a run from a `POST /v1/runs` body (see `stead.testing.start_run`, which waits
     out a 429 as a client does)."""
-    rest = {k: v for k, v in body.items() if k not in ("pipeline", "input", "budget_usd")}
-    assert not rest, f"start_run takes pipeline, input and budget_usd, not {sorted(rest)}"
+    known = ("pipeline", "input", "budget_usd", "defer", "defer_deadline_seconds")
+    rest = {k: v for k, v in body.items() if k not in known}
+    assert not rest, f"start_run takes {', '.join(known)}, not {sorted(rest)}"
     return await testing.start_run(
-        api, tenant, body["pipeline"], body["input"], user=user, budget_usd=body.get("budget_usd")
+        api,
+        tenant,
+        body["pipeline"],
+        body["input"],
+        user=user,
+        budget_usd=body.get("budget_usd"),
+        defer=body.get("defer", False),
+        defer_deadline_seconds=body.get("defer_deadline_seconds"),
     )
 
 
@@ -62,6 +70,24 @@ async def audit_actions(pool: Pool, tenant: Tenant, run_id: str) -> list[str]:
             run_id,
         )
     return [r["action"] for r in rows]
+
+
+async def wait_finished(
+    http: httpx.AsyncClient,
+    tenant: Tenant,
+    run_id: str,
+    user: str = "requester",
+    *,
+    within: float = 60,
+) -> dict[str, Any]:
+    """The run's view once it is no longer running."""
+    return await wait_json(
+        http,
+        f"/v1/runs/{run_id}",
+        tenant.auth(user),
+        lambda b: b["status"] != "running",
+        within=within,
+    )
 
 
 async def record_history(handle: WorkflowHandle[Any, Any], name: str) -> None:

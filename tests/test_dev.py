@@ -105,7 +105,9 @@ def test_walkthrough_and_clean_stop(
     assert f"Web app       {info['api']}/ui/" in (tmp_path / "dev.log").read_text()
     assert httpx.get(f"{info['api']}/ui/sign-in", timeout=10).status_code == 200
     assert set(info["keys"]) == {
-        f"{t}/{r}" for t in ("acme", "globex") for r in ("requester", "approver", "admin")
+        f"{t}/{r}"
+        for t in ("acme", "globex")
+        for r in ("requester", "approver", "finance", "admin")
     } | {"platform/operator"}
     api, keys = info["api"], info["keys"]
     with httpx.Client(base_url=api, timeout=10) as http:

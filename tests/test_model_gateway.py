@@ -4,7 +4,6 @@ retry-after, non-retryable refusals, budgets (exact under concurrency), usage.""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -20,7 +19,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from stead import metrics
-from stead.calls import ModelCall, ModelReply
+from stead.calls import ModelCall
 from stead.config import Settings
 from stead.contract import RunContext
 from stead.gateway.model import ModelActivities
@@ -32,6 +31,7 @@ from stead.store.text import storable
 from stead.worker import model_client
 from tests.budget_kit import counter, reservation
 from tests.conftest import SimControl, Tenant, TenantFactory
+from tests.gateway_kit import call_for, gateway_for, refused, run
 from tests.helpers import eventually
 
 DRAFT = load_routing().route("draft", "standard").models  # (primary, fallback)
@@ -39,42 +39,8 @@ DRAFT = load_routing().route("draft", "standard").models  # (primary, fallback)
 
 @pytest.fixture
 async def gateway(pool: Pool, settings: Settings) -> AsyncIterator[ModelActivities]:
-    client = model_client(settings)
-    yield ModelActivities(
-        pool, client, load_prices(), load_routing(), audit_writer(settings), heartbeat_every=0.2
-    )
-    await client.close()
-
-
-def call_for(tenant: Tenant, text: str = "Summarize: the sky is blue.", **fields: Any) -> ModelCall:
-    run_id = f"r_{uuid.uuid4().hex[:12]}"
-    context = RunContext(
-        tenant=tenant.id,
-        run_id=run_id,
-        pipeline="summarize",
-        requested_by="requester",
-        budget_usd=fields.pop("budget_usd", None),
-    )
-    return ModelCall(
-        context=context,
-        step="summarize",
-        call_key=f"{tenant.id}:{run_id}:model:1",
-        task="draft",
-        messages=[{"role": "user", "content": text}],
-        **{"max_tokens": 200, **fields},
-    )
-
-
-async def run(gateway: ModelActivities, call: ModelCall, attempt: int = 1) -> ModelReply:
-    env = ActivityEnvironment()
-    env.info = dataclasses.replace(env.info, attempt=attempt)
-    return await env.run(gateway.call_model, call)
-
-
-async def refused(gateway: ModelActivities, call: ModelCall) -> ApplicationError:
-    with pytest.raises(ApplicationError) as caught:
-        await run(gateway, call)
-    return caught.value
+    async with gateway_for(pool, settings) as made:
+        yield made
 
 
 async def test_cache_is_per_tenant_and_free(
@@ -263,8 +229,8 @@ async def test_budget_periods_reset_at_the_boundary(tenant: Tenant, pool: Pool) 
 def test_prices_are_exact_and_banded() -> None:
     prices = load_prices()
     sonnet = TokenCounts(input_tokens=1000, output_tokens=500, cache_read_tokens=2000)
-    # $2/M in, $10/M out, $0.10/M cache read, in nano-USD.
-    assert prices.cost_nusd("claude-sonnet-5-5", sonnet) == 2000 * 1000 + 10_000 * 500 + 100 * 2000
+    # $2/M in, $10/M out, $0.20/M cache read, in nano-USD.
+    assert prices.cost_nusd("claude-sonnet-5-5", sonnet) == 2000 * 1000 + 10_000 * 500 + 200 * 2000
     short = TokenCounts(input_tokens=100_000, output_tokens=10)
     long = TokenCounts(input_tokens=100_001, output_tokens=10)
     assert prices.cost_nusd("claude-haiku-5-5", short) == 100 * 100_000 + 500 * 10

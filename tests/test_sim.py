@@ -4,10 +4,12 @@ Each test gets its own app and server, so faults, stats and the prompt cache nev
 between tests.
 """
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import anthropic
 import httpx
@@ -24,6 +26,7 @@ from anthropic.types import (
 from fastapi import FastAPI
 
 from stead.sim.messages import SimConfig, SimState, count_tokens, create_app
+from tests.helpers import eventually
 from tests.servers import serve_app
 
 MODEL = "claude-sim-test"
@@ -175,7 +178,8 @@ async def test_count_tokens_equals_usage_sum(sim: Sim) -> None:
     system: list[TextBlockParam] = [
         {
             "type": "text",
-            "text": "You route support tickets.",
+            # Long enough to cache (the minimum is 1,024 tokens).
+            "text": "You route support tickets. " * 160,
             "cache_control": {"type": "ephemeral"},
         }
     ]
@@ -241,7 +245,11 @@ async def test_full_tool_loop(sim: Sim) -> None:
     )
     assert final.stop_reason == "end_turn"
     assert tool_uses(final) == []
-    assert text_of(final) == "Summary: 1 tool result, 1 error. mail server rejected"
+    # The closing message says what each call returned.
+    assert text_of(final) == (
+        "Summary: 2 tool results, 1 error. lookup_customer: to: ana@example.com weight: 2.5;"
+        " send_email: refused (mail server rejected)."
+    )
 
 
 async def test_tool_input_falls_back_when_a_hint_does_not_fit_the_schema(sim: Sim) -> None:
@@ -342,7 +350,7 @@ async def test_tool_choice_any_overrides_skip_hints(sim: Sim) -> None:
 
 async def test_prompt_cache_is_created_then_read(sim: Sim) -> None:
     system: list[TextBlockParam] = [
-        {"type": "text", "text": "Policy. " * 200, "cache_control": {"type": "ephemeral"}}
+        {"type": "text", "text": "Policy. " * 600, "cache_control": {"type": "ephemeral"}}
     ]
 
     async def ask(question: str) -> Message:
@@ -354,7 +362,7 @@ async def test_prompt_cache_is_created_then_read(sim: Sim) -> None:
     second = await ask("A different question?")
     cached = first.usage.cache_creation_input_tokens
 
-    assert cached == -(-len(("Policy. " * 200).encode()) // 4)
+    assert cached == -(-len(("Policy. " * 600).encode()) // 4)
     assert first.usage.cache_read_input_tokens == 0
     assert second.usage.cache_creation_input_tokens == 0
     assert second.usage.cache_read_input_tokens == cached
@@ -365,7 +373,7 @@ async def test_prompt_cache_is_created_then_read(sim: Sim) -> None:
 
 async def test_prompt_cache_is_scoped_and_expires(sim: Sim) -> None:
     system: list[TextBlockParam] = [
-        {"type": "text", "text": "Rules.", "cache_control": {"type": "ephemeral"}}
+        {"type": "text", "text": "Rules. " * 600, "cache_control": {"type": "ephemeral"}}
     ]
     now = [1000.0]
     sim.state.clock = lambda: now[0]
@@ -386,8 +394,91 @@ async def test_prompt_cache_is_scoped_and_expires(sim: Sim) -> None:
     assert await cached_tokens(MODEL) == created
 
 
+def cached_block(text: str, ttl: Literal["5m", "1h"] = "5m") -> TextBlockParam:
+    return {"type": "text", "text": text, "cache_control": {"type": "ephemeral", "ttl": ttl}}
+
+
+async def test_a_prefix_below_the_minimum_is_not_cached(sim: Sim) -> None:
+    short = await sim.client.messages.create(
+        model=MODEL, max_tokens=50, system=[cached_block("Short rules.")], messages=[user("q")]
+    )
+    haiku_sized = [cached_block("Rules. " * 700)]  # 1,225 tokens: enough for 1,024, not 2,048
+    sonnet = await sim.client.messages.create(
+        model="claude-sonnet-5-5", max_tokens=50, system=haiku_sized, messages=[user("q")]
+    )
+    haiku = await sim.client.messages.create(
+        model="claude-haiku-5-5", max_tokens=50, system=haiku_sized, messages=[user("q")]
+    )
+    assert (short.usage.cache_creation_input_tokens, short.usage.cache_read_input_tokens) == (0, 0)
+    assert sonnet.usage.cache_creation_input_tokens
+    assert haiku.usage.cache_creation_input_tokens == 0
+
+
+async def test_writes_are_split_by_ttl_and_ordered(sim: Sim) -> None:
+    system = [cached_block("Long-lived. " * 400, "1h"), cached_block("Daily. " * 200)]
+    reply = await sim.client.messages.create(
+        model=MODEL, max_tokens=50, system=system, messages=[user("q")]
+    )
+    split = reply.usage.cache_creation
+    assert split is not None
+    assert split.ephemeral_1h_input_tokens == -(-len(("Long-lived. " * 400).encode()) // 4)
+    assert split.ephemeral_5m_input_tokens == -(-len(("Daily. " * 200).encode()) // 4)
+    assert reply.usage.cache_creation_input_tokens == (
+        split.ephemeral_1h_input_tokens + split.ephemeral_5m_input_tokens
+    )
+    with pytest.raises(anthropic.BadRequestError, match="1h"):
+        await sim.client.messages.create(
+            model=MODEL, max_tokens=50, system=system[::-1], messages=[user("q")]
+        )
+
+
+async def test_at_most_four_breakpoints(sim: Sim) -> None:
+    system = [cached_block(f"Part {i}. " * 300) for i in range(5)]
+    with pytest.raises(anthropic.BadRequestError, match="maximum of 4"):
+        await sim.client.messages.create(
+            model=MODEL, max_tokens=50, system=system, messages=[user("q")]
+        )
+
+
+async def test_a_read_looks_back_twenty_blocks_at_most(sim: Sim) -> None:
+    """A breakpoint reads an entry written up to 20 blocks before it, not further: a long
+    turn needs the previous turn's breakpoint too (the gateway places it)."""
+    head = [cached_block("Context. " * 600)]
+
+    async def ask(tag: str, extra: int, *, both: bool) -> int:
+        # Notes of their own per call: only the head is shared.
+        tail: list[TextBlockParam] = [{"type": "text", "text": f"{tag} {i}"} for i in range(extra)]
+        tail[-1] = cached_block(f"{tag} {extra - 1}")
+        first = [*head] if both else [{"type": "text", "text": head[0]["text"]}]
+        reply = await sim.client.messages.create(
+            model=MODEL,
+            max_tokens=50,
+            messages=[{"role": "user", "content": [*first, *tail]}],
+        )
+        return reply.usage.cache_read_input_tokens or 0
+
+    await ask("a", 1, both=True)  # writes an entry at the end of the head
+    assert await ask("b", 20, both=False) > 0  # 20 blocks on: found by the lookback
+    assert await ask("c", 30, both=False) == 0  # 30 on: out of reach
+    assert await ask("d", 30, both=True) > 0  # with a breakpoint on the head itself
+
+
+async def test_breakpoints_do_not_change_the_answer(sim: Sim) -> None:
+    plain = await sim.client.messages.create(
+        model=MODEL,
+        max_tokens=50,
+        system=[{"type": "text", "text": "Rules. " * 600}],
+        messages=[user("Same?")],
+    )
+    marked = await sim.client.messages.create(
+        model=MODEL, max_tokens=50, system=[cached_block("Rules. " * 600)], messages=[user("Same?")]
+    )
+    assert marked.id == plain.id
+    assert marked.content == plain.content
+
+
 async def test_top_level_cache_control_reads_the_previous_turn(sim: Sim) -> None:
-    history: list[MessageParam] = [user("Long shared context. " * 50)]
+    history: list[MessageParam] = [user("Long shared context. " * 200)]
     first = await sim.client.messages.create(
         model=MODEL, max_tokens=400, messages=history, cache_control={"type": "ephemeral"}
     )
@@ -522,6 +613,42 @@ async def test_oversized_body_is_rejected(sim: Sim) -> None:
     assert response.json()["error"]["type"] == "request_too_large"
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_a_client_gone_mid_body_leaves_no_traceback(sim: Sim) -> None:
+    """A worker killed while sending its request is ordinary: counted, not logged as a crash."""
+    logged = _Records()
+    server_log = logging.getLogger("uvicorn.error")  # where uvicorn logs an app's exception
+    server_log.addHandler(logged)
+    try:
+        host, port = sim.url.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        head = (
+            f"POST /v1/messages HTTP/1.1\r\nHost: {host}\r\nx-api-key: {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        )
+        writer.write(head.encode() + b'{"model": ')  # and no more: the client dies
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        # Either outcome ends the request: the disconnect counted, or a crash logged.
+        await eventually(
+            lambda: sim.control("GET", "/_sim/stats"),
+            lambda stats: stats.get("client_disconnects") == 1 or bool(logged.records),
+        )
+    finally:
+        server_log.removeHandler(logged)
+    assert [r.getMessage() for r in logged.records] == []
+    assert sim.state.stats.requests_total == 0  # it never became a request
+
+
 async def test_unknown_route_uses_the_error_shape(sim: Sim) -> None:
     response = await sim.http.get("/v1/models/nope")
 
@@ -618,7 +745,7 @@ async def test_faults_can_be_cleared_and_specs_are_validated(sim: Sim) -> None:
 
 
 async def test_latency_config_delays_responses(sim: Sim) -> None:
-    assert await sim.control("POST", "/_sim/config", {"latency_ms": 300}) == {"latency_ms": 300}
+    assert (await sim.control("POST", "/_sim/config", {"latency_ms": 300}))["latency_ms"] == 300
 
     started = time.monotonic()
     await sim.client.messages.create(model=MODEL, max_tokens=20, messages=[user("hi")])
@@ -628,7 +755,7 @@ async def test_latency_config_delays_responses(sim: Sim) -> None:
 
 async def test_reset_clears_faults_stats_and_cache(sim: Sim) -> None:
     system: list[TextBlockParam] = [
-        {"type": "text", "text": "Cached.", "cache_control": {"type": "ephemeral"}}
+        {"type": "text", "text": "Cached. " * 600, "cache_control": {"type": "ephemeral"}}
     ]
     first = await sim.client.messages.create(
         model=MODEL, max_tokens=20, system=system, messages=[user("hi")]

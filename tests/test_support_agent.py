@@ -19,7 +19,7 @@ from stead.store import policy as policy_store
 from stead.store import principals
 from stead.store.db import Pool
 from tests.conftest import Integrations, Tenant, spawn_worker
-from tests.helpers import eventually, record_history, wait_json
+from tests.helpers import eventually, record_history, wait_finished, wait_json
 from tests.helpers import start_run as start
 
 CUSTOMER_EMAIL = "jane@initech.test"
@@ -61,13 +61,7 @@ def ticket(customer: str = "cus_1", **hints: str) -> dict[str, Any]:
 async def finished(
     api: httpx.AsyncClient, tenant: Tenant, run_id: str, user: str = "requester"
 ) -> dict[str, Any]:
-    return await wait_json(
-        api,
-        f"/v1/runs/{run_id}",
-        tenant.auth(user),
-        lambda b: b["status"] != "running",
-        within=30,
-    )
+    return await wait_finished(api, tenant, run_id, user, within=30)
 
 
 async def pending_refund(api: httpx.AsyncClient, tenant: Tenant, run_id: str) -> dict[str, Any]:
@@ -78,6 +72,24 @@ async def pending_refund(api: httpx.AsyncClient, tenant: Tenant, run_id: str) ->
         lambda b: any(a["run_id"] == run_id and a["kind"] == "tool_call" for a in b["items"]),
     )
     return next(a for a in inbox["items"] if a["run_id"] == run_id)
+
+
+ALL_TOOLS = ("lookup_customer", "draft_reply", "issue_refund", "send_email")
+
+
+async def approve_and_finish(
+    api: httpx.AsyncClient, tenant: Tenant, approval: dict[str, Any], run_id: str
+) -> dict[str, Any]:
+    """Finance approves the refund; the run, once completed."""
+    ok = await api.post(
+        f"/v1/approvals/{approval['approval_id']}/decision",
+        json={"decision": "approve", "comment": "duplicate confirmed"},
+        headers=tenant.auth("finance"),
+    )
+    assert ok.status_code == 200, ok.text
+    run = await finished(api, tenant, run_id)
+    assert run["status"] == "completed"
+    return run
 
 
 def in_inbox(approval: dict[str, Any]) -> Callable[[dict[str, Any]], bool]:
@@ -129,20 +141,8 @@ async def test_refund_runs_only_after_finance_approves(
     )
     assert refused.status_code == 403
 
-    ok = await api.post(
-        f"/v1/approvals/{approval['approval_id']}/decision",
-        json={"decision": "approve", "comment": "duplicate confirmed"},
-        headers=tenant.auth("finance"),
-    )
-    assert ok.status_code == 200, ok.text
-    run = await finished(api, tenant, run_id)
-    assert run["status"] == "completed"
-    assert actions(run) == {
-        "lookup_customer": "executed",
-        "draft_reply": "executed",
-        "issue_refund": "executed",
-        "send_email": "executed",
-    }
+    run = await approve_and_finish(api, tenant, approval, run_id)
+    assert actions(run) == dict.fromkeys(ALL_TOOLS, "executed")
     refunds = await refunds_for(integrations, run_id)
     assert len(refunds) == 1
     assert refunds[0]["amount"] == "40.00"
@@ -379,3 +379,76 @@ async def test_refund_exactly_once_when_the_worker_dies_after_paying(
         await payments.post("/_control/faults", json={"status": 503, "count": 0})
     assert actions(run)["issue_refund"] == "executed"
     assert len(await refunds_for(integrations, run_id)) == 1
+
+
+def plain_ticket(body: str, customer: str = "cus_1") -> dict[str, Any]:
+    """A ticket as a customer writes it: no hints, the simulator reads it like a model."""
+    return {
+        "pipeline": "support-agent",
+        "input": {
+            "ticket_id": "T-7",
+            "customer_id": customer,
+            "subject": "Double charge",
+            "body": body,
+        },
+    }
+
+
+async def sent_emails(integrations: Integrations, run_id: str) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {integrations.token}"}) as http:
+        sent = (await http.get(f"{integrations.email}/v1/messages")).json()
+    return [m for m in sent if m.get("metadata", {}).get("run_id") == run_id]
+
+
+async def drafts_of(pool: Pool, tenant: Tenant, run_id: str) -> list[dict[str, Any]]:
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT subject, body FROM drafts WHERE tenant_id = $1 AND run_id = $2",
+            tenant.id,
+            run_id,
+        )
+    return [dict(r) for r in rows]
+
+
+@pytest.mark.usefixtures("worker", "customers")
+async def test_an_unscripted_ticket_gets_a_sensible_agent(
+    api: httpx.AsyncClient, tenant: Tenant, pool: Pool, integrations: Integrations
+) -> None:
+    """Without hints, the simulated model reads the ticket and the tool results: the amount
+    from the ticket's text, the email from the lookup, a reply that says what it found."""
+    body = "I was charged twice for order 1234: $40.00 each time. Please refund the duplicate."
+    run_id = await start(api, tenant, plain_ticket(body))
+    approval = await pending_refund(api, tenant, run_id)
+    assert approval["proposal"]["amount"] == "40.00"
+    assert approval["proposal"]["customer_id"] == "cus_1"
+    assert approval["proposal"]["reason"].startswith("I was charged twice")
+    run = await approve_and_finish(api, tenant, approval, run_id)
+    assert actions(run) == dict.fromkeys(ALL_TOOLS, "executed")
+    [refund] = await refunds_for(integrations, run_id)
+    assert (refund["amount"], refund["currency"]) == ("40.00", "USD")
+    [email] = await sent_emails(integrations, run_id)
+    assert email["to"] == CUSTOMER_EMAIL  # learned from the lookup, not scripted
+    assert email["body"].startswith("Hello Jane Doe,")
+    assert "refund of 40.00 USD" in email["body"]
+    [draft] = await drafts_of(pool, tenant, run_id)
+    assert draft["body"].startswith("Hello Jane Doe,")
+    reply = run["result"]["reply"]
+    assert "Jane Doe" in reply
+    assert CUSTOMER_EMAIL in reply
+    assert "40.00" in reply
+
+
+@pytest.mark.usefixtures("worker", "customers")
+async def test_no_amount_no_refund(
+    api: httpx.AsyncClient, tenant: Tenant, integrations: Integrations
+) -> None:
+    run_id = await start(api, tenant, plain_ticket("How do I change my delivery address?"))
+    run = await finished(api, tenant, run_id)
+    assert run["status"] == "completed"
+    assert actions(run) == {
+        "lookup_customer": "executed",
+        "draft_reply": "executed",
+        "send_email": "executed",
+    }
+    assert run["approvals"] == []
+    assert await refunds_for(integrations, run_id) == []

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, NoReturn, TypeVar
@@ -35,7 +36,8 @@ from stead.calls import ModelCall, ModelReply
 from stead.contract import AuditEvent, Usage
 from stead.errors import ErrorType, failure
 from stead.gateway.heartbeat import heartbeating
-from stead.policy.models import PriceTable, RoutingPolicy, TokenCounts
+from stead.gateway.prompt import request_body, with_breakpoints
+from stead.policy.models import CacheTtl, PriceTable, RoutingPolicy, TokenCounts
 from stead.store import budgets, usage
 from stead.store.audit import AuditWriter, run_event
 from stead.store.db import Pool
@@ -45,7 +47,7 @@ from stead.telemetry import set_attributes, span
 T = TypeVar("T")
 _RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
 _AUTH_STATUS = {401, 403}
-_TOKEN_FIELDS = {"input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"}
+_TOKEN_FIELDS = {*usage.TOKEN_COLUMNS, "cache_saved_nusd"}
 # Polling a busy budget: the first look soon (calls settle in milliseconds to seconds), then
 # less often, jittered so that waiters do not come back in step.
 _BUDGET_POLL_FIRST = 0.05
@@ -72,6 +74,18 @@ def _retry_after(exc: anthropic.APIStatusError) -> float | None:
         return max((parsedate_to_datetime(raw) - datetime.now(UTC)).total_seconds(), 0.0)
     except (TypeError, ValueError):
         return None
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What one model call sends: the route's models in order, the request as the response
+    cache and history know it (`request`, `digest`), and as sent, with breakpoints at `ttl`."""
+
+    models: tuple[str, ...]
+    request: dict[str, Any]
+    digest: bytes
+    ttl: CacheTtl | None
+    sent: dict[str, Any]
 
 
 class ModelActivities:
@@ -103,48 +117,21 @@ class ModelActivities:
     async def call_model(self, call: ModelCall) -> ModelReply:
         attempt = activity.info().attempt
         key = call.call_key or _fallback_key()
-        try:
-            route = self._routing.route(call.task, call.context.plan)
-        except KeyError:
-            raise failure(
-                ErrorType.BAD_REQUEST, f"no route for task class {call.task!r}", {"attempt": 1}
-            ) from None
-        models = route.candidates(call.escalate)
-        request = _request_body(call)
-        digest = usage.request_hash(request)
-        with span(
-            "model.cache_lookup",
-            tenant=call.context.tenant,
-            pipeline=call.context.pipeline,
-            step=call.step,
-        ) as lookup:
-            async with self._pool.acquire() as conn:
-                ready = await usage.prepare(
-                    conn,
-                    tenant=call.context.tenant,
-                    principal=call.context.requested_by,
-                    call_key=key,
-                    model=models[0],
-                    digest=digest if call.cache else None,
-                )
-            set_attributes(lookup, **_lookup_facts(call.cache, ready))
-        if ready.memo is not None:
-            memo = ModelReply.model_validate(ready.memo)
-            # The attempt that memoized it may have failed before its audit write.
-            await self._write_events([*call.events, _called(call, key, memo)])
-            return memo
-        if call.cache:
-            metrics.MODEL_CACHE.labels("hit" if ready.cached else "miss").inc()
-            if ready.cached is not None:
-                return await self._serve_cached(call, key, attempt, *ready.cached)
+        plan = self.plan(call)
+        models, sent, digest, ttl = plan.models, plan.sent, plan.digest, plan.ttl
+        ready = await self._lookup(call, key, plan)
+        early = await self._answered(call, key, attempt, ready)
+        if early is not None:
+            return early
         # Without a budget to enforce there is nothing to reserve, and no reason to spend a
         # provider round trip counting tokens.
         budgeted = ready.budgeted or call.run_budget_nusd is not None
         worst = 0
         if budgeted:
-            input_tokens = await self._count_tokens(models[0], request)
+            input_tokens = await self._count_tokens(models[0], sent)
             worst = max(
-                self._prices.worst_case_nusd(m, input_tokens, call.max_tokens) for m in models
+                self._prices.worst_case_nusd(m, input_tokens, sent["max_tokens"], cache_ttl=ttl)
+                for m in models
             )
             await self._reserve(call, key, attempt, worst)
 
@@ -160,10 +147,10 @@ class ModelActivities:
                 attempt=attempt,
             ) as current:
                 model, message, fallbacks = await heartbeating(
-                    self._call_route(models, request), self._heartbeat_every
+                    self._call_route(models, sent), self._heartbeat_every
                 )
                 latency_ms = (time.perf_counter() - started) * 1000
-                reply = self._reply(model, message, fallbacks, attempt, latency_ms)
+                reply = self._reply(model, message, fallbacks, attempt, latency_ms, ttl)
                 set_attributes(
                     current,
                     model=model,
@@ -208,7 +195,61 @@ class ModelActivities:
                 # the reservation is charged in full.
                 await asyncio.shield(self._release_quietly(key, attempt, worst))
 
+    def plan(self, call: ModelCall) -> Planned:
+        """The call's models, request and identity (a bad task class is a bad request)."""
+        try:
+            route = self._routing.route(call.task, call.context.plan)
+        except KeyError:
+            raise failure(
+                ErrorType.BAD_REQUEST, f"no route for task class {call.task!r}", {"attempt": 1}
+            ) from None
+        request = request_body(call, route)
+        ttl = route.cache_ttl if call.prompt_cache else None
+        return Planned(
+            models=route.candidates(call.escalate),
+            request=request,
+            # The identity is taken before the breakpoints: where they sit is the gateway's
+            # business, not the request's.
+            digest=usage.request_hash(request),
+            ttl=ttl,
+            sent=with_breakpoints(request, ttl) if ttl else request,
+        )
+
     # --- steps -------------------------------------------------------------------------------
+
+    async def _lookup(self, call: ModelCall, key: str, plan: Planned) -> usage.Prepared:
+        with span(
+            "model.cache_lookup",
+            tenant=call.context.tenant,
+            pipeline=call.context.pipeline,
+            step=call.step,
+        ) as lookup:
+            async with self._pool.acquire() as conn:
+                ready = await usage.prepare(
+                    conn,
+                    tenant=call.context.tenant,
+                    principal=call.context.requested_by,
+                    call_key=key,
+                    model=plan.models[0],
+                    digest=plan.digest if call.cache else None,
+                )
+            set_attributes(lookup, **_lookup_facts(call.cache, ready))
+        return ready
+
+    async def _answered(
+        self, call: ModelCall, key: str, attempt: int, ready: usage.Prepared
+    ) -> ModelReply | None:
+        """The reply without a provider call: an earlier attempt's memo, or a cache hit."""
+        if ready.memo is not None:
+            memo = ModelReply.model_validate(ready.memo)
+            # The attempt that memoized it may have failed before its audit write.
+            await self._write_events([*call.events, called_event(call, key, memo)])
+            return memo
+        if call.cache:
+            metrics.MODEL_CACHE.labels("hit" if ready.cached else "miss").inc()
+            if ready.cached is not None:
+                return await self._serve_cached(call, key, attempt, *ready.cached)
+        return None
 
     async def _serve_cached(
         self, call: ModelCall, key: str, attempt: int, model: str, stored: dict[str, Any]
@@ -237,7 +278,15 @@ class ModelActivities:
             # every tokenizer we know, so the reservation stays a worst case.
             return len(repr(params).encode()) // 2 + 16
 
-    async def _reserve(self, call: ModelCall, key: str, attempt: int, amount: int) -> None:
+    async def _reserve(
+        self,
+        call: ModelCall,
+        key: str,
+        attempt: int,
+        amount: int,
+        *,
+        held_until: datetime | None = None,
+    ) -> None:
         """Reserve the call's worst case. While the only obstacle is other calls' reservations
         in flight, wait (heartbeating) for them to settle, up to `budget_wait`.
 
@@ -259,6 +308,7 @@ class ModelActivities:
                         attempt,
                         amount,
                         run_limit_nusd=call.run_budget_nusd,
+                        held_until=held_until,
                     )
                 return
             except budgets.BudgetExhausted as exc:
@@ -285,7 +335,7 @@ class ModelActivities:
         await self._write_events(
             [
                 *call.events,
-                _event(
+                gateway_event(
                     call,
                     f"{key}:budget:{attempt}",
                     "budget.rejected",
@@ -353,27 +403,13 @@ class ModelActivities:
         fallbacks: int,
         attempt: int,
         latency_ms: float,
+        ttl: CacheTtl | None,
     ) -> ModelReply:
-        raw = message.usage
-        counts = TokenCounts(
-            input_tokens=raw.input_tokens,
-            output_tokens=raw.output_tokens,
-            cache_read_tokens=raw.cache_read_input_tokens or 0,
-            cache_write_tokens=raw.cache_creation_input_tokens or 0,
-        )
         return ModelReply(
             model=model,
-            # Whatever the provider sent, the reply is stored, audited and passed on from here.
-            content=storable(
-                [b.model_dump(mode="json", exclude_none=True) for b in message.content]
-            ),
+            content=reply_content(message),
             stop_reason=message.stop_reason or "end_turn",
-            usage=Usage(
-                **counts.model_dump(),
-                cost_nusd=self._prices.cost_nusd(model, counts),
-                model_calls=1,
-                fallbacks=fallbacks,
-            ),
+            usage=reply_usage(self._prices, model, message.usage, ttl, fallbacks=fallbacks),
             fallbacks=fallbacks,
             attempt=attempt,
             latency_ms=round(latency_ms, 2),
@@ -396,7 +432,7 @@ class ModelActivities:
         memo is written, the reply too, so it does not call the provider again.
         """
         await self._record_cost(call, key, attempt, reply, budgeted=budgeted)
-        _count_usage(reply)
+        metrics.observe_usage(call.context.pipeline, reply.model, reply.usage)
         cacheable = digest is not None and call.cache and reply.stop_reason != "max_tokens"
         async with self._pool.acquire() as conn:
             await usage.remember(
@@ -412,7 +448,7 @@ class ModelActivities:
                 if cacheable and digest is not None
                 else None,
             )
-        await self._write_events([*call.events, _called(call, key, reply)])
+        await self._write_events([*call.events, called_event(call, key, reply)])
 
     async def _record_cost(
         self, call: ModelCall, key: str, attempt: int, reply: ModelReply, *, budgeted: bool
@@ -456,7 +492,7 @@ class ModelActivities:
     async def _release(
         self, call: ModelCall, key: str, attempt: int, charged: int, why: str
     ) -> None:
-        failed = _event(
+        failed = gateway_event(
             call,
             f"{key}:failed:{attempt}",
             "model.failed",
@@ -482,15 +518,48 @@ class ModelActivities:
         await self._audit.record(self._pool, _storable_events(events))
 
 
-def _request_body(call: ModelCall) -> dict[str, Any]:
-    body: dict[str, Any] = {"messages": call.messages, "max_tokens": call.max_tokens}
-    if call.system:
-        body["system"] = call.system
-    if call.tools:
-        body["tools"] = call.tools
-    if call.tool_choice is not None:
-        body["tool_choice"] = call.tool_choice
-    return body
+def reply_content(message: anthropic.types.Message) -> list[dict[str, Any]]:
+    # Whatever the provider sent, the reply is stored, audited and passed on from here.
+    return storable([b.model_dump(mode="json", exclude_none=True) for b in message.content])
+
+
+def token_counts(raw: anthropic.types.Usage, ttl: CacheTtl | None) -> TokenCounts:
+    """The provider's usage, with the cache writes split by TTL as the API reports them (a
+    provider that reports no split wrote at the TTL asked for)."""
+    written = raw.cache_creation_input_tokens or 0
+    split = raw.cache_creation
+    one_hour = split.ephemeral_1h_input_tokens if split else (written if ttl == "1h" else 0)
+    details = raw.output_tokens_details
+    return TokenCounts(
+        input_tokens=raw.input_tokens,
+        output_tokens=raw.output_tokens,
+        cache_read_tokens=raw.cache_read_input_tokens or 0,
+        cache_write_tokens=written,
+        cache_write_1h_tokens=min(one_hour, written),
+        thinking_tokens=min(details.thinking_tokens if details else 0, raw.output_tokens),
+    )
+
+
+def reply_usage(
+    prices: PriceTable,
+    model: str,
+    raw: anthropic.types.Usage,
+    ttl: CacheTtl | None,
+    *,
+    fallbacks: int = 0,
+    batch: bool = False,
+) -> Usage:
+    """A billed call's usage: tokens by kind, its cost (at batch rates for a batch) and what
+    the prompt cache saved."""
+    counts = token_counts(raw, ttl)
+    return Usage(
+        **counts.model_dump(),
+        cost_nusd=prices.cost_nusd(model, counts, batch=batch),
+        cache_saved_nusd=prices.cache_saved_nusd(model, counts, batch=batch),
+        model_calls=1,
+        fallbacks=fallbacks,
+        batch_calls=int(batch),
+    )
 
 
 def _provider_message(exc: anthropic.APIStatusError) -> str:
@@ -529,31 +598,18 @@ def _facts(call: ModelCall, reply: ModelReply) -> dict[str, Any]:
         "cache_hit": reply.cache_hit,
         "fallbacks": reply.fallbacks,
         "latency_ms": reply.latency_ms,
+        "batch": reply.batch,
     }
 
 
-def _called(call: ModelCall, key: str, reply: ModelReply) -> AuditEvent:
+def called_event(call: ModelCall, key: str, reply: ModelReply) -> AuditEvent:
     """The call's audit event; one per call (its key has no attempt), from the reply alone,
     so a retry that returns the memo writes the same event."""
     data = {**_facts(call, reply), "attempt": reply.attempt, "stop_reason": reply.stop_reason}
-    return _event(call, f"{key}:call", "model.called", data)
+    return gateway_event(call, f"{key}:call", "model.called", data)
 
 
-def _count_usage(reply: ModelReply) -> None:
-    used = reply.usage
-    for kind, tokens in (
-        ("input", used.input_tokens),
-        ("output", used.output_tokens),
-        ("cache_read", used.cache_read_tokens),
-        ("cache_write", used.cache_write_tokens),
-    ):
-        if tokens:
-            metrics.MODEL_TOKENS.labels(reply.model, kind).inc(tokens)
-    if used.cost_nusd:
-        metrics.MODEL_COST.labels(reply.model).inc(used.cost_nusd / 1e9)
-
-
-def _event(call: ModelCall, key: str, action: str, data: dict[str, Any]) -> AuditEvent:
+def gateway_event(call: ModelCall, key: str, action: str, data: dict[str, Any]) -> AuditEvent:
     actor = f"workflow:{call.context.pipeline}"
     return run_event(call.context, key, action, data, actor=actor, actor_kind="system")
 

@@ -33,8 +33,11 @@ Under it are `stead.pipeline.core` (run state, the `state` query, the audit outb
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, ClassVar, Generic, Literal, TypeVar, get_args, overload
 
 from pydantic import BaseModel, ValidationError
@@ -47,6 +50,9 @@ with workflow.unsafe.imports_passed_through():
     from stead import retries, search
     from stead.calls import (
         ApprovalGrant,
+        BatchCheck,
+        DeferCall,
+        DeferTicket,
         FoundPassages,
         ModelCall,
         ModelReply,
@@ -67,6 +73,7 @@ with workflow.unsafe.imports_passed_through():
         Stage,
     )
     from stead.errors import ErrorType
+    from stead.gateway.batches import BatchingModelActivities
     from stead.gateway.ledger import LedgerActivities
     from stead.gateway.model import ModelActivities
     from stead.gateway.retrieval import RetrievalActivities
@@ -79,6 +86,7 @@ from stead.pipeline.approvals import ApprovalSteps
 InputT = TypeVar("InputT", bound=BaseModel)
 OutputT = TypeVar("OutputT", bound=BaseModel)
 ParsedT = TypeVar("ParsedT", bound=BaseModel)
+T = TypeVar("T")
 # The stages every run may enter whatever it declares.
 _ALWAYS = frozenset({Stage.INTAKE, Stage.COMPLETED, Stage.FAILED, Stage.CANCELLED})
 _RESPOND = "respond"
@@ -217,6 +225,8 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
         max_tokens: int = ...,
         escalate: bool = ...,
         cache: bool = ...,
+        prompt_cache: bool = ...,
+        defer: bool | None = ...,
         output: None = ...,
     ) -> ModelReply: ...
 
@@ -232,6 +242,8 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
         max_tokens: int = ...,
         escalate: bool = ...,
         cache: bool = ...,
+        prompt_cache: bool = ...,
+        defer: bool | None = ...,
         output: type[ParsedT],
     ) -> Parsed[ParsedT]: ...
 
@@ -246,10 +258,17 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
         max_tokens: int = 1024,
         escalate: bool = False,
         cache: bool = True,
+        prompt_cache: bool = True,
+        defer: bool | None = None,
         output: type[ParsedT] | None = None,
     ) -> ModelReply | Parsed[ParsedT]:
         """One model step through the gateway (routing by `task` and the tenant's plan,
         fallbacks, budget, cache, usage, audit). `messages` may be one user turn's text.
+        `cache=False` skips Stead's exact-match response cache; `prompt_cache=False` places no
+        provider prompt-cache breakpoints (otherwise the route's TTL decides: 5m, 1h or off).
+        `defer=True` sends the call through the Message Batches API (half price; the run waits
+        durably, then falls back to a direct call at its deadline); None follows the run's
+        `defer` flag at start, False keeps this step direct whatever the run says.
         With `output`, the model is made to answer in that structure (a forced tool call),
         which is validated; an invalid answer is repaired once by the route's stronger model,
         and a second invalid one fails the run (`StructuredOutputInvalid`)."""
@@ -266,6 +285,8 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
             max_tokens=max_tokens,
             escalate=escalate,
             cache=cache,
+            prompt_cache=prompt_cache,
+            defer=defer,
         )
         if output is None:
             return await self._model_step(call)
@@ -517,6 +538,87 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
             )
 
     async def _call_model_once(self, call: ModelCall) -> ModelReply:
+        if self._defers(call):
+            return await self._call_deferred(call)
+        return await self._call_direct(call)
+
+    def _defers(self, call: ModelCall) -> bool:
+        wanted = self._ctx.defer if call.defer is None else call.defer
+        return wanted and workflow.patched("model-batches")
+
+    async def _call_deferred(self, call: ModelCall) -> ModelReply:
+        """The call through the tenant's batcher (see stead.gateway.batches); a direct call
+        once the batch failed it or its deadline passed."""
+        self.enter(Stage.MODEL_CALL)
+        self._model_calls += 1
+        info = workflow.info()
+        prepared = call.model_copy(
+            update={
+                "context": self._lean_ctx,
+                "call_key": f"{info.workflow_id}:{info.run_id}:model:{self._model_calls}",
+                "run_budget_nusd": self._run_budget_nusd,
+            }
+        )
+        policy = retries.MODEL
+        with self.carried_outbox() as events:
+            ticket = await workflow.execute_activity_method(
+                BatchingModelActivities.defer,
+                DeferCall(
+                    call=prepared.model_copy(update={"events": events}),
+                    workflow_id=info.workflow_id,
+                    task_queue=info.task_queue,
+                    deadline_seconds=self._ctx.defer_deadline_seconds,
+                ),
+                start_to_close_timeout=policy.start_to_close,
+                heartbeat_timeout=policy.heartbeat,
+                retry_policy=policy.retry,
+                priority=Priority(fairness_key=self._ctx.tenant[:64]),
+            )
+        reply = ticket.reply or await self._wait_for_batch(ticket)
+        if reply is None:
+            return await self._call_direct(call)
+        self._attempts[call.step] = reply.attempt
+        self._usage.add(reply.usage)
+        return reply
+
+    async def _wait_for_batch(self, ticket: DeferTicket) -> ModelReply | None:
+        """Wait for the batcher's signal or the next periodic check, up to the deadline;
+        the reply, or None (the batch failed the call, or the deadline passed: given up)."""
+        deadline = workflow.now() + timedelta(seconds=ticket.deadline_seconds)
+        custom_id = ticket.custom_id
+        try:
+            while (left := (deadline - workflow.now()).total_seconds()) > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await workflow.wait_condition(
+                        lambda: custom_id in self._batch_ready,
+                        timeout=min(ticket.check_seconds, left),
+                    )
+                self._batch_ready.discard(custom_id)
+                outcome = await self._batch_step(BatchingModelActivities.collect_batch, custom_id)
+                if outcome.status != "pending":
+                    return outcome.reply
+        except BaseException as exc:
+            if is_cancelled_exception(exc):
+                # Cancelling the run cancels its request (or its batch, if it is the only one).
+                await self._batch_step(BatchingModelActivities.abandon_batch, custom_id)
+            raise
+        self.audit("model.batch_deadline", {"custom_id": custom_id, "then": "direct call"})
+        await self._batch_step(BatchingModelActivities.abandon_batch, custom_id)
+        return None
+
+    async def _batch_step(
+        self, method: Callable[[Any, BatchCheck], Awaitable[T]], custom_id: str
+    ) -> T:
+        policy = retries.LEDGER
+        with self.carried_outbox() as events:
+            return await workflow.execute_activity_method(
+                method,
+                BatchCheck(custom_id=custom_id, events=events),
+                start_to_close_timeout=policy.start_to_close,
+                retry_policy=policy.retry,
+            )
+
+    async def _call_direct(self, call: ModelCall) -> ModelReply:
         self.enter(Stage.MODEL_CALL)
         self._model_calls += 1
         info = workflow.info()

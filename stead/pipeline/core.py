@@ -89,6 +89,8 @@ class RunCore:
         # Who asked to cancel through the API (attested); None until then, and for a cancel
         # sent to Temporal directly, which the audit log records as such.
         self._cancel_request: CancelInput | None = None
+        # Deferred model calls whose batch has ended (by custom_id): their results are in.
+        self._batch_ready: set[str] = set()
         self.audit(
             "run.started",
             {"pipeline": run.context.pipeline, "input_sha256": _digest(run.input)},
@@ -108,6 +110,12 @@ class RunCore:
             raise ApplicationError(
                 f"the run is already {self._status.value}", type=ErrorType.RUN_NOT_RUNNING
             )
+
+    @workflow.signal(name="stead.batch_result")
+    def batch_result(self, custom_id: str) -> None:
+        """A deferred call's batch has ended and its result is recorded: look now rather than
+        at the next periodic check. Anyone may send it; it only makes the run look early."""
+        self._batch_ready.add(custom_id)
 
     @workflow.query
     def state(self) -> RunView:

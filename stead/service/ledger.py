@@ -1,6 +1,7 @@
 """The run ledger: a run's audit entries folded into what a reader wants to see.
 
-In time order: each step, each model call (model, tokens, cost, cache, latency), each tool
+In time order: each step, each model call (model, tokens by kind: prompt-cache reads and
+writes, thinking; cost, cache, batch, latency), each tool
 call (arguments, result, the permission decisions) and each approval (who, when, comment),
 with the run's total cost. Tool calls and approvals span several entries and become one item
 each. Content is whatever the entries hold for this viewer: redacted unless revealed.
@@ -52,6 +53,11 @@ class LedgerModelCall(_Item):
     cache_hit: bool
     latency_ms: float
     fallbacks: int
+    # Recorded since provider prompt caching, thinking and batches (0 or false before).
+    cache_write_1h_tokens: int = Field(0, description="the part of the writes with a 1h TTL")
+    thinking_tokens: int = Field(0, description="the part of the output spent thinking")
+    cache_saved_nusd: int = Field(0, description="what the provider's prompt cache saved")
+    batch: bool = Field(False, description="answered through the Message Batches API")
 
 
 class ToolDecisionOut(BaseModel):

@@ -128,6 +128,8 @@ async def start_run(
     run_id = new_run_id(principal.tenant, idempotency_key)
     digest = input_digest(body)
     context = await new_context(svc, principal, key_id, body.pipeline, run_id, body.budget_usd)
+    deferred = {"defer": body.defer, "defer_deadline_seconds": body.defer_deadline_seconds}
+    context = context.model_copy(update=deferred)
     try:
         await launch(svc, RunInput(context=context, input=body.input), digest)
     except WorkflowAlreadyStartedError:
@@ -526,7 +528,8 @@ async def retry_run(
             new_run_id(principal.tenant, None),
             original.context.budget_usd,
         )
-        run = RunInput(context=context, input=original.input)
+        kept = original.context.model_dump(include={"defer", "defer_deadline_seconds"})
+        run = RunInput(context=context.model_copy(update=kept), input=original.input)
         await launch(svc, run, (await described.memo()).get("input_digest", ""))
         redriven = {"mode": "restart", "new_run_id": context.run_id}
         await audit_run(svc, principal, run_id, "run.redriven", redriven)

@@ -57,6 +57,24 @@ class StartRun(Request):
     pipeline: str = Field(min_length=1, max_length=64, examples=["summarize"])
     input: dict[str, Any] = Field(examples=[{"text": "Quarterly revenue grew 12%..."}])
     budget_usd: float | None = Field(None, gt=0, le=MAX_BUDGET_USD, description="cap for this run")
+    defer: bool = Field(
+        False,
+        description="every model step through the Message Batches API (half price, results"
+        " within hours) unless the pipeline keeps a step direct",
+    )
+    defer_deadline_seconds: float | None = Field(
+        None,
+        ge=1,
+        le=86_400,
+        description="with defer: a call not back by then is made directly (default: the"
+        " routing policy's, 24 hours)",
+    )
+
+    @model_validator(mode="after")
+    def _deadline_needs_defer(self) -> StartRun:
+        if self.defer_deadline_seconds is not None and not self.defer:
+            raise ValueError("defer_deadline_seconds needs defer: true")
+        return self
 
 
 class RunStarted(BaseModel):
@@ -75,6 +93,9 @@ class UsageOut(BaseModel):
     model_calls: int
     cache_hits: int
     fallbacks: int
+    cache_write_1h_tokens: int = 0
+    thinking_tokens: int = 0
+    batch_calls: int = 0
 
     @staticmethod
     def of(usage: Usage) -> UsageOut:

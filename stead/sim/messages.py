@@ -3,21 +3,37 @@
 Dev, tests and CI point the real `anthropic.AsyncAnthropic` SDK at this server through
 `base_url`, so every model call crosses the same wire protocol as in production while the
 answers stay reproducible: the same request body always yields the same response body, ids
-included (only the prompt-cache usage split depends on what came before).
+included (only the prompt-cache usage split depends on what came before; where the cache
+breakpoints sit never changes the answer).
 
 Endpoints (all require a key in `x-api-key` or `Authorization: Bearer KEY`):
 
 - `POST /v1/messages`: non-streaming message creation.
 - `POST /v1/messages/count_tokens`: `{"input_tokens": N}` from `count_tokens`.
-- `POST /_sim/faults`, `DELETE /_sim/faults`: queue or clear injected failures.
-- `GET /_sim/stats`, `POST /_sim/config`, `POST /_sim/reset`: observe and steer the simulator.
+- `POST /v1/messages/batches`, `GET .../{id}`, `GET .../{id}/results`, `POST .../{id}/cancel`:
+  Message Batches (see `stead.sim.batches`), processed after `batch_delay_seconds`.
+- `POST /_sim/faults`, `DELETE /_sim/faults`: queue or clear injected failures (a batch
+  request takes one too, and errors with it).
+- `GET /_sim/stats`, `GET /_sim/requests` (the latest bodies received), `POST /_sim/config`,
+  `POST /_sim/reset`: observe and steer the simulator.
 
-Behaviour is steered from inside the prompt by *hints*: lines `key: value` or `key=value` in
-the system prompt or user turns (tool results included); the latest occurrence of a key wins.
+The model reads the conversation like an agent would (`stead.sim.conversation`): it calls
+each offered tool once, in order, with arguments taken from what it has read (the email from
+a tool's result, the amount from the ticket's text, a reply that says what it found), leaves
+out a tool whose required email or amount nothing supplies, and ends with a summary of what
+each call returned. With `thinking`, it starts with a thinking block (billed as output, more
+of it at higher `output_config.effort`). Prompt caching is upstream's: prefixes up to each
+`cache_control` breakpoint (at most 4, 1-hour ones first), a minimum cacheable length, reads
+found up to 20 blocks back, 5m/1h TTLs refreshed on read, the writes split by TTL.
+
+Behaviour is scripted from inside the prompt by *hints*, which win over anything read: lines
+`key: value` or `key=value` in the system prompt or user turns (tool results included); the
+latest occurrence of a key wins.
 `sim_reply` forces the final text, `sim_skip_tools: a,b` keeps tools from being called,
 `sim_parallel_tools: true` calls every remaining tool in one response,
 `sim_tool_turns: N` keeps calling tools (cycling through the allowed ones) until the
-conversation has N tool-calling turns (long agent loops for benchmarks), and any other key
+conversation has N tool-calling turns (long agent loops for benchmarks),
+`sim_batch_result: errored|expired|canceled` is a batch request's outcome, and any other key
 names a tool input property (`city: Paris`, or `get_weather.city: Paris` for one tool only).
 
 Errors always use Anthropic's body shape: `{"type": "error", "error": {"type", "message"}}`.
@@ -42,10 +58,20 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-__all__ = ["SimConfig", "SimState", "count_tokens", "create_app"]
+from stead.sim.batches import Batch, BatchRefused, BatchStore
+from stead.sim.conversation import HINT_LINE as _HINT_LINE
+from stead.sim.conversation import Learned
+from stead.sim.conversation import as_list as _as_list
+from stead.sim.conversation import content_blocks as _content_blocks
+from stead.sim.conversation import dicts as _dicts
+from stead.sim.conversation import tool_result_texts as _tool_result_texts
+
+__all__ = ["SimConfig", "SimState", "count_tokens", "create_app", "create_message"]
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+RECENT_REQUESTS = 64
 HANG_CAP_SECONDS = 3600.0
 SUMMARY_WORDS = 40
 BYTES_PER_TOKEN = 4
@@ -53,6 +79,12 @@ MESSAGE_OVERHEAD_TOKENS = 4
 TOOL_OVERHEAD_TOKENS = 8
 CACHE_TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 DEFAULT_CACHE_TTL = "5m"
+MAX_BREAKPOINTS = 4
+LOOKBACK_BLOCKS = 20
+# The shortest cacheable prefix: the simulator's own choice per model family (upstream's
+# figures differ by model and change), configurable with SimConfig.min_cacheable_tokens.
+MIN_CACHEABLE_TOKENS = 1024
+MIN_CACHEABLE_BY_FAMILY = (("claude-haiku", 2048),)
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -67,15 +99,20 @@ _ERROR_TYPES = {
     529: "overloaded_error",
 }
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-_HINT_LINE = re.compile(r"^\s*([A-Za-z0-9_][\w.-]*)\s*[:=]\s*(.*?)\s*$")
 _TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
 _FALSE_WORDS = frozenset({"false", "no", "off", "0"})
 _BLOCKS_BY_ROLE = {
     "user": frozenset({"text", "tool_result"}),
-    "assistant": frozenset({"text", "tool_use"}),
+    "assistant": frozenset({"text", "tool_use", "thinking", "redacted_thinking"}),
 }
-_KNOWN_BLOCKS = frozenset({"text", "tool_use", "tool_result"})
+_KNOWN_BLOCKS = frozenset({"text", "tool_use", "tool_result", "thinking", "redacted_thinking"})
 _TOOL_CHOICES = frozenset({"auto", "any", "tool", "none"})
+_THINKING_TYPES = frozenset({"enabled", "disabled", "adaptive", "between_tools"})
+_EFFORTS = frozenset({"low", "medium", "high", "xhigh", "max"})
+# Raw reasoning tokens a thinking response spends by effort (before its budget caps it): the
+# visible thinking text is a summary, the billed tokens are more.
+_THINKING_BY_EFFORT = {"low": 64, "medium": 256, "high": 512, "xhigh": 1024, "max": 2048}
+MIN_THINKING_BUDGET = 1024
 
 
 # --------------------------------------------------------------------------- configuration
@@ -89,6 +126,11 @@ class SimConfig:
     """When set, every request must present exactly this key; otherwise any non-empty key works."""
     latency_ms: float = 0.0
     """Delay added before every authenticated `/v1/messages` response (not count_tokens)."""
+    min_cacheable_tokens: int | None = None
+    """The shortest prefix a cache breakpoint caches; None: per model family (1,024 tokens,
+    Haiku 2,048)."""
+    batch_delay_seconds: float = 1.0
+    """How long a Message Batch stays `in_progress` before its requests are processed."""
 
 
 @dataclass(frozen=True)
@@ -111,19 +153,26 @@ class _Stats:
     requests_total: int = 0
     faults_served: int = 0
     count_tokens_calls: int = 0
+    # Requests whose client went away before its body was in (a killed worker, a timeout).
+    client_disconnects: int = 0
 
 
 @dataclass
 class SimState:
     """Everything one simulator app mutates; lives on `app.state.sim` so apps never share it.
 
-    `clock` is monotonic seconds and only drives prompt-cache expiry; tests may replace it.
+    `clock` is monotonic seconds and drives prompt-cache expiry and batch processing; tests
+    may replace it.
     """
 
     config: SimConfig
     faults: deque[_Fault] = field(default_factory=deque)
     stats: _Stats = field(default_factory=_Stats)
     cache: dict[str, _CacheEntry] = field(default_factory=dict)
+    batches: BatchStore = field(default_factory=BatchStore)
+    # The latest /v1/messages bodies, newest last: what a client really sent (breakpoints,
+    # thinking), for tests to look at.
+    recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT_REQUESTS))
     clock: Callable[[], float] = time.monotonic
 
     def take_fault(self, model: str | None) -> _Fault | None:
@@ -141,10 +190,12 @@ class SimState:
             self.stats.requests_by_model[model] += 1
 
     def reset(self) -> None:
-        """Forget faults, stats and the prompt cache; configuration is kept."""
+        """Forget faults, stats, the prompt cache and batches; configuration is kept."""
         self.faults.clear()
         self.stats = _Stats()
         self.cache.clear()
+        self.batches.clear()
+        self.recent.clear()
 
 
 # --------------------------------------------------------------------------- errors
@@ -193,21 +244,6 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _as_list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _dicts(value: Any) -> list[dict[str, Any]]:
-    return [item for item in _as_list(value) if isinstance(item, dict)]
-
-
-def _tool_result_texts(block: dict[str, Any]) -> list[str]:
-    content = block.get("content")
-    if isinstance(content, str):
-        return [content]
-    return [str(part.get("text", "")) for part in _dicts(content) if part.get("type") == "text"]
-
-
 def _block_tokens(block: dict[str, Any]) -> int:
     """Tokens of one content block; used for prompts and for produced output alike."""
     kind = block.get("type")
@@ -217,6 +253,8 @@ def _block_tokens(block: dict[str, Any]) -> int:
         return _text_tokens(str(block.get("name", "")) + _compact(block.get("input", {})))
     if kind == "tool_result":
         return sum(_text_tokens(text) for text in _tool_result_texts(block))
+    if kind == "thinking":
+        return _text_tokens(str(block.get("thinking", "")))
     return _text_tokens(_compact(block))
 
 
@@ -264,12 +302,6 @@ def _system_unit(block: dict[str, Any]) -> _Unit:
     return _Unit(_text_tokens(str(block.get("text", ""))), identity, block.get("cache_control"))
 
 
-def _content_blocks(content: Any) -> list[dict[str, Any]]:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    return _dicts(content)
-
-
 def _message_units(index: int, message: dict[str, Any]) -> list[_Unit]:
     role = message.get("role")
     blocks = _content_blocks(message.get("content"))
@@ -309,16 +341,17 @@ def count_tokens(request: dict[str, Any]) -> int:
 # --------------------------------------------------------------------------- prompt cache
 
 
-def _ttl_seconds(marker: Any) -> float:
+def _ttl_of(marker: Any) -> str:
     ttl = marker.get("ttl", DEFAULT_CACHE_TTL) if isinstance(marker, dict) else DEFAULT_CACHE_TTL
-    return CACHE_TTL_SECONDS.get(str(ttl), CACHE_TTL_SECONDS[DEFAULT_CACHE_TTL])
+    return str(ttl) if str(ttl) in CACHE_TTL_SECONDS else DEFAULT_CACHE_TTL
 
 
-def _breakpoints(units: list[_Unit], automatic: Any) -> dict[int, float]:
-    points = {i: _ttl_seconds(u.cache_control) for i, u in enumerate(units) if u.cache_control}
+def _breakpoints(units: list[_Unit], automatic: Any) -> dict[int, str]:
+    """Breakpoint positions and their TTLs ("5m" or "1h")."""
+    points = {i: _ttl_of(u.cache_control) for i, u in enumerate(units) if u.cache_control}
     if automatic and units:
         # A top-level cache_control marks the end of the prompt, as the real API does.
-        points.setdefault(len(units) - 1, _ttl_seconds(automatic))
+        points.setdefault(len(units) - 1, _ttl_of(automatic))
     return points
 
 
@@ -330,35 +363,88 @@ def _prefix_keys(scope: str, units: list[_Unit]) -> list[str]:
     return keys
 
 
-def _cache_usage(state: SimState, scope: str, request: dict[str, Any]) -> tuple[int, int]:
-    """Return (cache_creation, cache_read) tokens for `request` and record its breakpoints.
+def min_cacheable_tokens(config: SimConfig, model: str) -> int:
+    """The shortest prefix a breakpoint caches for `model`; a shorter one is processed
+    without caching (no write, no read, no error), as upstream does."""
+    if config.min_cacheable_tokens is not None:
+        return config.min_cacheable_tokens
+    family = next((n for prefix, n in MIN_CACHEABLE_BY_FAMILY if model.startswith(prefix)), None)
+    return family or MIN_CACHEABLE_TOKENS
 
-    The prefix up to the last breakpoint is cacheable. The longest prefix already written at
-    any earlier block boundary is read; the rest of the cacheable prefix is written.
+
+@dataclass(frozen=True)
+class _CacheUse:
+    write_5m: int = 0
+    write_1h: int = 0
+    read: int = 0
+
+    @property
+    def written(self) -> int:
+        return self.write_5m + self.write_1h
+
+
+def _lookup_positions(points: dict[int, str]) -> list[int]:
+    """Where a read may hit: each breakpoint and the block boundaries up to
+    LOOKBACK_BLOCKS before it (upstream checks no further back)."""
+    found = {i for p in points for i in range(max(0, p - LOOKBACK_BLOCKS), p + 1)}
+    return sorted(found, reverse=True)
+
+
+def _cache_usage(state: SimState, scope: str, request: dict[str, Any], minimum: int) -> _CacheUse:
+    """The prompt-cache usage of `request`, recording its breakpoints.
+
+    Breakpoints whose prefix is shorter than `minimum` tokens are ignored. The longest prefix
+    already written at a position the lookback reaches is read; the rest of the cacheable
+    prefix (up to the last breakpoint) is written, each token with the TTL of the first
+    breakpoint at or after it (the API's `cache_creation` split).
     """
     units = _prompt_units(request)
-    points = _breakpoints(units, request.get("cache_control"))
+    cumulative = list(itertools.accumulate(unit.tokens for unit in units))
+    points = {
+        i: ttl
+        for i, ttl in _breakpoints(units, request.get("cache_control")).items()
+        if cumulative[i] >= minimum
+    }
     if not points:
-        return 0, 0
+        return _CacheUse()
     last = max(points)
     keys = _prefix_keys(scope, units[: last + 1])
-    cumulative = list(itertools.accumulate(unit.tokens for unit in units[: last + 1]))
     now = state.clock()
     for key in [k for k, entry in state.cache.items() if entry.expires_at <= now]:
         del state.cache[key]
-    hit = next((i for i in range(last, -1, -1) if keys[i] in state.cache), None)
+    hit = next((i for i in _lookup_positions(points) if keys[i] in state.cache), None)
     read = 0
     if hit is not None:
         entry = state.cache[keys[hit]]
         entry.expires_at = now + entry.ttl  # reading refreshes the entry, as upstream does
         read = cumulative[hit]
-    for index, ttl in points.items():
+    for index, ttl_name in points.items():
+        ttl = CACHE_TTL_SECONDS[ttl_name]
         previous = state.cache.get(keys[index])
         expires_at = max(now + ttl, previous.expires_at if previous else 0.0)
         state.cache[keys[index]] = _CacheEntry(
             expires_at, max(ttl, previous.ttl if previous else 0)
         )
-    return cumulative[last] - read, read
+    split = {"5m": 0, "1h": 0}
+    ordered = sorted(points)
+    for index in range((hit + 1) if hit is not None else 0, last + 1):
+        covering = next(p for p in ordered if p >= index)
+        split[points[covering]] += units[index].tokens
+    return _CacheUse(write_5m=split["5m"], write_1h=split["1h"], read=read)
+
+
+def _check_breakpoints(request: dict[str, Any]) -> None:
+    """At most MAX_BREAKPOINTS, and a 1-hour one never after a 5-minute one (upstream
+    refuses both)."""
+    points = _breakpoints(_prompt_units(request), request.get("cache_control"))
+    if len(points) > MAX_BREAKPOINTS:
+        raise _invalid(
+            f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided."
+            f" Found {len(points)}."
+        )
+    ttls = [points[i] for i in sorted(points)]
+    if "5m" in ttls and "1h" in ttls[ttls.index("5m") :]:
+        raise _invalid("cache_control: a ttl='1h' entry must come before any ttl='5m' entry")
 
 
 # --------------------------------------------------------------------------- validation
@@ -477,6 +563,41 @@ def _validate_tool_use(block: dict[str, Any], where: str) -> None:
         raise _invalid(f"{where}.input: field required (an object)")
 
 
+def _validate_thinking_block(block: dict[str, Any], where: str) -> None:
+    fields = ("thinking", "signature") if block.get("type") == "thinking" else ("data",)
+    for key in fields:
+        if not isinstance(block.get(key), str):
+            raise _invalid(f"{where}.{key}: field required (a string)")
+
+
+def _validate_thinking(body: dict[str, Any]) -> None:
+    """`thinking` and `output_config.effort` as upstream checks them: a budget of at least
+    1,024 tokens below max_tokens, and no thinking when tool_choice forces a tool."""
+    thinking = body.get("thinking")
+    if thinking is not None:
+        if not isinstance(thinking, dict) or not _is_one_of(thinking.get("type"), _THINKING_TYPES):
+            raise _invalid(f"thinking.type: must be one of {sorted(_THINKING_TYPES)}")
+        if thinking["type"] == "enabled":
+            budget = thinking.get("budget_tokens")
+            max_tokens = body.get("max_tokens")
+            if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1024:
+                raise _invalid("thinking.budget_tokens: must be an integer >= 1024")
+            if isinstance(max_tokens, int) and budget >= max_tokens:
+                raise _invalid("max_tokens: must be greater than thinking.budget_tokens")
+        choice = body.get("tool_choice")
+        forced = isinstance(choice, dict) and choice.get("type") in ("any", "tool")
+        if thinking["type"] != "disabled" and forced:
+            raise _invalid("Thinking may not be enabled when tool_choice forces tool use.")
+    config = body.get("output_config")
+    if config is None:
+        return
+    if not isinstance(config, dict) or set(config) - {"effort", "format"}:
+        raise _invalid("output_config: only `effort` and `format` are supported")
+    effort = config.get("effort")
+    if effort is not None and not _is_one_of(effort, _EFFORTS):
+        raise _invalid(f"output_config.effort: must be one of {sorted(_EFFORTS)}")
+
+
 def _validate_block(block: Any, role: str, where: str) -> dict[str, Any]:
     if not isinstance(block, dict):
         raise _invalid(f"{where}: must be an object")
@@ -492,8 +613,10 @@ def _validate_block(block: Any, role: str, where: str) -> dict[str, Any]:
         _validate_text_block(block, where)
     elif kind == "tool_use":
         _validate_tool_use(block, where)
-    else:
+    elif kind == "tool_result":
         _validate_tool_result(block, where)
+    else:
+        _validate_thinking_block(block, where)
     _validate_cache_control(block.get("cache_control"), where)
     return block
 
@@ -568,6 +691,8 @@ def _validate_request(body: dict[str, Any], *, creating: bool) -> None:
     _validate_tool_choice(body.get("tool_choice"), _validate_tools(body.get("tools")))
     _validate_cache_control(body.get("cache_control"), "request")
     _validate_messages(body.get("messages"))
+    _validate_thinking(body)
+    _check_breakpoints(body)
 
 
 # --------------------------------------------------------------------------- hints
@@ -708,15 +833,41 @@ def _type_default(name: str, schema: dict[str, Any]) -> Any:
     return defaults.get(kind, f"sim-{name}")
 
 
-def _property_value(name: str, schema: dict[str, Any], hint: str | None, required: bool) -> Any:
-    if hint is not None:
-        value = _coerce(hint, schema)
-        if value is not _MISSING:
-            return value
+def _inferred(name: str, schema: dict[str, Any], learned: Learned | None) -> Any:
+    """What the conversation suggests for the property, fitted to its schema, or _MISSING."""
+    value = learned.value_for(name, schema) if learned is not None else None
+    if value is None:
+        return _MISSING
+    fitted = value if isinstance(value, str | int | float | bool) else _MISSING
+    if fitted is not _MISSING and _schema_type(schema) != "string":
+        fitted = _coerce(str(value), schema) if isinstance(value, str) else value
+    enum_values = schema.get("enum")
+    if isinstance(enum_values, list) and fitted not in enum_values:
+        return _MISSING
+    return fitted
+
+
+def _property_value(
+    name: str,
+    schema: dict[str, Any],
+    hint: str | None,
+    required: bool,
+    learned: Learned | None = None,
+) -> Any:
+    hinted = _coerce(hint, schema) if hint is not None else _MISSING
+    if hinted is not _MISSING:
+        return hinted
+    # What the conversation says beats a schema default; optional properties without one
+    # stay out, as a careful model leaves them.
+    inferred = _inferred(name, schema, learned) if required or "default" in schema else _MISSING
+    if inferred is not _MISSING:
+        return inferred
     if "default" in schema:
         return schema["default"]
-    if not required:
-        return _MISSING
+    return _required_default(name, schema) if required else _MISSING
+
+
+def _required_default(name: str, schema: dict[str, Any]) -> Any:
     if "const" in schema:
         return schema["const"]
     enum_values = schema.get("enum")
@@ -725,8 +876,13 @@ def _property_value(name: str, schema: dict[str, Any], hint: str | None, require
     return _type_default(name, schema)
 
 
-def _build_object(schema: dict[str, Any], hint_for: Callable[[str], str | None]) -> dict[str, Any]:
-    """An object satisfying `schema`'s properties, filled from hints, defaults and types."""
+def _build_object(
+    schema: dict[str, Any],
+    hint_for: Callable[[str], str | None],
+    learned: Learned | None = None,
+) -> dict[str, Any]:
+    """An object satisfying `schema`'s properties, filled from hints, what the conversation
+    says (`learned`), defaults and types."""
     properties = schema.get("properties")
     if not isinstance(properties, dict):
         return {}
@@ -734,19 +890,19 @@ def _build_object(schema: dict[str, Any], hint_for: Callable[[str], str | None])
     built: dict[str, Any] = {}
     for name, prop in properties.items():
         prop_schema = prop if isinstance(prop, dict) else {}
-        value = _property_value(name, prop_schema, hint_for(name), name in required)
+        value = _property_value(name, prop_schema, hint_for(name), name in required, learned)
         if value is not _MISSING:
             built[name] = value
     return built
 
 
-def _tool_input(tool: dict[str, Any], hints: dict[str, str]) -> dict[str, Any]:
+def _tool_input(tool: dict[str, Any], hints: dict[str, str], learned: Learned) -> dict[str, Any]:
     tool_name = tool["name"]
 
     def hint_for(prop: str) -> str | None:
         return hints.get(f"{tool_name}.{prop}", hints.get(prop))
 
-    return _build_object(tool["input_schema"], hint_for)
+    return _build_object(tool["input_schema"], hint_for, learned)
 
 
 # --------------------------------------------------------------------------- replies
@@ -778,8 +934,14 @@ def _parse_int(value: str) -> int | None:
         return None
 
 
-def _tools_to_call(body: dict[str, Any], hints: dict[str, str]) -> list[dict[str, Any]]:
-    """The offered tools this response calls, in offered order; empty for a text reply."""
+def _tools_to_call(
+    body: dict[str, Any], hints: dict[str, str], learned: Learned
+) -> list[dict[str, Any]]:
+    """The offered tools this response calls, in offered order; empty for a text reply.
+
+    Left to itself (no scripting hint), the agent leaves out a tool whose required email or
+    amount nothing in the conversation supplies: it does not email nobody or refund nothing.
+    """
     tools = _dicts(body.get("tools"))
     choice = body.get("tool_choice") or {"type": "auto"}
     if not tools or choice["type"] == "none":
@@ -795,9 +957,11 @@ def _tools_to_call(body: dict[str, Any], hints: dict[str, str]) -> list[dict[str
             return [allowed[turns % len(allowed)]]
     uncalled = [tool for tool in tools if tool["name"] not in _called_tools(body["messages"])]
     remaining = [tool for tool in uncalled if tool["name"] not in skipped]
+    parallel = _parse_bool(hints.get("sim_parallel_tools", "")) is True
+    if not parallel and wanted is None:
+        remaining = [tool for tool in remaining if not learned.missing_required(tool, hints)]
     if choice["type"] == "any" and not remaining:
         remaining = uncalled  # `any` obliges a call, so skip hints yield to it
-    parallel = _parse_bool(hints.get("sim_parallel_tools", "")) is True
     if choice.get("disable_parallel_tool_use") is True:
         parallel = False
     return remaining if parallel else remaining[:1]
@@ -818,14 +982,18 @@ def _text_reply(text: str, max_tokens: int) -> tuple[list[dict[str, Any]], str]:
 
 
 def _tool_reply(
-    tools: list[dict[str, Any]], request_hash: str, hints: dict[str, str], max_tokens: int
+    tools: list[dict[str, Any]],
+    request_hash: str,
+    hints: dict[str, str],
+    learned: Learned,
+    max_tokens: int,
 ) -> tuple[list[dict[str, Any]], str]:
     uses = [
         {
             "type": "tool_use",
             "id": "toolu_sim_" + _digest(f"{request_hash}:{tool['name']}")[:24],
             "name": tool["name"],
-            "input": _tool_input(tool, hints),
+            "input": _tool_input(tool, hints, learned),
         }
         for tool in tools
     ]
@@ -840,53 +1008,112 @@ def _tool_reply(
     return ([preamble, *uses] if _block_tokens(preamble) <= budget else uses), "tool_use"
 
 
-def _summary(messages: list[dict[str, Any]]) -> str:
-    """`Summary: ` + a note on tool results, if any, + the first words of the latest user turn."""
+def _summary(messages: list[dict[str, Any]], learned: Learned) -> str:
+    """`Summary: ` + the first words of the latest user turn; once tools have answered, what
+    each tool call returned (the agent's closing message)."""
+    if learned.outcomes:
+        return learned.final_text()
     latest = next(m for m in reversed(messages) if m.get("role") == "user")
-    blocks = _content_blocks(latest.get("content"))
-    results = [block for block in blocks if block.get("type") == "tool_result"]
     lines = (line for text in _user_texts(latest) for line in text.splitlines())
     words = " ".join(line for line in lines if not _is_control_line(line)).split()
     gist = " ".join(words[:SUMMARY_WORDS]) or "(no text)"
-    if not results:
-        return f"Summary: {gist}"
-    errors = sum(1 for block in results if block.get("is_error") is True)
-    count = f"{len(results)} tool result{'s' if len(results) != 1 else ''}"
-    failed = f"{errors} error{'s' if errors != 1 else ''}" if errors else "no errors"
-    return f"Summary: {count}, {failed}. {gist}"
+    return f"Summary: {gist}"
 
 
-def _generate(body: dict[str, Any], request_hash: str) -> tuple[list[dict[str, Any]], str]:
+@dataclass(frozen=True)
+class _Thought:
+    """The thinking block a response starts with, and the raw tokens it is billed for."""
+
+    block: dict[str, Any]
+    tokens: int
+
+
+def _think(body: dict[str, Any], request_hash: str, learned: Learned, plan: str) -> _Thought | None:
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "adaptive"):
+        return None
+    config = body.get("output_config")
+    effort = config.get("effort") if isinstance(config, dict) else None
+    asked = " ".join(learned.prose)[:200] or "(no text)"
+    known = "; ".join(o.name for o in learned.outcomes if o.name)
+    text = f"The request: {asked}" + (f" Tools so far: {known}." if known else "") + f" {plan}"
+    budget = thinking.get("budget_tokens")
+    limit = budget if isinstance(budget, int) else max(body["max_tokens"] // 2, 1)
+    raw = _THINKING_BY_EFFORT.get(str(effort), _THINKING_BY_EFFORT["medium"]) + _text_tokens(text)
+    tokens = min(raw, limit, body["max_tokens"] - 1)
+    text, _ = _fit_text(text, tokens)
+    signature = "sig_sim_" + _digest(f"{request_hash}:thinking")[:32]
+    return _Thought({"type": "thinking", "thinking": text, "signature": signature}, tokens)
+
+
+@dataclass(frozen=True)
+class _Generated:
+    content: list[dict[str, Any]]
+    stop_reason: str
+    thinking_tokens: int = 0
+
+    @property
+    def output_tokens(self) -> int:
+        visible = sum(_block_tokens(b) for b in self.content if b.get("type") != "thinking")
+        return visible + self.thinking_tokens
+
+
+def _generate(body: dict[str, Any], request_hash: str) -> _Generated:
     hints = _collect_hints(body)
-    tools = _tools_to_call(body, hints)
+    learned = Learned.of(body["messages"])
+    tools = _tools_to_call(body, hints, learned)
+    plan = f"Next: call {', '.join(t['name'] for t in tools)}." if tools else "Next: answer."
+    thought = _think(body, request_hash, learned, plan)
+    room = body["max_tokens"] - (thought.tokens if thought else 0)
     if tools:
-        return _tool_reply(tools, request_hash, hints, body["max_tokens"])
-    text = hints["sim_reply"] if "sim_reply" in hints else _summary(body["messages"])
-    return _text_reply(text, body["max_tokens"])
+        content, stop = _tool_reply(tools, request_hash, hints, learned, room)
+    else:
+        text = hints["sim_reply"] if "sim_reply" in hints else _summary(body["messages"], learned)
+        content, stop = _text_reply(text, room)
+    if thought is None:
+        return _Generated(content, stop)
+    return _Generated([thought.block, *content], stop, thought.tokens)
 
 
-def _create_message(state: SimState, api_key: str, body: dict[str, Any]) -> JSONResponse:
+def create_message(
+    state: SimState, api_key: str, body: dict[str, Any], *, service_tier: str = "standard"
+) -> dict[str, Any]:
+    """The Message for `body` (raises ApiError for a request upstream would refuse)."""
     _validate_request(body, creating=True)
-    request_hash = _digest(_compact(body))
-    content, stop_reason = _generate(body, request_hash)
-    creation, read = _cache_usage(state, f"{api_key}\0{body['model']}", body)
+    # Where the breakpoints sit changes what is cached, never what the model answers.
+    request_hash = _digest(_compact(_without_cache_control(body)))
+    generated = _generate(body, request_hash)
+    minimum = min_cacheable_tokens(state.config, body["model"])
+    cached = _cache_usage(state, f"{api_key}\0{body['model']}", body, minimum)
     usage = {
-        "input_tokens": count_tokens(body) - creation - read,
-        "output_tokens": sum(_block_tokens(block) for block in content),
-        "cache_creation_input_tokens": creation,
-        "cache_read_input_tokens": read,
+        "input_tokens": count_tokens(body) - cached.written - cached.read,
+        "output_tokens": generated.output_tokens,
+        "cache_creation_input_tokens": cached.written,
+        "cache_read_input_tokens": cached.read,
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": cached.write_5m,
+            "ephemeral_1h_input_tokens": cached.write_1h,
+        },
+        "service_tier": service_tier,
     }
-    message = {
+    if generated.thinking_tokens:
+        usage["output_tokens_details"] = {"thinking_tokens": generated.thinking_tokens}
+    return {
         "id": f"msg_sim_{request_hash[:24]}",
         "type": "message",
         "role": "assistant",
         "model": body["model"],
-        "content": content,
-        "stop_reason": stop_reason,
+        "content": generated.content,
+        "stop_reason": generated.stop_reason,
         "stop_sequence": None,
         "usage": usage,
     }
-    return JSONResponse(message, headers={"request-id": f"req_sim_{request_hash[:24]}"})
+
+
+def _create_message(state: SimState, api_key: str, body: dict[str, Any]) -> JSONResponse:
+    message = create_message(state, api_key, body)
+    request_id = "req_sim_" + message["id"].removeprefix("msg_sim_")
+    return JSONResponse(message, headers={"request-id": request_id})
 
 
 # --------------------------------------------------------------------------- HTTP plumbing
@@ -926,10 +1153,16 @@ async def _read_body(request: Request) -> bytes:
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+    except ClientDisconnect:
+        # A client that goes away mid-request (a killed worker) is ordinary, not a crash: an
+        # ApiError ends the request without the traceback the catch-all handler would log.
+        _state(request).stats.client_disconnects += 1
+        raise ApiError(499, "the client closed the connection before its body was in") from None
     return bytes(body)
 
 
@@ -970,6 +1203,7 @@ async def _post_messages(request: Request, api_key: ApiKey) -> Response:
     try:
         body = await _read_json(request)
         state.record_request(body.get("model"))
+        state.recent.append(body)
         model = body.get("model")
         fault = state.take_fault(model if isinstance(model, str) else None)
         if fault is not None:
@@ -1005,11 +1239,13 @@ class FaultSpec(BaseModel):
 
 
 class ConfigUpdate(BaseModel):
-    """Body of `POST /_sim/config`."""
+    """Body of `POST /_sim/config`: the settings to change."""
 
     model_config = ConfigDict(extra="forbid")
 
-    latency_ms: float = Field(ge=0, le=600_000)
+    latency_ms: float | None = Field(None, ge=0, le=600_000)
+    batch_delay_seconds: float | None = Field(None, ge=0, le=86_400)
+    min_cacheable_tokens: int | None = Field(None, ge=0, le=1_000_000)
 
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -1049,20 +1285,94 @@ async def _get_stats(request: Request, _api_key: ApiKey) -> dict[str, Any]:
         "faults_served": state.stats.faults_served,
         "faults_pending": len(state.faults),
         "count_tokens_calls": state.stats.count_tokens_calls,
+        "client_disconnects": state.stats.client_disconnects,
         "cache_entries": len(state.cache),
+        "batches_created": state.batches.created,
+        "batch_requests": state.batches.requests,
+        "batches_canceled": state.batches.canceled,
     }
 
 
-async def _post_config(request: Request, _api_key: ApiKey) -> dict[str, float]:
+async def _post_config(request: Request, _api_key: ApiKey) -> dict[str, Any]:
     state = _state(request)
     update = _parse_model(ConfigUpdate, await _read_json(request))
-    state.config = replace(state.config, latency_ms=update.latency_ms)
-    return {"latency_ms": state.config.latency_ms}
+    state.config = replace(state.config, **update.model_dump(exclude_unset=True))
+    return {name: getattr(state.config, name) for name in ConfigUpdate.model_fields}
+
+
+async def _get_requests(request: Request, _api_key: ApiKey) -> list[dict[str, Any]]:
+    return list(_state(request).recent)
 
 
 async def _post_reset(request: Request, _api_key: ApiKey) -> dict[str, bool]:
     _state(request).reset()
     return {"reset": True}
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _batch_error(status: int, message: str) -> dict[str, Any]:
+    error = {"type": _error_type(status), "message": message}
+    return {"type": "errored", "error": {"type": "error", "error": error}}
+
+
+def _batch_result(state: SimState, api_key: str, params: dict[str, Any]) -> dict[str, Any]:
+    """One batch request's result. A `sim_batch_result: errored|expired|canceled` hint forces
+    that outcome; a queued fault (`/_sim/faults`) errors it; otherwise it is answered as
+    `/v1/messages` would answer it, at batch usage."""
+    forced = _collect_hints(params).get("sim_batch_result", "").strip()
+    if forced == "errored":
+        return _batch_error(500, "simulated batch request error")
+    if forced in ("expired", "canceled"):
+        return {"type": forced}
+    model = params.get("model")
+    state.record_request(model)
+    fault = state.take_fault(model if isinstance(model, str) else None)
+    if fault is not None:
+        return _batch_error(fault.status, f"simulated fault: HTTP {fault.status}")
+    try:
+        message = create_message(state, api_key, params, service_tier="batch")
+    except ApiError as error:
+        return _batch_error(error.status, error.message)
+    return {"type": "succeeded", "message": message}
+
+
+def _batch(request: Request, api_key: str, batch_id: str) -> Batch:
+    state = _state(request)
+    batch = state.batches.find(api_key, batch_id)
+    if batch is None:
+        raise ApiError(404, f"message batch {batch_id!r} not found")
+    state.batches.advance(batch, state.clock(), lambda p: _batch_result(state, api_key, p))
+    return batch
+
+
+async def _post_batches(request: Request, api_key: ApiKey) -> dict[str, Any]:
+    state = _state(request)
+    body = await _read_json(request)
+    try:
+        batch = state.batches.create(api_key, body, state.clock(), state.config.batch_delay_seconds)
+    except BatchRefused as exc:
+        raise _invalid(str(exc)) from None
+    return batch.view(str(request.base_url))
+
+
+async def _get_batch(request: Request, api_key: ApiKey, batch_id: str) -> dict[str, Any]:
+    return _batch(request, api_key, batch_id).view(str(request.base_url))
+
+
+async def _cancel_batch(request: Request, api_key: ApiKey, batch_id: str) -> dict[str, Any]:
+    batch = _batch(request, api_key, batch_id)
+    _state(request).batches.cancel(batch)
+    return batch.view(str(request.base_url))
+
+
+async def _batch_results(request: Request, api_key: ApiKey, batch_id: str) -> Response:
+    batch = _batch(request, api_key, batch_id)
+    if batch.results is None:
+        raise _invalid(f"message batch {batch_id!r} has not ended ({batch.status})")
+    lines = "".join(json.dumps(result) + "\n" for result in batch.results)
+    return Response(lines, media_type="application/binary")
 
 
 # --------------------------------------------------------------------------- app
@@ -1081,9 +1391,14 @@ async def _handle_error(request: Request, exc: Exception) -> Response:
 def _routes() -> Iterable[tuple[str, str, Callable[..., Any]]]:
     yield "POST", "/v1/messages", _post_messages
     yield "POST", "/v1/messages/count_tokens", _post_count_tokens
+    yield "POST", "/v1/messages/batches", _post_batches
+    yield "GET", "/v1/messages/batches/{batch_id}", _get_batch
+    yield "POST", "/v1/messages/batches/{batch_id}/cancel", _cancel_batch
+    yield "GET", "/v1/messages/batches/{batch_id}/results", _batch_results
     yield "POST", "/_sim/faults", _post_faults
     yield "DELETE", "/_sim/faults", _delete_faults
     yield "GET", "/_sim/stats", _get_stats
+    yield "GET", "/_sim/requests", _get_requests
     yield "POST", "/_sim/config", _post_config
     yield "POST", "/_sim/reset", _post_reset
 

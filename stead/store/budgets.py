@@ -128,10 +128,12 @@ async def reserve(
     *,
     run_limit_nusd: int | None = None,
     now: datetime | None = None,
+    held_until: datetime | None = None,
 ) -> None:
     """Reserve `amount_nusd` on every applicable budget, or raise BudgetExhausted (no room
     beside settled spend) or BudgetBusy (no room beside reservations in flight); a refused
-    reservation takes nothing from any budget."""
+    reservation takes nothing from any budget. `held_until` keeps the sweeper off a
+    reservation meant to outlive an attempt (a deferred call waiting for its batch)."""
     now = now or datetime.now(UTC)
     async with conn.transaction():
         existing = await conn.fetchval(
@@ -171,12 +173,13 @@ async def reserve(
             raise busy
         await conn.execute(
             "INSERT INTO budget_reservations (call_key, attempt, tenant_id, counters, amount_nusd,"
-            " status) VALUES ($1, $2, $3, $4, $5, 'reserved')",
+            " status, held_until) VALUES ($1, $2, $3, $4, $5, 'reserved', $6)",
             call_key,
             attempt,
             context.tenant,
             [k.as_json() for k, _ in counters],
             amount_nusd,
+            held_until,
         )
 
 
@@ -257,10 +260,12 @@ async def settle(
 
 async def sweep_stale(conn: Conn, older_than: timedelta) -> int:
     """Charge in full the reservations of attempts that never settled (the worker died):
-    the provider may have billed them, so the budget must count them."""
+    the provider may have billed them, so the budget must count them. A reservation held on
+    purpose (`held_until`) is left alone until then."""
     stale = await conn.fetch(
         "SELECT call_key, attempt, amount_nusd FROM budget_reservations"
-        " WHERE status = 'reserved' AND created_at < now() - $1::interval",
+        " WHERE status = 'reserved' AND created_at < now() - $1::interval"
+        " AND (held_until IS NULL OR held_until < now())",
         older_than,
     )
     done = 0

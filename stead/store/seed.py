@@ -1,5 +1,6 @@
-"""Demo data for `stead dev`: two tenants, each with a requester, an approver and an admin,
-and a platform operator outside both (for the codec: `temporal workflow show --codec-auth`)."""
+"""Demo data for `stead dev`: two tenants, each with a requester, an approver (who also holds
+finance), a finance user (who may approve refunds and nothing else) and an admin, and a
+platform operator outside both (for the codec: `temporal workflow show --codec-auth`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ DEMO_TENANTS = {"acme": ("Acme Corp", "standard"), "globex": ("Globex", "enterpr
 DEMO_USERS = {
     "requester": ["requester"],
     "approver": ["approver", "finance"],
+    "finance": ["finance"],
     "admin": ["admin"],
 }
 

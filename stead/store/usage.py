@@ -10,10 +10,21 @@ from typing import Any, Literal
 
 from stead.store.db import Conn
 
-GroupBy = Literal["model", "pipeline", "day", "user", "run"]
+# The ledger's token counts by kind (writes: both TTLs, and the 1-hour part; output: thinking
+# included, and the thinking part).
+TOKEN_COLUMNS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cache_write_1h_tokens",
+    "thinking_tokens",
+)
+GroupBy = Literal["model", "pipeline", "pipeline_model", "day", "user", "run"]
 _GROUP_SQL: dict[str, str] = {
     "model": "model",
     "pipeline": "pipeline",
+    "pipeline_model": "pipeline || '/' || model",
     "day": "to_char(date_trunc('day', at AT TIME ZONE 'UTC'), 'YYYY-MM-DD')",
     "user": "principal_id",
     "run": "run_id",
@@ -104,6 +115,10 @@ _USAGE_COLUMNS = (
     "cache_hit",
     "fallbacks",
     "latency_ms",
+    "cache_write_1h_tokens",
+    "thinking_tokens",
+    "cache_saved_nusd",
+    "batch",
 )
 _RECORD_USAGE = f"""
     INSERT INTO model_usage ({", ".join(_USAGE_COLUMNS)})
@@ -160,7 +175,11 @@ async def summary(
         f"SELECT {group} AS key, count(*) AS calls,"  # noqa: S608  # group is from a fixed map
         " sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,"
         " sum(cache_read_tokens) AS cache_read_tokens,"
-        " sum(cache_write_tokens) AS cache_write_tokens, sum(cost_nusd) AS cost_nusd,"
+        " sum(cache_write_tokens) AS cache_write_tokens,"
+        " sum(cache_write_1h_tokens) AS cache_write_1h_tokens,"
+        " sum(thinking_tokens) AS thinking_tokens, sum(cost_nusd) AS cost_nusd,"
+        " sum(cache_saved_nusd) AS cache_saved_nusd,"
+        " count(*) FILTER (WHERE batch) AS batch_calls,"
         " count(*) FILTER (WHERE cache_hit) AS cache_hits, sum(fallbacks) AS fallbacks"
         " FROM model_usage WHERE tenant_id = $1 AND at >= $2 AND at < $3"
         " AND ($4::text IS NULL OR run_id = $4)"

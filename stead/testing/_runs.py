@@ -60,15 +60,21 @@ async def start_run(
     *,
     user: str = "requester",
     budget_usd: float | None = None,
+    defer: bool = False,
+    defer_deadline_seconds: float | None = None,
 ) -> str:
-    """Start a run of `pipeline` over HTTP as `user` (capped at `budget_usd`, if given); its
-    run id (a 201 is asserted). Like a well-behaved client, it waits out a 429 for
-    `Retry-After` seconds (a few times): tests that start many runs at once meet the plan's
-    rate limit by design."""
+    """Start a run of `pipeline` over HTTP as `user` (capped at `budget_usd`, if given; with
+    `defer`, its model steps through the Message Batches API); its run id (a 201 is
+    asserted). Like a well-behaved client, it waits out a 429 for `Retry-After` seconds (a
+    few times): tests that start many runs at once meet the plan's rate limit by design."""
     data = input.model_dump(mode="json") if isinstance(input, BaseModel) else dict(input)
     body: dict[str, Any] = {"pipeline": pipeline, "input": data}
     if budget_usd is not None:
         body["budget_usd"] = budget_usd
+    if defer:
+        body["defer"] = True
+    if defer_deadline_seconds is not None:
+        body["defer_deadline_seconds"] = defer_deadline_seconds
     for _ in range(_START_ATTEMPTS):
         response = await api.post("/v1/runs", json=body, headers=tenant.auth(user), timeout=60)
         if response.status_code != 429:
