@@ -91,6 +91,27 @@ async def test_a_retried_attempt_returns_the_finished_reply(
     assert charges == 1
 
 
+async def test_a_calls_cost_and_its_reply_are_committed_together(
+    gateway: ModelActivities, tenant: Tenant, pool: Pool
+) -> None:
+    """A worker killed between two commits would leave the cost recorded and the reply not,
+    and its retry would buy the reply again (the kill drill charged two calls twice). One
+    transaction wrote both rows when they carry the same `xmin`."""
+    await with_budget(pool, tenant)
+    call = call_for(tenant, cache=False)
+    await run(gateway, call, attempt=1)
+    async with pool.acquire() as conn:
+        written = await conn.fetchrow(
+            "SELECT u.xmin::text AS usage, m.xmin::text AS memo, r.xmin::text AS settled"
+            " FROM model_usage u JOIN model_calls m USING (call_key)"
+            " JOIN budget_reservations r ON r.call_key = u.call_key AND r.attempt = u.attempt"
+            " WHERE u.call_key = $1",
+            call.call_key,
+        )
+    assert written is not None
+    assert written["usage"] == written["memo"] == written["settled"]
+
+
 async def test_overloaded_primary_falls_back(
     gateway: ModelActivities, tenant: Tenant, sim: SimControl, pool: Pool
 ) -> None:

@@ -425,38 +425,43 @@ class ModelActivities:
         *,
         budgeted: bool = True,
     ) -> None:
-        """Record the call: what it cost first, then what it said.
+        """Record the call: what it cost and what it said in one transaction, so a worker that
+        dies after it cannot leave a cost without its reply (the retry would buy the reply
+        again); then the audit events.
 
-        Once the cost is on record, the memo, cache entry and audit events can fail only in an
-        outage (their content is storable); a retry then finds the cost recorded and, once the
+        Should that transaction fail, the cost is written alone first and the memo and cache
+        entry after it: they can fail only in an outage (their content is storable), and the
+        cost must not go down with them. A retry then finds the cost recorded and, once the
         memo is written, the reply too, so it does not call the provider again.
         """
-        await self._record_cost(call, key, attempt, reply, budgeted=budgeted)
-        metrics.observe_usage(call.context.pipeline, reply.model, reply.usage)
         cacheable = digest is not None and call.cache and reply.stop_reason != "max_tokens"
-        async with self._pool.acquire() as conn:
-            await usage.remember(
-                conn,
-                key,
-                call.context.tenant,
-                reply.model_dump(mode="json"),
-                (
-                    digest,
-                    {"content": reply.content, "stop_reason": reply.stop_reason},
-                    self._cache_ttl,
-                )
-                if cacheable and digest is not None
-                else None,
+        memo = (
+            key,
+            call.context.tenant,
+            reply.model_dump(mode="json"),
+            (
+                digest,
+                {"content": reply.content, "stop_reason": reply.stop_reason},
+                self._cache_ttl,
             )
+            if cacheable and digest is not None
+            else None,
+        )
+        try:
+            await self._write_cost(call, key, attempt, reply, budgeted=budgeted, memo=memo)
+        except Exception:  # whatever failed, the cost alone is tried next
+            await self._record_cost(call, key, attempt, reply, budgeted=budgeted)
+            async with self._pool.acquire() as conn:
+                await usage.remember(conn, *memo)
+        metrics.observe_usage(call.context.pipeline, reply.model, reply.usage)
         await self._write_events([*call.events, called_event(call, key, reply)])
 
-    async def _record_cost(
-        self, call: ModelCall, key: str, attempt: int, reply: ModelReply, *, budgeted: bool
-    ) -> None:
-        """Settle the reservation and write the ledger row: numbers and our own identifiers,
-        nothing a provider wrote. If even this fails the attempt fails, loudly."""
+    def _usage_row(
+        self, call: ModelCall, key: str, attempt: int, reply: ModelReply
+    ) -> dict[str, Any]:
+        """The ledger row: numbers and our own identifiers, nothing a provider wrote."""
         ctx = call.context
-        row = {
+        return {
             **_facts(call, reply),
             "call_key": key,
             "attempt": attempt,
@@ -465,14 +470,33 @@ class ModelActivities:
             "pipeline": ctx.pipeline,
             "run_id": ctx.run_id,
         }
+
+    async def _write_cost(
+        self,
+        call: ModelCall,
+        key: str,
+        attempt: int,
+        reply: ModelReply,
+        *,
+        budgeted: bool,
+        memo: tuple[str, str, dict[str, Any], tuple[bytes, dict[str, Any], timedelta] | None]
+        | None = None,
+    ) -> None:
+        """Settle the reservation and write the ledger row (and the memo, when given) in one
+        transaction."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            if budgeted:
+                await budgets.settle(conn, key, attempt, reply.usage.cost_nusd)
+            await usage.record_usage(conn, self._usage_row(call, key, attempt, reply))
+            if memo is not None:
+                await usage.remember(conn, *memo)
+
+    async def _record_cost(
+        self, call: ModelCall, key: str, attempt: int, reply: ModelReply, *, budgeted: bool
+    ) -> None:
+        """The cost alone. If even this fails the attempt fails, loudly."""
         try:
-            async with self._pool.acquire() as conn:
-                if not budgeted:
-                    await usage.record_usage(conn, row)  # one statement: atomic by itself
-                    return
-                async with conn.transaction():
-                    await budgets.settle(conn, key, attempt, reply.usage.cost_nusd)
-                    await usage.record_usage(conn, row)
+            await self._write_cost(call, key, attempt, reply, budgeted=budgeted)
         except Exception:
             activity.logger.exception(
                 "the cost of model call %s (attempt %s: %s, %s input and %s output tokens, %s"
