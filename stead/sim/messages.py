@@ -7,7 +7,8 @@ included (only the prompt-cache usage split depends on what came before).
 
 Endpoints (all require a key in `x-api-key` or `Authorization: Bearer KEY`):
 
-- `POST /v1/messages`: non-streaming message creation.
+- `POST /v1/messages`: message creation; with `stream: true`, the same message as Server-Sent
+  Events (`stead.sim.streaming`).
 - `POST /v1/messages/count_tokens`: `{"input_tokens": N}` from `count_tokens`.
 - `POST /_sim/faults`, `DELETE /_sim/faults`: queue or clear injected failures.
 - `GET /_sim/stats`, `POST /_sim/config`, `POST /_sim/reset`: observe and steer the simulator.
@@ -17,7 +18,8 @@ the system prompt or user turns (tool results included); the latest occurrence o
 `sim_reply` forces the final text, `sim_skip_tools: a,b` keeps tools from being called,
 `sim_parallel_tools: true` calls every remaining tool in one response,
 `sim_tool_turns: N` keeps calling tools (cycling through the allowed ones) until the
-conversation has N tool-calling turns (long agent loops for benchmarks), and any other key
+conversation has N tool-calling turns (long agent loops for benchmarks), `sim_stream_chunk_ms: N`
+paces a streamed reply's deltas, and any other key
 names a tool input property (`city: Paris`, or `get_weather.city: Paris` for one tool only).
 
 Errors always use Anthropic's body shape: `{"type": "error", "error": {"type", "message"}}`.
@@ -39,9 +41,11 @@ from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, NoReturn, TypeVar
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from stead.sim.streaming import StreamCut, message_events
 
 __all__ = ["SimConfig", "SimState", "count_tokens", "create_app"]
 
@@ -97,6 +101,8 @@ class _Fault:
     model: str | None
     retry_after: float | None
     hang: bool
+    # Streamed requests only: the stream starts and breaks off after this many deltas.
+    after_chunks: int | None = None
 
 
 @dataclass
@@ -562,8 +568,8 @@ def _validate_request(body: dict[str, Any], *, creating: bool) -> None:
     _validate_model(body.get("model"))
     if creating:
         _validate_max_tokens(body.get("max_tokens"))
-        if body.get("stream") is True:
-            raise _invalid("stream: streaming is not supported by the simulator; omit `stream`")
+        if not isinstance(body.get("stream", False), bool):
+            raise _invalid("stream: must be a boolean")
     _validate_system(body.get("system"))
     _validate_tool_choice(body.get("tool_choice"), _validate_tools(body.get("tools")))
     _validate_cache_control(body.get("cache_control"), "request")
@@ -865,9 +871,10 @@ def _generate(body: dict[str, Any], request_hash: str) -> tuple[list[dict[str, A
     return _text_reply(text, body["max_tokens"])
 
 
-def _create_message(state: SimState, api_key: str, body: dict[str, Any]) -> JSONResponse:
+def _create_message(state: SimState, api_key: str, body: dict[str, Any]) -> dict[str, Any]:
     _validate_request(body, creating=True)
-    request_hash = _digest(_compact(body))
+    # Streamed or not, a request gets the same message (ids included).
+    request_hash = _digest(_compact({k: v for k, v in body.items() if k != "stream"}))
     content, stop_reason = _generate(body, request_hash)
     creation, read = _cache_usage(state, f"{api_key}\0{body['model']}", body)
     usage = {
@@ -876,7 +883,7 @@ def _create_message(state: SimState, api_key: str, body: dict[str, Any]) -> JSON
         "cache_creation_input_tokens": creation,
         "cache_read_input_tokens": read,
     }
-    message = {
+    return {
         "id": f"msg_sim_{request_hash[:24]}",
         "type": "message",
         "role": "assistant",
@@ -886,7 +893,20 @@ def _create_message(state: SimState, api_key: str, body: dict[str, Any]) -> JSON
         "stop_sequence": None,
         "usage": usage,
     }
-    return JSONResponse(message, headers={"request-id": f"req_sim_{request_hash[:24]}"})
+
+
+def _respond(body: dict[str, Any], message: dict[str, Any], fault: _Fault | None) -> Response:
+    """The message as JSON, or as Server-Sent Events when the request asked to stream."""
+    headers = {"request-id": message["id"].replace("msg_", "req_", 1)}
+    if body.get("stream") is not True:
+        return JSONResponse(message, headers=headers)
+    pace = _parse_int(_collect_hints(body).get("sim_stream_chunk_ms", "")) or 0
+    cut = None
+    if fault is not None and fault.after_chunks is not None:
+        error = _error_type(fault.status)
+        cut = StreamCut(fault.after_chunks, error, f"simulated fault: {error}")
+    events = message_events(message, chunk_seconds=min(max(pace, 0), 10_000) / 1000, cut=cut)
+    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
 
 # --------------------------------------------------------------------------- HTTP plumbing
@@ -972,9 +992,10 @@ async def _post_messages(request: Request, api_key: ApiKey) -> Response:
         state.record_request(body.get("model"))
         model = body.get("model")
         fault = state.take_fault(model if isinstance(model, str) else None)
-        if fault is not None:
+        streamed = body.get("stream") is True
+        if fault is not None and not (streamed and fault.after_chunks is not None):
             await _serve_fault(request, fault)
-        response = _create_message(state, api_key, body)
+        response = _respond(body, _create_message(state, api_key, body), fault)
     except ApiError as error:
         response = error.to_response()
     await asyncio.sleep(state.config.latency_ms / 1000)
@@ -1002,6 +1023,9 @@ class FaultSpec(BaseModel):
     model: str | None = None
     retry_after: float | None = Field(default=None, ge=0, le=86_400)
     hang: bool = False
+    after_chunks: int | None = Field(
+        default=None, ge=0, le=100_000, description="streamed requests: break off after N deltas"
+    )
 
 
 class ConfigUpdate(BaseModel):
@@ -1029,7 +1053,7 @@ def _parse_model(model: type[_M], body: dict[str, Any]) -> _M:
 async def _post_faults(request: Request, _api_key: ApiKey) -> dict[str, int]:
     state = _state(request)
     spec = _parse_model(FaultSpec, await _read_json(request))
-    fault = _Fault(spec.status, spec.model, spec.retry_after, spec.hang)
+    fault = _Fault(spec.status, spec.model, spec.retry_after, spec.hang, spec.after_chunks)
     state.faults.extend(itertools.repeat(fault, spec.count))
     return {"queued": spec.count, "pending": len(state.faults)}
 
