@@ -66,6 +66,9 @@ class ModelCall(Frozen):
     # The run's budget in force (raised by an approval, it differs from the context's).
     run_budget_nusd: int | None = None
     events: list[AuditEvent] = Field(default_factory=list)
+    # Set for a step the pipeline streams: the reply's text goes to the run's live events as
+    # it arrives, as model call number `stream_call` (stead.gateway.streaming).
+    stream_call: int | None = None
 
 
 class ModelReply(Frozen):

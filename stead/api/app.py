@@ -21,7 +21,17 @@ from temporalio.client import Client
 from stead import metrics
 from stead.api import errors
 from stead.api.deps import authenticate
-from stead.api.routes import admin, approvals, audit, codec, documents, health, runs, usage
+from stead.api.routes import (
+    admin,
+    approvals,
+    audit,
+    codec,
+    documents,
+    events,
+    health,
+    runs,
+    usage,
+)
 from stead.api.routes.documents import MAX_TEXT_BYTES
 from stead.app import App, Runtime
 from stead.config import Settings, load_settings
@@ -90,7 +100,7 @@ def create_app(
     if services is not None:
         app.state.services = services
     errors.install(app)
-    for router in (runs, approvals, audit, documents, admin, usage):
+    for router in (runs, approvals, audit, documents, admin, usage, events):
         app.include_router(router.router, responses=errors.RESPONSES)
     for extra in runtime.app.routers:
         app.include_router(extra, responses=errors.RESPONSES)
