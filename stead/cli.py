@@ -5,6 +5,7 @@ stead api | worker | sim | integrations     one process each
 stead migrate                  apply schema migrations as the owner (STEAD_MIGRATE_DATABASE_URL)
 stead audit verify [--tenant T]   recompute audit hash chains; non-zero exit on tampering
 stead admin ...                tenants, users, keys, roles, grants, budgets
+stead runs ... | approvals ... runs and approvals through the API (stead.cli_runs)
 """
 
 from __future__ import annotations
@@ -453,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gc.add_argument("--older-than-days", type=int, required=True)
     gc.set_defaults(func=cmd_payloads_gc)
+    from stead.cli_runs import add_parsers  # noqa: PLC0415  # the API client's commands
+
+    add_parsers(sub)
     return parser
 
 

@@ -432,6 +432,10 @@ class AsyncClient:
                         await source.response.aread()
                         raise error_of(source.response)
                     async for message in source.aiter_sse():
+                        if not message.data:
+                            # A keep-alive comment: the decoder reports it as an event
+                            # without data (after an event with an id).
+                            continue
                         if message.event == "stream.error":
                             break  # the server lost the run's stream: resume from our last id
                         failures = 0

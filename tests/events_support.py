@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from httpx_sse import aconnect_sse
+from httpx_sse import EventSource, aconnect_sse
 from temporalio.client import Client
 
 from stead.api.app import create_app
@@ -58,6 +58,12 @@ class Sse:
         return inner if isinstance(inner, dict) else {}
 
 
+async def events_of(source: EventSource) -> AsyncIterator[Sse]:
+    async for message in source.aiter_sse():
+        if message.data:  # else a keep-alive comment, not an event
+            yield Sse(message.event, message.id, json.loads(message.data))
+
+
 async def read_events(
     http: httpx.AsyncClient,
     path: str,
@@ -71,11 +77,11 @@ async def read_events(
     seen: list[Sse] = []
     async with aconnect_sse(http, "GET", path, headers=headers, timeout=60) as source:
         assert source.response.status_code == 200, await source.response.aread()
-        async for message in source.aiter_sse():
-            seen.append(Sse(message.event, message.id, json.loads(message.data)))
+        async for event in events_of(source):
+            seen.append(event)
             if stop_after is not None and len(seen) >= stop_after:
                 break
-            if until is not None and message.event == until:
+            if until is not None and event.event == until:
                 break
     return seen
 
@@ -92,8 +98,8 @@ async def following(
         async with aconnect_sse(http, "GET", path, headers=headers, timeout=60) as source:
             assert source.response.status_code == 200, await source.response.aread()
             opened.set()
-            async for message in source.aiter_sse():
-                seen.append(Sse(message.event, message.id, json.loads(message.data)))
+            async for event in events_of(source):
+                seen.append(event)
                 if len(seen) >= count:
                     break
         return seen

@@ -136,10 +136,12 @@ async def test_the_sync_facade_makes_the_same_calls(
 @dataclass
 class Faults:
     """What the proxy breaks: the first `refuse` requests get a 503; the first stream is cut
-    after `cut_after` events."""
+    after `cut_after` events; with `pings`, a keep-alive comment follows every event (as the
+    API sends one after 15 idle seconds)."""
 
     refuse: int = 0
     cut_after: int | None = None
+    pings: bool = False
     requests: list[str] = field(default_factory=list)
     resumed_from: list[str | None] = field(default_factory=list)
 
@@ -176,6 +178,8 @@ async def faulty_proxy(upstream: str, faults: Faults) -> AsyncIterator[str]:
         async for line in answer.aiter_lines():
             yield (line + "\n").encode()
             sent += line == ""
+            if line == "" and faults.pings:
+                yield b": ping\n\n"
             if cut is not None and sent >= cut:
                 raise ConnectionResetError("the proxy cuts the stream")
 
@@ -187,21 +191,35 @@ async def faulty_proxy(upstream: str, faults: Faults) -> AsyncIterator[str]:
         await http.aclose()
 
 
-async def test_a_cut_stream_resumes_after_the_last_event_without_loss_or_repeat(
-    served: LiveApi, worker: list[Worker], tenant: Tenant
-) -> None:
+async def ids_direct_and_through(
+    served: LiveApi, tenant: Tenant, faults: Faults
+) -> tuple[list[str | None], list[str | None]]:
+    """A finished run's event ids read directly, and read through the faulty proxy."""
     async with as_user(served, tenant, "requester") as requester:
         run = await requester.start("summarize", {"text": TEXT, "review": False})
         await requester.wait(run, timeout=60)
         whole = [e.id async for e in requester.events(run.run_id)]
-    faults = Faults(cut_after=3)
     async with (
         faulty_proxy(served.url, faults) as url,
         AsyncClient(url, tenant.keys["requester"], backoff=0.01) as through,
     ):
-        resumed = [e.id async for e in through.events(run.run_id)]
+        return whole, [e.id async for e in through.events(run.run_id)]
+
+
+async def test_a_cut_stream_resumes_after_the_last_event_without_loss_or_repeat(
+    served: LiveApi, worker: list[Worker], tenant: Tenant
+) -> None:
+    faults = Faults(cut_after=3)
+    whole, resumed = await ids_direct_and_through(served, tenant, faults)
     assert resumed == whole
     assert faults.resumed_from[:2] == [None, whole[2]]
+
+
+async def test_keep_alive_comments_are_not_events(
+    served: LiveApi, worker: list[Worker], tenant: Tenant
+) -> None:
+    whole, pinged = await ids_direct_and_through(served, tenant, Faults(pings=True))
+    assert pinged == whole
 
 
 async def test_safe_requests_are_retried_through_a_503_and_unsafe_ones_are_not(
