@@ -24,6 +24,7 @@ from pathlib import Path
 
 import bench.budget
 import bench.cache
+import bench.events
 import bench.history
 import bench.latency
 import bench.profile
@@ -52,6 +53,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "budget": bench.budget.run,
     "profile": bench.profile.run,
     "ratelimit": bench.ratelimit.run,
+    "events": bench.events.run,
 }
 assert tuple(BENCHMARKS) == ORDER
 

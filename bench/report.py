@@ -24,7 +24,17 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 # The order benchmarks appear in SUMMARY.md.
-ORDER = ("throughput", "latency", "scale", "history", "cache", "budget", "profile", "ratelimit")
+ORDER = (
+    "throughput",
+    "latency",
+    "scale",
+    "history",
+    "cache",
+    "budget",
+    "profile",
+    "ratelimit",
+    "events",
+)
 
 
 def say(message: str) -> None:

@@ -270,7 +270,8 @@ async def _log_length(handle: WorkflowHandle[Any, Any]) -> int:
             "this run started before runs had live events; read GET /v1/runs/{id}/ledger",
             code="no_live_events",
         ) from None
-    except (TimeoutError, RPCError):
+    except (TimeoutError, RPCError) as exc:
+        log.warning("offset query of %s failed: %r", handle.id, exc)
         raise Unavailable("the run's worker did not answer; is a worker running?") from None
 
 
