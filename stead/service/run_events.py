@@ -147,10 +147,26 @@ class RunStreams:
     def __init__(self, client: Client) -> None:
         self._client = client
         self._streams: dict[str, SharedStream] = {}
+        self._lengths: dict[str, asyncio.Task[int]] = {}
 
     @property
     def following(self) -> int:
         return len(self._streams)
+
+    def follows(self, workflow_id: str) -> bool:
+        shared = self._streams.get(workflow_id)
+        return shared is not None and not shared.done
+
+    async def log_length(self, handle: WorkflowHandle[Any, Any]) -> int:
+        """The run's log length (a query the worker answers), asked once for viewers who
+        open the run's stream at the same time: ten viewers arriving together cost the
+        worker ten query tasks otherwise (measured in bench/events.py)."""
+        task = self._lengths.get(handle.id)
+        if task is None:
+            task = asyncio.create_task(_log_length(handle))
+            self._lengths[handle.id] = task
+            task.add_done_callback(lambda _: self._lengths.pop(handle.id, None))
+        return await asyncio.shield(task)
 
     @contextlib.asynccontextmanager
     async def follow(self, workflow_id: str) -> AsyncIterator[SharedStream]:
@@ -230,7 +246,11 @@ def execution_tag(temporal_run_id: str) -> str:
 
 
 async def open_run_events(
-    svc: Services, principal: Principal, run_id: str, last_event_id: str | None
+    svc: Services,
+    principal: Principal,
+    run_id: str,
+    last_event_id: str | None,
+    streams: RunStreams | None = None,
 ) -> OpenedRunEvents:
     """Check the caller may watch the run and where to start; raise before streaming."""
     require(svc, principal, "runs:read")
@@ -251,10 +271,13 @@ async def open_run_events(
             start = int(match[1]) + 1
         else:
             restarted = True
-    total = await _log_length(handle)
     closed = described.status is not WorkflowExecutionStatus.RUNNING
-    if closed and start >= total and not restarted:
-        raise NothingMore("the run is closed and every event was sent")
+    if streams is None or closed or not streams.follows(handle.id):
+        # A run this process follows has live events, and while it runs, where its log ends
+        # does not matter here: no query then.
+        total = await (streams.log_length(handle) if streams else _log_length(handle))
+        if closed and start >= total and not restarted:
+            raise NothingMore("the run is closed and every event was sent")
     async with svc.pool.acquire() as conn:
         proposals = await proposal_viewer(svc, conn, principal)
     viewer = Viewer(proposals.redactor, principal, proposals.sensitive)

@@ -56,11 +56,13 @@ async def _opened_run(
     run_id: str,
     svc: ServicesDep,
     principal: CurrentPrincipal,
+    streams: Annotated[RunStreams, Depends(run_streams)],
     last_event_id: LastEventId = None,
     after: After = None,
 ) -> OpenedRunEvents:
+    resume = last_event_id or after
     try:
-        return await run_events.open_run_events(svc, principal, run_id, last_event_id or after)
+        return await run_events.open_run_events(svc, principal, run_id, resume, streams)
     except NothingMore:
         # 204 makes a browser's EventSource stop reconnecting to a stream that is over.
         raise StarletteHTTPException(status_code=204) from None
