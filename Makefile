@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help dev test lint typecheck unit test-drills bench bytecode lock clean
+.PHONY: help dev test lint typecheck unit test-drills bench bytecode lock clean mutants
 
 help: ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ test-drills: $(STAMP) ## the slow reliability drills (kill -9, restarts, faults)
 
 bench: $(STAMP) bytecode ## benchmarks against raw Temporal; writes bench/results/ (BENCH_ARGS="--quick latency")
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+mutants: $(STAMP) ## mutation testing of the critical modules, slow (MUTANTS="audit codec" for some)
+	$(BIN)/python -m tests.mutants $(MUTANTS)
 
 lock: ## re-pin requirements.lock from pyproject.toml
 	$(BIN)/python -m pip install --quiet uv

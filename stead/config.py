@@ -14,9 +14,10 @@ import base64
 import binascii
 import os
 import re
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from pydantic import AliasChoices, Field, FilePath, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -201,6 +202,15 @@ class Settings(BaseSettings):
     @property
     def pg_dir(self) -> Path:
         return self.data_dir / "pg"
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy whose derived keys follow its own settings: pydantic copies the instance's
+        `__dict__`, where `cached_property` keeps what it derived from the original's keys."""
+        copied = super().model_copy(update=update, deep=deep)
+        for name, attribute in vars(Settings).items():
+            if isinstance(attribute, cached_property):
+                copied.__dict__.pop(name, None)
+        return copied
 
     @cached_property
     def encryption_keys(self) -> list[tuple[str, bytes]]:

@@ -72,10 +72,14 @@ def tmp_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def postgres(tmp_root: Path) -> Iterator[EmbeddedPostgres]:
-    pg = EmbeddedPostgres(tmp_root / "pg")
+    # `make mutants` runs thousands of short sessions: they share one server it started (and
+    # stops), instead of each paying for an initdb.
+    shared = os.environ.get("STEAD_TEST_PGDATA")
+    pg = EmbeddedPostgres(Path(shared) if shared else tmp_root / "pg")
     pg.start()
     yield pg
-    pg.stop("immediate")
+    if not shared:
+        pg.stop("immediate")
 
 
 @pytest.fixture(scope="session")

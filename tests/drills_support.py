@@ -84,7 +84,7 @@ class WorkerProcesses:
         self._all.append(process)
         self.current = process
         deadline = time.monotonic() + within
-        while "ready: polling" not in (log.read_text() if log.exists() else ""):
+        while " ready: " not in (log.read_text() if log.exists() else ""):
             if process.poll() is not None:
                 raise AssertionError(f"worker exited with {process.returncode}:\n{log.read_text()}")
             if time.monotonic() > deadline:

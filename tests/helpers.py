@@ -46,11 +46,20 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+_START_ATTEMPTS = 10
+
+
 async def start_run(
     api: httpx.AsyncClient, tenant: Tenant, body: dict[str, Any], user: str = "requester"
 ) -> str:
-    """Start a run over HTTP as `user`; the run id (a 201 is asserted)."""
-    response = await api.post("/v1/runs", json=body, headers=tenant.auth(user), timeout=60)
+    """Start a run over HTTP as `user`; the run id (a 201 is asserted). Like a well-behaved
+    client, it waits out a 429 for `Retry-After` seconds (a few times): tests that start many
+    runs at once meet the plan's rate limit by design (found by the kill drills)."""
+    for _ in range(_START_ATTEMPTS):
+        response = await api.post("/v1/runs", json=body, headers=tenant.auth(user), timeout=60)
+        if response.status_code != 429:
+            break
+        await asyncio.sleep(float(response.headers["retry-after"]))
     assert response.status_code == 201, response.text
     return str(response.json()["run_id"])
 

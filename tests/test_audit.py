@@ -21,10 +21,20 @@ from temporalio.testing import ActivityEnvironment
 
 from stead.calls import FlushAudit
 from stead.config import Settings
-from stead.contract import ActorKind, AuditEvent
+from stead.contract import ActorKind, AuditEvent, RunContext
 from stead.crypto import Sealer
 from stead.gateway.ledger import LedgerActivities
-from stead.store.audit import AuditWriter, audit_writer, row_hash, verify
+from stead.store.audit import (
+    AuditWriter,
+    Filters,
+    audit_writer,
+    row_hash,
+    run_event,
+    run_rows,
+    search,
+    verify,
+    verify_run,
+)
 from stead.store.db import Pool
 from tests.conftest import SimControl, Tenant, TenantFactory
 from tests.helpers import wait_json
@@ -119,6 +129,21 @@ async def update_data(conn: asyncpg.Connection, tenant: str) -> None:
     )
 
 
+async def update_private(conn: asyncpg.Connection, tenant: str) -> None:
+    """A sealed part slipped into an entry that had none: the hash covers it too."""
+    await conn.execute(
+        "UPDATE audit_log SET private = '\\x00'::bytea WHERE tenant_id = $1 AND seq = 3", tenant
+    )
+
+
+async def update_last(conn: asyncpg.Connection, tenant: str) -> None:
+    await conn.execute("UPDATE audit_log SET data = '{}' WHERE tenant_id = $1 AND seq = 6", tenant)
+
+
+async def update_and_rehash_first(conn: asyncpg.Connection, tenant: str) -> None:
+    await rehash(conn, tenant, 1, data='{"stage":"nothing happened"}')
+
+
 async def update_and_rehash(conn: asyncpg.Connection, tenant: str) -> None:
     row = await row_at(conn, tenant, 3)
     row["data"] = '{"stage":"nothing happened"}'
@@ -130,8 +155,42 @@ async def update_and_rehash(conn: asyncpg.Connection, tenant: str) -> None:
     )
 
 
+async def rehash(conn: asyncpg.Connection, tenant: str, seq: int, **changes: Any) -> bytes:
+    """Rewrite entry `seq` with `changes` and recompute its hash; return the new hash."""
+    row = {**await row_at(conn, tenant, seq), **changes}
+    row["entry_hash"] = row_hash(row)
+    await conn.execute(
+        "UPDATE audit_log SET data = $3, prev_hash = $4, entry_hash = $5"
+        " WHERE tenant_id = $1 AND seq = $2",
+        tenant,
+        seq,
+        row["data"],
+        row["prev_hash"],
+        row["entry_hash"],
+    )
+    return bytes(row["entry_hash"])
+
+
+async def update_rehash_relink(conn: asyncpg.Connection, tenant: str) -> None:
+    """Entry 3 rewritten and re-hashed, and entry 4 re-linked to its new hash (its own hash
+    left as it was: recomputing it too would only move the break to entry 5)."""
+    forged = await rehash(conn, tenant, 3, data='{"stage":"nothing happened"}')
+    await conn.execute(
+        "UPDATE audit_log SET prev_hash = $2 WHERE tenant_id = $1 AND seq = 4", tenant, forged
+    )
+
+
+async def relink_first(conn: asyncpg.Connection, tenant: str) -> None:
+    """The first entry re-hashed onto a predecessor that never was."""
+    await rehash(conn, tenant, 1, prev_hash=b"\x01" * 32)
+
+
 async def delete_middle(conn: asyncpg.Connection, tenant: str) -> None:
     await conn.execute("DELETE FROM audit_log WHERE tenant_id = $1 AND seq = 3", tenant)
+
+
+async def delete_two(conn: asyncpg.Connection, tenant: str) -> None:
+    await conn.execute("DELETE FROM audit_log WHERE tenant_id = $1 AND seq IN (3, 4)", tenant)
 
 
 async def delete_and_renumber(conn: asyncpg.Connection, tenant: str) -> None:
@@ -193,27 +252,79 @@ async def insert(conn: asyncpg.Connection, row: dict[str, Any]) -> None:
     )
 
 
+CONTENT = "its content does not match its hash"
+
+
 @pytest.mark.parametrize(
-    ("tamper", "seq", "problem"),
+    ("tamper", "seq", "problem", "detail"),
     [
-        (update_data, 3, "altered"),
-        (update_and_rehash, 3, "altered"),
-        (delete_middle, 3, "deleted"),
-        (delete_and_renumber, 3, "deleted"),
-        (swap(3, 4), 3, "reordered"),
-        (swap(2, 5), 2, "reordered"),
-        (insert_forged, 3, "inserted"),
-        (insert_naive, 3, "inserted"),
-    ],
-    ids=[
-        "update",
-        "update-rehash",
-        "delete",
-        "delete-renumber",
-        "swap-adjacent",
-        "swap-apart",
-        "insert-forged",
-        "insert-naive",
+        pytest.param(update_data, 3, "altered", CONTENT, id="update"),
+        pytest.param(update_private, 3, "altered", CONTENT, id="update-private"),
+        pytest.param(update_last, 6, "altered", CONTENT, id="update-last"),
+        pytest.param(
+            update_and_rehash_first,
+            1,
+            "altered",
+            "rewritten and re-hashed: entry 2 was chained to another",
+            id="update-rehash-first",
+        ),
+        pytest.param(
+            update_and_rehash,
+            3,
+            "altered",
+            "rewritten and re-hashed: entry 4 was chained to another",
+            id="update-rehash",
+        ),
+        # Entry 4 is named, not 3: its hash covers the link to 3, and nothing else records
+        # what entry 3 hashed to before, so "4 edited" and "3 rewritten, 4 re-linked" look
+        # the same to the chain. What it shows is that the chain breaks there.
+        pytest.param(update_rehash_relink, 4, "altered", CONTENT, id="update-rehash-relink"),
+        pytest.param(
+            relink_first,
+            1,
+            "altered",
+            "the first entry does not start from the genesis hash",
+            id="relink-first",
+        ),
+        pytest.param(delete_middle, 3, "deleted", "entry 3 missing before entry 4", id="delete"),
+        pytest.param(
+            delete_two, 3, "deleted", "entries 3..4 missing before entry 5", id="delete-two"
+        ),
+        pytest.param(
+            delete_and_renumber,
+            3,
+            "deleted",
+            "entry 3 missing; later renumbered",
+            id="delete-renumber",
+        ),
+        pytest.param(
+            swap(3, 4),
+            3,
+            "reordered",
+            "the entry at 3 was written as entry 4",
+            id="swap-adjacent",
+        ),
+        pytest.param(
+            swap(1, 2), 1, "reordered", "the entry at 1 was written as entry 2", id="swap-first"
+        ),
+        pytest.param(
+            swap(2, 5), 2, "reordered", "the entry at 2 was written as entry 5", id="swap-apart"
+        ),
+        pytest.param(
+            insert_forged,
+            3,
+            "inserted",
+            "entry 3 not in the chain: the entry now at 4 was written as entry 3,"
+            " right after entry 2",
+            id="insert-forged",
+        ),
+        pytest.param(
+            insert_naive,
+            3,
+            "inserted",
+            "the next entry was written as entry 3, right after 2",
+            id="insert-naive",
+        ),
     ],
 )
 async def test_tampering_is_named_at_the_exact_entry(
@@ -223,6 +334,7 @@ async def test_tampering_is_named_at_the_exact_entry(
     tamper: Tamper,
     seq: int,
     problem: str,
+    detail: str,
 ) -> None:
     tenant = f"t-tamper-{uuid.uuid4().hex[:8]}"
     stages = ["model_call", "review", "completed", "x", "y", "z"]
@@ -239,7 +351,160 @@ async def test_tampering_is_named_at_the_exact_entry(
     async with pool.acquire() as conn:
         result = await verify(conn, tenant)
     assert not result.ok
-    assert (result.first_bad_seq, result.problem) == (seq, problem), result.detail
+    assert (result.first_bad_seq, result.problem, result.detail) == (seq, problem, detail)
+    assert (result.tenant, result.head_seq, result.head_hash) == (tenant, 0, "")
+
+
+async def test_a_rewrite_relinked_to_the_end_shows_only_against_a_recorded_head(
+    pool: Pool, database_url: str, test_settings: Settings
+) -> None:
+    """The limit of a hash chain kept in the database it protects: a forger who rewrites an
+    entry and recomputes every link and hash after it leaves a chain that verifies. Only a
+    head (last seq and hash) recorded elsewhere before the rewrite shows it."""
+    tenant = f"t-rechain-{uuid.uuid4().hex[:8]}"
+    events = [event(tenant, "stage.entered", {"stage": str(i)}, n=i) for i in range(5)]
+    await append(pool, audit_writer(test_settings), events)
+    async with pool.acquire() as conn:
+        recorded = await verify(conn, tenant)
+    last = (await raw_rows(database_url, tenant))[-1]
+    assert (recorded.ok, recorded.head_seq) == (True, 5)
+    assert recorded.head_hash == bytes(last["entry_hash"]).hex()
+
+    async with tampering(database_url) as owner:
+        link = await rehash(owner, tenant, 3, data='{"stage":"nothing happened"}')
+        for seq in (4, 5):
+            link = await rehash(owner, tenant, seq, prev_hash=link)
+
+    async with pool.acquire() as conn:
+        after = await verify(conn, tenant)
+    assert (after.ok, after.entries, after.head_seq) == (True, 5, 5)
+    assert (after.tenant, after.head_hash) == (tenant, link.hex())
+    assert after.head_hash != recorded.head_hash
+
+
+async def chain_around_a_run(pool: Pool, writer: AuditWriter, tenant: str, *, tail: bool) -> str:
+    """Entry 1, a run's 10 entries (2..11), and unless `tail` one more after them."""
+    run_id = new_run_id()
+    first = event(tenant, "stage.entered", {"stage": "x"}, n=-1)
+    after = [] if tail else [event(tenant, "redaction.updated", {"mask_fields": []}, n=20)]
+    await append(pool, writer, [first, *tool_events(tenant, run_id), *after])
+    return run_id
+
+
+@pytest.mark.parametrize("tail", [False, True], ids=["inside", "at-the-end"])
+async def test_an_intact_run_is_verified_from_its_own_entries(
+    pool: Pool, test_settings: Settings, tail: bool
+) -> None:
+    tenant = f"t-run-{uuid.uuid4().hex[:8]}"
+    run_id = await chain_around_a_run(pool, audit_writer(test_settings), tenant, tail=tail)
+    async with pool.acquire() as conn:
+        result = await verify_run(conn, tenant, run_id)
+    # Its own 10 entries, not the tenant's chain (which a broken neighbour would make it walk).
+    assert (result.tenant, result.ok, result.entries, result.head_seq) == (tenant, True, 10, 0)
+
+
+async def test_interleaved_runs_are_each_verified_from_their_own_entries(
+    pool: Pool, test_settings: Settings
+) -> None:
+    """Concurrent runs interleave in their tenant's chain: each run's check reads its entries
+    and their neighbours, which belong to the other run."""
+    tenant = f"t-weave-{uuid.uuid4().hex[:8]}"
+    runs = [new_run_id(), new_run_id()]
+    first = event(tenant, "stage.entered", {"stage": "x"}, n=-1)
+    woven = [
+        event(tenant, "stage.entered", {"stage": str(i)}, run_id=runs[i % 2], n=i) for i in range(8)
+    ]
+    await append(pool, audit_writer(test_settings), [first, *woven])
+    async with pool.acquire() as conn:
+        checked = [await verify_run(conn, tenant, run_id) for run_id in runs]
+        page = await search(conn, tenant, Filters(run_id=runs[0]), after_seq=2, limit=2)
+    assert [(c.ok, c.entries) for c in checked] == [(True, 4), (True, 4)]
+    assert [r["seq"] for r in page] == [4, 6]
+
+
+async def delete_first(conn: asyncpg.Connection, tenant: str) -> None:
+    await conn.execute("DELETE FROM audit_log WHERE tenant_id = $1 AND seq = 1", tenant)
+
+
+async def rehash_fifth(conn: asyncpg.Connection, tenant: str) -> None:
+    await rehash(conn, tenant, 5, data='{"stage":"nothing happened"}')
+
+
+async def update_fifth(conn: asyncpg.Connection, tenant: str) -> None:
+    await conn.execute("UPDATE audit_log SET data = '{}' WHERE tenant_id = $1 AND seq = 5", tenant)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "seq", "problem"),
+    [
+        pytest.param(update_fifth, 5, "altered", id="entry-altered"),
+        pytest.param(rehash_fifth, 5, "altered", id="entry-rehashed"),
+        pytest.param(delete_first, 1, "deleted", id="entry-before-deleted"),
+    ],
+)
+async def test_a_run_check_names_tampering_in_or_next_to_its_entries(
+    pool: Pool,
+    database_url: str,
+    test_settings: Settings,
+    tamper: Tamper,
+    seq: int,
+    problem: str,
+) -> None:
+    tenant = f"t-run-{uuid.uuid4().hex[:8]}"
+    run_id = await chain_around_a_run(pool, audit_writer(test_settings), tenant, tail=False)
+    async with tampering(database_url) as owner:
+        await tamper(owner, tenant)
+    async with pool.acquire() as conn:
+        result = await verify_run(conn, tenant, run_id)
+    assert (result.ok, result.first_bad_seq, result.problem) == (False, seq, problem)
+
+
+async def test_recorded_events_come_back_decoded(pool: Pool, test_settings: Settings) -> None:
+    tenant = f"t-decode-{uuid.uuid4().hex[:8]}"
+    writer = audit_writer(test_settings)
+    run_id = new_run_id()
+    events = [
+        event(tenant, "run.started", {"pipeline": "summarize"}, run_id=run_id),
+        event(tenant, "tool.executed", {"comment": "call bob@example.com"}, run_id=run_id, n=1),
+    ]
+    assert await writer.record(pool, []) == []
+    assert await writer.record(pool, events) == events
+    assert await writer.record(pool, events) == []  # a retry records nothing
+    async with pool.acquire() as conn:
+        rows = await run_rows(conn, tenant, run_id)
+    plain, masked = (writer.decode(r, reveal_private=False) for r in rows)
+    assert (plain.tenant, plain.seq, plain.key, plain.run_id) == (tenant, 1, events[0].key, run_id)
+    assert (plain.actor, plain.actor_kind, plain.action) == (
+        "workflow:test",
+        "system",
+        "run.started",
+    )
+    assert (plain.at, plain.data) == (T0, {"pipeline": "summarize"})
+    assert (plain.prev_hash, plain.sealed, plain.revealed) == ("00" * 32, False, False)
+    assert masked.prev_hash == plain.entry_hash == bytes(rows[0]["entry_hash"]).hex()
+    assert (masked.sealed, masked.revealed, masked.data) == (True, False, {"comment": "[masked]"})
+    shown = writer.decode(rows[1], reveal_private=True)
+    assert (shown.revealed, shown.data) == (True, {"comment": "call bob@example.com"})
+
+
+def test_a_run_event_carries_its_run() -> None:
+    context = RunContext(
+        tenant="acme", run_id="r_1", pipeline="triage", requested_by="ann", plan="enterprise"
+    )
+    before = datetime.now(UTC)
+    made = run_event(context, "k1", "tool.decided", {"x": 1}, actor="agent:a", actor_kind="agent")
+    assert made == AuditEvent(
+        key="k1",
+        tenant="acme",
+        actor="agent:a",
+        actor_kind="agent",
+        action="tool.decided",
+        run_id="r_1",
+        at=made.at,
+        data={"x": 1},
+        pipeline="triage",
+    )
+    assert before <= made.at <= datetime.now(UTC)
 
 
 async def run_cli(database_url: str, *args: str) -> tuple[int, str]:
@@ -308,6 +573,61 @@ async def test_the_same_events_twice_are_stored_once(pool: Pool, test_settings: 
             "SELECT count(DISTINCT event_key) FROM audit_log WHERE tenant_id = $1", tenant
         )
     assert (result.ok, result.entries, keys) == (True, 8, 8)
+
+
+async def test_an_empty_chain_verifies_with_no_head(pool: Pool) -> None:
+    async with pool.acquire() as conn:
+        result = await verify(conn, f"t-empty-{uuid.uuid4().hex[:8]}")
+    assert (result.ok, result.entries, result.head_seq, result.head_hash) == (True, 0, 0, "")
+
+
+async def test_concurrent_appends_for_one_tenant_make_one_chain(
+    pool: Pool, test_settings: Settings
+) -> None:
+    tenant = f"t-race-{uuid.uuid4().hex[:8]}"
+    writer = audit_writer(test_settings)
+    batches = [[event(tenant, "stage.entered", {"stage": str(i)}, n=i)] for i in range(12)]
+    assert await asyncio.gather(*(append(pool, writer, b) for b in batches)) == [1] * 12
+    async with pool.acquire() as conn:
+        result = await verify(conn, tenant)
+    assert (result.ok, result.entries) == (True, 12)
+
+
+async def test_one_batch_for_several_tenants_and_a_repeated_event(
+    pool: Pool, test_settings: Settings
+) -> None:
+    first, second = (f"t-multi-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    writer = audit_writer(test_settings)
+    repeated = event(first, "stage.entered", {"stage": "a"})
+    batch = [repeated, repeated, event(second, "stage.entered", {"stage": "b"})]
+    assert await append(pool, writer, batch) == 2  # the repeat within the batch is one entry
+    async with pool.acquire() as conn:
+        counts = [(await verify(conn, t)).entries for t in (first, second)]
+    assert counts == [1, 1]
+
+
+async def test_entries_are_stored_as_canonical_json(
+    pool: Pool, database_url: str, test_settings: Settings
+) -> None:
+    """Sorted keys, no spaces, text as written, other values as text: the stored form the
+    hash covers does not depend on how a writer ordered or typed its data."""
+    tenant = f"t-canon-{uuid.uuid4().hex[:8]}"
+    data = {"b": "café", "a": [1, {"d": 2, "c": None}], "when": T0}
+    await append(pool, audit_writer(test_settings), [event(tenant, "x.y", data)])
+    (row,) = await raw_rows(database_url, tenant)
+    assert row["data"] == (
+        '{"a":[1,{"c":null,"d":2}],"b":"café","when":"2026-03-01 12:00:00+00:00"}'
+    )
+
+
+async def test_without_payload_keys_masked_originals_are_not_kept(
+    pool: Pool, database_url: str, test_settings: Settings
+) -> None:
+    tenant = f"t-nokeys-{uuid.uuid4().hex[:8]}"
+    writer = audit_writer(test_settings.model_copy(update={"payload_keys": None}))
+    await append(pool, writer, [event(tenant, "tool.executed", {"comment": "bob@example.com"})])
+    (row,) = await raw_rows(database_url, tenant)
+    assert (json.loads(row["data"]), row["private"]) == ({"comment": "[masked]"}, None)
 
 
 # --- redaction -----------------------------------------------------------------------------

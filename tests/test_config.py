@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from pydantic import SecretStr
 
-from stead.config import ConfigError, load_settings
+from stead.config import ConfigError, Settings, load_settings
 
 
 def test_invalid_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,3 +57,12 @@ def test_cli_reports_one_line() -> None:
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0
     assert "STEAD_DB_POOL_MAX" in done.stderr
+
+
+def test_a_copy_derives_its_keys_from_its_own_settings() -> None:
+    """A copy without payload keys must not keep the original's (cached) keys or attestor."""
+    keyed = Settings(payload_keys=SecretStr("k1:" + base64.b64encode(b"k" * 32).decode()))
+    assert keyed.encryption_keys
+    assert keyed.attestor is not None
+    bare = keyed.model_copy(update={"payload_keys": None})
+    assert (bare.encryption_keys, bare.attestor) == ([], None)

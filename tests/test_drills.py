@@ -87,7 +87,9 @@ async def kill_when_running(
     activity: str,
     committed: Callable[[list[InFlight]], Awaitable[bool]],
     *,
-    within: float = 60,
+    # Generous: on a loaded 2-core machine a new worker takes a while to pick up the calls a
+    # killed one held (their heartbeats must time out first).
+    within: float = 180,
 ) -> list[InFlight]:
     """SIGKILL the current worker as soon as it runs `activity` for one of the workflows and
     `committed` confirms the call is past the point of no return (its budget reserved, its

@@ -31,7 +31,7 @@ from stead.store.db import Pool
 from stead.store.text import storable
 from stead.worker import model_client
 from tests.budget_kit import counter, reservation
-from tests.conftest import SimControl, Tenant
+from tests.conftest import SimControl, Tenant, TenantFactory
 from tests.helpers import eventually
 
 DRAFT = load_routing().route("draft", "standard").models  # (primary, fallback)
@@ -291,6 +291,30 @@ async def test_usage_report_for_admins(
     ).status_code == 422
     backwards = "/v1/usage?from=2026-02-01T00:00:00Z&to=2026-01-01T00:00:00Z"
     assert (await api.get(backwards, headers=tenant.auth("admin"))).status_code == 422
+
+
+async def test_usage_report_shows_only_the_callers_tenant(
+    api: httpx.AsyncClient, gateway: ModelActivities, make_tenant: TenantFactory
+) -> None:
+    """Two tenants' usage in the same window: each admin sees exactly their own runs, calls
+    and cost, none of the other's."""
+    tenants = [await make_tenant(), await make_tenant()]
+    # Different numbers of calls, so that a report counting both tenants' is wrong for each.
+    calls = {
+        tenant.id: [call_for(tenant, text=f"{tenant.id} q{n}", cache=False) for n in range(count)]
+        for tenant, count in zip(tenants, (1, 2), strict=True)
+    }
+    replies = {
+        tenant_id: [await run(gateway, call) for call in own] for tenant_id, own in calls.items()
+    }
+    for tenant in tenants:
+        by_run = await api.get("/v1/usage?group_by=run", headers=tenant.auth("admin"))
+        assert by_run.status_code == 200, by_run.text
+        rows = by_run.json()["rows"]
+        assert sorted(r["key"] for r in rows) == sorted(c.context.run_id for c in calls[tenant.id])
+        assert sum(r["calls"] for r in rows) == len(calls[tenant.id])
+        cost = sum(r.usage.cost_usd for r in replies[tenant.id])
+        assert by_run.json()["total_cost_usd"] == pytest.approx(cost)
 
 
 # --- a billed call is always recorded ---------------------------------------------------------

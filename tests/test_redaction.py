@@ -179,3 +179,88 @@ def test_view_keeps_text_as_written_and_masks_unless_revealed() -> None:
     stored, _ = REDACTOR.apply(data)  # storage neutralizes control characters; a view does not
     assert stored["body"] == "[masked]"
     assert REDACTOR.apply({"x": "a\nb"})[0] == {"x": "a\\x0ab"}
+
+
+ANTHROPIC_KEY = "sk-ant-api03-Zx9_secretSECRET-0123456789"
+
+
+def test_masked_originals_are_kept_with_drop_rules_applied() -> None:
+    """For storage: masked text and masked fields go to the sealed part, by path, with every
+    drop rule applied there too; the visible entry holds only markers."""
+    data = {
+        "log": ["call bob@example.com", {"deep": f"key {ANTHROPIC_KEY} for alice@example.org"}],
+        "comment": ["one", "two 4111 1111 1111 1111"],
+        "summary": "",  # nothing to mask
+        "n": 3,
+    }
+    visible, private = REDACTOR.apply(data)
+    assert visible == {
+        "log": ["call [masked:email]", {"deep": "key [redacted:anthropic_key] for [masked:email]"}],
+        "comment": "[masked]",
+        "summary": "",
+        "n": 3,
+    }
+    assert private == [
+        (["log", 0], "call bob@example.com"),
+        (["log", 1, "deep"], "key [redacted:anthropic_key] for alice@example.org"),
+        (["comment"], ["one", "two [redacted:card_number]"]),
+    ]
+    full = reveal(visible, private)
+    assert full == {
+        "log": [
+            "call bob@example.com",
+            {"deep": "key [redacted:anthropic_key] for alice@example.org"},
+        ],
+        "comment": ["one", "two [redacted:card_number]"],
+        "summary": "",
+        "n": 3,
+    }
+    assert visible["log"][0] == "call [masked:email]"  # revealing a copy, not the entry
+    assert REDACTOR.apply({"plain": "nothing here", "list": ["a", 1]}) == (
+        {"plain": "nothing here", "list": ["a", 1]},
+        [],
+    )
+
+
+def test_reveal_skips_originals_without_a_place() -> None:
+    assert reveal({"a": "[masked]"}, [([], "lost"), (["a"], "found")]) == {"a": "found"}
+
+
+def test_drop_text_drops_secrets_and_leaves_the_rest_as_written() -> None:
+    title = f"Refund for bob@example.com\nkey {ANTHROPIC_KEY}"
+    assert REDACTOR.drop_text(title) == ("Refund for bob@example.com\nkey [redacted:anthropic_key]")
+
+
+def test_tenant_fields_keep_the_file_patterns() -> None:
+    redactor = Redactor(load_policy().with_fields(drop=["internal_ref"], mask=[]))
+    assert redactor.apply({"x": "paid 4111 1111 1111 1111"})[0] == {
+        "x": "paid [redacted:card_number]"
+    }
+
+
+@pytest.mark.parametrize(
+    "card",
+    [
+        "4222222222222",  # 13 digits, the shortest card
+        "6221260000000000001",  # 19 digits, the longest
+        "5555 5555 5555 4444",  # doubled 5s: 5 * 2 - 9
+    ],
+)
+def test_cards_of_every_length_are_dropped(card: str) -> None:
+    assert shown(f"paid with {card}.") == "paid with [redacted:card_number]."
+
+
+def test_back_to_back_cards_are_both_dropped() -> None:
+    assert shown("4111 1111 1111 1111 4242 4242 4242 4242") == (
+        "[redacted:card_number] [redacted:card_number]"
+    )
+
+
+def test_only_the_value_of_a_match_is_replaced_mid_text() -> None:
+    assert shown("ok then, password: hunter2 and more") == (
+        "ok then, password: [redacted:credential] and more"
+    )
+    # The value is followed by more of the match (the `@`): only the value goes.
+    assert shown("dsn is postgres://bob:s3cret@db.example.com:5432/x today") == (
+        "dsn is postgres://bob:[redacted:url_password]@db.example.com:5432/x today"
+    )
