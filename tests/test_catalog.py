@@ -43,6 +43,7 @@ async def test_openapi_types_the_start_body_per_pipeline(
     assert set(mapping) == {p["name"] for p in listed["pipelines"]}
     summarize = resolve(document, mapping["summarize"])
     assert summarize["properties"]["pipeline"]["const"] == "summarize"
+    assert summarize["additionalProperties"] is False  # as StartRun refuses unknown fields
     text_input = resolve(document, summarize["properties"]["input"]["$ref"])
     assert text_input["required"] == ["text"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, Field, TypeAdapter, create_model
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 
 from stead.app import Runtime
 from stead.builtin import STARTED_BY_ROUTE
@@ -88,4 +88,6 @@ def _start_model(cls: type[Pipeline[Any, Any]]) -> type[BaseModel]:
             Field(None, gt=0, le=MAX_BUDGET_USD, description="cap for this run"),
         ),
     }
-    return create_model(f"StartRun{title}", **fields)
+    # Unknown fields are refused (as `StartRun` refuses them), so the schema says so too.
+    config = ConfigDict(extra="forbid")
+    return create_model(f"StartRun{title}", __config__=config, **fields)
