@@ -64,3 +64,17 @@ def resolve(document: dict[str, Any], ref: str) -> dict[str, Any]:
     name = ref.removeprefix("#/components/schemas/")
     schema: dict[str, Any] = document["components"]["schemas"][name]
     return schema
+
+
+async def test_an_input_the_schema_refuses_is_refused(
+    api: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    # Found by the fuzz drill once the body was typed: `review` is a boolean, and lax
+    # validation took 0 for false and started the run.
+    answer = await api.post(
+        "/v1/runs",
+        json={"pipeline": "summarize", "input": {"text": "x", "review": 0}},
+        headers=tenant.auth("requester"),
+    )
+    assert answer.status_code == 422, answer.text
+    assert "input.review" in answer.json()["detail"]
