@@ -78,3 +78,18 @@ async def test_an_input_the_schema_refuses_is_refused(
     )
     assert answer.status_code == 422, answer.text
     assert "input.review" in answer.json()["detail"]
+
+
+async def test_a_budget_must_be_a_number(api: httpx.AsyncClient, tenant: Tenant) -> None:
+    answer = await api.post(
+        "/v1/runs",
+        json={"pipeline": "summarize", "input": {"text": "x"}, "budget_usd": True},
+        headers=tenant.auth("requester"),
+    )
+    assert answer.status_code == 422, answer.text
+    fine = await api.post(
+        "/v1/runs",
+        json={"pipeline": "summarize", "input": {"text": "x", "review": False}, "budget_usd": 2},
+        headers=tenant.auth("requester"),
+    )
+    assert fine.status_code == 201, fine.text

@@ -85,7 +85,7 @@ def _start_model(cls: type[Pipeline[Any, Any]]) -> type[BaseModel]:
         "input": (cls.input_model, ...),
         "budget_usd": (
             float | None,
-            Field(None, gt=0, le=MAX_BUDGET_USD, description="cap for this run"),
+            Field(None, gt=0, le=MAX_BUDGET_USD, strict=True, description="cap for this run"),
         ),
     }
     # Unknown fields are refused (as `StartRun` refuses them), so the schema says so too.
