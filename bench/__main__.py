@@ -29,6 +29,7 @@ import bench.budget
 import bench.cache
 import bench.caching
 import bench.cuts
+import bench.events
 import bench.history
 import bench.latency
 import bench.profile
@@ -61,6 +62,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "audit": bench.audit.run,
     "caching": bench.caching.run,
     "batches": bench.batches.run,
+    "events": bench.events.run,
 }
 assert tuple(BENCHMARKS) == ORDER
 

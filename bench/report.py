@@ -38,6 +38,7 @@ ORDER = (
     "audit",
     "caching",
     "batches",
+    "events",
 )
 
 

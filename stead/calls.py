@@ -73,6 +73,9 @@ class ModelCall(Frozen):
     # this step; None follows the run's start flag.
     defer: bool | None = None
     events: list[AuditEvent] = Field(default_factory=list)
+    # Set for a step the pipeline streams: the reply's text goes to the run's live events as
+    # it arrives, as model call number `stream_call` (stead.gateway.streaming).
+    stream_call: int | None = None
 
 
 class ModelReply(Frozen):

@@ -6,6 +6,7 @@ stead migrate                  apply schema migrations as the owner (STEAD_MIGRA
 stead audit verify [--tenant T]   recompute audit hash chains; non-zero exit on tampering
 stead admin ...                tenants, users, keys, roles, grants, budgets
 stead new app DIR | pipeline NAME | tool NAME   a new application, or a pipeline or tool in one
+stead runs ... | approvals ... runs and approvals through the API (stead.cli_runs)
 """
 
 from __future__ import annotations
@@ -498,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gc.add_argument("--older-than-days", type=int, required=True)
     gc.set_defaults(func=cmd_payloads_gc)
+    from stead.cli_runs import add_parsers  # noqa: PLC0415  # the API client's commands
+
+    add_parsers(sub)
     return parser
 
 

@@ -7,9 +7,11 @@ entry in `CASES` (a path-parameter sample and a valid body): nothing ships unexa
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,11 +174,76 @@ def fill(path: str, ids: dict[str, str]) -> str:
     return path
 
 
+# Event streams never end for a caller allowed to follow them, and httpx's ASGI transport
+# returns only complete responses: these are called by `opened`, which reads what a stream
+# sends first.
+STREAMS = {("GET", "/v1/events"), ("GET", "/v1/runs/{run_id}/events")}
+
+
 async def call(
     api: httpx.AsyncClient, method: str, path: str, ids: dict[str, str], headers: dict[str, str]
 ) -> httpx.Response:
+    if (method, path) in STREAMS:
+        return await opened(api, fill(path, ids), headers)
     body = BODIES.get((method, path))
     return await api.request(method, fill(path, ids), json=body, headers=headers)
+
+
+async def opened(api: httpx.AsyncClient, url: str, headers: dict[str, str]) -> httpx.Response:
+    """A GET of a stream, straight on the ASGI app: its status and what it sent within a
+    second of starting (all of it, for a refusal), then the client goes away."""
+    transport = api._transport  # the app behind the in-process client (httpx keeps it private)
+    assert isinstance(transport, httpx.ASGITransport)
+    path, _, query = url.partition("?")
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": query.encode(),
+        "headers": [(b"host", b"test")]
+        + [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
+    status, sent, started, ended = 0, bytearray(), asyncio.Event(), asyncio.Event()
+    gone = asyncio.Event()
+
+    async def receive() -> MutableMapping[str, Any]:
+        if not started.is_set() and not gone.is_set():
+            gone.set()  # the (empty) request body, once
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await ended.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            started.set()
+        elif message["type"] == "http.response.body":
+            sent.extend(message.get("body", b""))
+            if not message.get("more_body"):
+                ended.set()
+
+    async def serve() -> None:
+        await transport.app(scope, receive, send)
+
+    app = asyncio.create_task(serve())
+    try:
+        await asyncio.wait_for(started.wait(), timeout=30)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ended.wait(), timeout=1)
+    finally:
+        ended.set()
+        app.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await app
+    return httpx.Response(status, content=bytes(sent))
 
 
 @pytest.mark.usefixtures("worker")

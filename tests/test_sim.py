@@ -553,7 +553,7 @@ async def test_sdk_sees_validation_errors_as_bad_request(sim: Sim) -> None:
         ({"messages": [user("a"), user("b")]}, "alternate"),
         ({"messages": [{"role": "user", "content": [{"type": "image"}]}]}, "unknown content"),
         ({"system": [{"type": "image"}]}, "system"),
-        ({"stream": True}, "stream"),
+        ({"stream": "yes"}, "stream"),
         ({"tool_choice": {"type": "any"}}, "tool_choice"),
         ({"tool_choice": {"type": ["auto"]}}, "tool_choice"),
         ({"messages": [{"role": ["user"], "content": "hi"}]}, "role"),

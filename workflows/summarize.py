@@ -27,6 +27,8 @@ class SummarizeWorkflow(
     approvals=("review",),
     tasks=("draft",),
     proposals={"summary": SummaryProposal},
+    # Its reply streams to the run's live events as the model writes it.
+    stream_steps=("summarize",),
 ):
     """Summarize a text; a human approves, edits or rejects the summary."""
 

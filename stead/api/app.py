@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.datastructures import Headers
 from starlette.requests import Request as StarletteRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,7 +28,9 @@ from stead.api.routes import (
     audit,
     codec,
     documents,
+    events,
     health,
+    pipelines,
     runs,
     schedules,
     usage,
@@ -91,7 +94,8 @@ def create_app(
             gauges.cancel()
             await pool.close()
 
-    app = FastAPI(
+    # Swagger UI and ReDoc from the package's own copies, not a CDN: /docs works offline.
+    app = FastAPIOffline(
         title="Stead",
         version="0.1.0",
         summary="Durable AI pipelines: runs, approvals, usage and audit.",
@@ -101,13 +105,25 @@ def create_app(
     if services is not None:
         app.state.services = services
     errors.install(app)
-    for router in (runs, approvals, audit, documents, admin, usage, webhooks, schedules):
+    for router in (
+        runs,
+        approvals,
+        audit,
+        documents,
+        admin,
+        usage,
+        webhooks,
+        schedules,
+        events,
+        pipelines,
+    ):
         app.include_router(router.router, responses=errors.RESPONSES)
     for extra in runtime.app.routers:
         app.include_router(extra, responses=errors.RESPONSES)
     app.include_router(health.router)
     app.include_router(codec.router, responses=errors.RESPONSES)
     web.mount(app)
+    pipelines.document_start_bodies(app, runtime)
     app.add_middleware(Admission)
     app.add_middleware(RequestMetrics)
     return app

@@ -21,6 +21,7 @@ retryably, with the provider's retry-after as the next retry delay.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from stead.contract import AuditEvent, Usage
 from stead.errors import ErrorType, failure
 from stead.gateway.heartbeat import heartbeating
 from stead.gateway.prompt import request_body, with_breakpoints
+from stead.gateway.streaming import TokenStream
 from stead.policy.models import CacheTtl, PriceTable, RoutingPolicy, TokenCounts
 from stead.store import budgets, usage
 from stead.store.audit import AuditWriter, run_event
@@ -147,7 +149,7 @@ class ModelActivities:
                 attempt=attempt,
             ) as current:
                 model, message, fallbacks = await heartbeating(
-                    self._call_route(models, sent), self._heartbeat_every
+                    self._route(models, sent, call), self._heartbeat_every
                 )
                 latency_ms = (time.perf_counter() - started) * 1000
                 reply = self._reply(model, message, fallbacks, attempt, latency_ms, ttl)
@@ -363,8 +365,14 @@ class ModelActivities:
             },
         ) from None
 
+    async def _route(
+        self, models: tuple[str, ...], request: dict[str, Any], call: ModelCall
+    ) -> tuple[str, anthropic.types.Message, int]:
+        async with _tokens(call) as tokens:
+            return await self._call_route(models, request, tokens)
+
     async def _call_route(
-        self, models: tuple[str, ...], request: dict[str, Any]
+        self, models: tuple[str, ...], request: dict[str, Any], tokens: TokenStream | None = None
     ) -> tuple[str, anthropic.types.Message, int]:
         """Try each model in order; return (model, message, fallbacks used)."""
         failures: list[str] = []
@@ -374,7 +382,11 @@ class ModelActivities:
                 metrics.MODEL_FALLBACKS.labels(models[index - 1], model).inc()
             started = time.perf_counter()
             try:
-                message = await self._client.messages.create(model=model, **request)
+                message = await (
+                    tokens.message(self._client, model, request)
+                    if tokens is not None
+                    else self._client.messages.create(model=model, **request)
+                )
             except anthropic.APIStatusError as exc:
                 metrics.MODEL_ERRORS.labels(model, str(exc.status_code)).inc()
                 if exc.status_code not in _RETRYABLE_STATUS:
@@ -584,6 +596,11 @@ def reply_usage(
         fallbacks=fallbacks,
         batch_calls=int(batch),
     )
+
+
+def _tokens(call: ModelCall) -> contextlib.AbstractAsyncContextManager[TokenStream | None]:
+    """Where a streamed step's text goes as it arrives; nowhere for the others."""
+    return TokenStream(call) if call.stream_call is not None else contextlib.nullcontext()
 
 
 def _provider_message(exc: anthropic.APIStatusError) -> str:

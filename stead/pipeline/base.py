@@ -11,9 +11,11 @@
 The class keywords are the whole declaration: `name` (the pipeline's name, and its Temporal
 workflow name unless `temporal_name` keeps an older one), the stages it may enter (enforced:
 entering an undeclared one fails the run), the approval steps it asks for, the task classes it
-routes model calls by (checked against the routing policy at start), the tools it offers and
-the schemas of its proposals. The typed input is validated before `steps` runs; the typed
-output is what the run returns. No `run` method, no duplicated name.
+routes model calls by (checked against the routing policy at start), the tools it offers, the
+schemas of its proposals, and the model steps whose replies stream to the run's live events
+as they are written (`stream_steps`, see `stead.pipeline.events`). The typed input is validated
+before `steps` runs; the typed output is what the run returns. No `run` method, no duplicated
+name.
 
 Steps use these methods (each durable: a step that finished is never run again):
 
@@ -78,6 +80,7 @@ with workflow.unsafe.imports_passed_through():
     from stead.gateway.model import ModelActivities
     from stead.gateway.retrieval import RetrievalActivities
     from stead.gateway.tools import ToolActivities
+    from stead.pipeline.events import bounded
     from stead.pipeline.proposals import BudgetProposal
     from stead.tools import Tool
 
@@ -128,6 +131,7 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
     tasks: ClassVar[tuple[str, ...]] = ()
     approval_steps: ClassVar[tuple[str, ...]] = ()
     proposals: ClassVar[Mapping[str, type[BaseModel]]] = {}
+    stream_steps: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(
         cls,
@@ -142,6 +146,7 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
         on_budget_exhausted: Literal["fail", "approval"] = "fail",
         description: str | None = None,
         sandboxed: bool = True,
+        stream_steps: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init_subclass__(**kwargs)
@@ -160,6 +165,7 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
         cls.proposals = dict(proposals or {})
         cls.on_budget_exhausted = on_budget_exhausted
         cls.description = description or (cls.__doc__ or "").strip().split("\n\n")[0]
+        cls.stream_steps = frozenset(stream_steps)
         cls.declared = True
 
         # Temporal wants the run method on the workflow class itself, decorated: made here.
@@ -519,6 +525,27 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
         return await self._invoke_tool(invocation.model_copy(update={"approval": grant}))
 
     async def _invoke_tool(self, invocation: ToolInvocation) -> ToolOutcome:
+        outcome = await self._tool_activity(invocation)
+        content, cut = bounded(outcome.content)
+        self._events.publish(
+            "tool.called",
+            {
+                "tool": invocation.tool,
+                "call_id": invocation.call_id,
+                "status": outcome.status,
+                "rule": outcome.rule,
+                "reason": outcome.reason,
+                "is_error": outcome.is_error,
+                "approver_roles": list(outcome.approver_roles),
+                "arguments": outcome.arguments or invocation.arguments,
+                "content": content,
+                "truncated": cut,
+            },
+            actor=self._system_actor,
+        )
+        return outcome
+
+    async def _tool_activity(self, invocation: ToolInvocation) -> ToolOutcome:
         policy = retries.TOOL
         try:
             with self.carried_outbox() as events:
@@ -625,6 +652,7 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
         # Stable across retries and replays of this run; new after a re-drive, so the re-driven
         # call is reserved, charged and recorded as the new attempt it is.
         call_key = f"{info.workflow_id}:{info.run_id}:model:{self._model_calls}"
+        streamed = call.step in self.stream_steps and self._events.enabled
         policy = retries.MODEL
         try:
             with self.carried_outbox() as events:
@@ -636,6 +664,7 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
                             "events": events,
                             "call_key": call_key,
                             "run_budget_nusd": self._run_budget_nusd,
+                            "stream_call": self._model_calls if streamed else None,
                         }
                     ),
                     task_queue=self.model_task_queue,
@@ -651,7 +680,41 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
             raise
         self._attempts[call.step] = reply.attempt
         self._usage.add(reply.usage)
+        self._publish_reply(call, reply)
         return reply
+
+    def _publish_reply(self, call: ModelCall, reply: ModelReply) -> None:
+        """The call's live event: what it cost, and (for viewers who may read it) what it
+        said; a step that streamed its tokens ends with this event as the final text."""
+        used = reply.usage
+        content, cut = bounded(reply.text)
+        self._events.publish(
+            "model.called",
+            {
+                "call": self._model_calls,
+                "step": call.step,
+                "model": reply.model,
+                "attempt": reply.attempt,
+                **used.model_dump(
+                    include={
+                        "input_tokens",
+                        "output_tokens",
+                        "cache_read_tokens",
+                        "cache_write_tokens",
+                        "cost_nusd",
+                    }
+                ),
+                "cost_usd": used.cost_usd,
+                "cache_hit": reply.cache_hit,
+                "fallbacks": reply.fallbacks,
+                "latency_ms": reply.latency_ms,
+                "stop_reason": reply.stop_reason,
+                "tool_calls": [str(b.get("name", "")) for b in reply.tool_uses],
+                "content": content,
+                "truncated": cut,
+            },
+            actor=self._system_actor,
+        )
 
     @property
     def model_task_queue(self) -> str:
@@ -677,6 +740,7 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
         self._result = output
         self._finish(RunStatus.COMPLETED, Stage.COMPLETED)
         self.audit("run.completed", {"outcome": outcome, "output": output, **self._cost()})
+        self._events.detach()
         await self.flush_audit()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return RunResult(outcome=outcome, output=output, usage=self._usage)
@@ -705,7 +769,9 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
             "run.failed",
             {"error_type": error_type, "message": message, "stage": failed_in, **self._cost()},
         )
+        self._events.detach()
         await self.flush_audit()
+        await self._events.close()
 
     async def _end_cancelled(self) -> None:
         cancelled = self._cancel_pending_approvals()
@@ -721,9 +787,11 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
                 {**data, "requested_through": "api", "reason": request.reason},
                 actor=request.principal,
             )
+        self._events.detach()
         for approval in cancelled:
             await self._publish(approval)
         await self.flush_audit()
+        await self._events.close()
 
 
 def _result_of(outcome: object, output_model: type[BaseModel]) -> tuple[str, dict[str, Any]]:

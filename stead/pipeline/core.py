@@ -19,6 +19,8 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from temporalio.contrib.workflow_streams import WorkflowStream
+
     from stead import retries, search
     from stead.calls import (
         FlushAudit,
@@ -38,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from stead.errors import ErrorType
     from stead.gateway.ledger import LedgerActivities
+    from stead.pipeline.events import EVENTS_PATCH, RunEvents
 
 
 _AGENT_LOOP = frozenset({Stage.MODEL_CALL, Stage.TOOL_EXECUTION})
@@ -91,6 +94,9 @@ class RunCore:
         self._cancel_request: CancelInput | None = None
         # Deferred model calls whose batch has ended (by custom_id): their results are in.
         self._batch_ready: set[str] = set()
+        # The live events (stead.pipeline.events); the stream registers its handlers here,
+        # before any subscriber's poll can arrive.
+        self._events = RunEvents(WorkflowStream() if workflow.patched(EVENTS_PATCH) else None)
         self.audit(
             "run.started",
             {"pipeline": run.context.pipeline, "input_sha256": _digest(run.input)},
@@ -147,7 +153,13 @@ class RunCore:
             ) from None
 
     def set_progress(self, **counters: int) -> None:
+        if any(self._progress.get(name) != value for name, value in counters.items()):
+            self._events.publish("run.progress", dict(counters), actor=self._system_actor)
         self._progress.update(counters)
+
+    @property
+    def _system_actor(self) -> str:
+        return f"workflow:{self._ctx.pipeline}"
 
     def enter(self, stage: str) -> None:
         """Move the run to `stage`: stage history, search attribute, audit event."""
@@ -188,9 +200,10 @@ class RunCore:
         info = workflow.info()
         kind: ActorKind
         if actor is None:
-            actor, kind = f"workflow:{self._ctx.pipeline}", "system"
+            actor, kind = self._system_actor, "system"
         else:
             kind = actor_kind or "user"
+        self._events.publish(action, data, actor=actor)
         self._outbox.append(
             AuditEvent(
                 # Replays rebuild the same key (same sequence, same run), so an event is stored

@@ -149,7 +149,9 @@ def check_start(svc: Services, body: StartRun) -> None:
     if body.pipeline in STARTED_BY_ROUTE:
         raise Invalid(f"pipeline {body.pipeline!r} is started by {STARTED_BY_ROUTE[body.pipeline]}")
     try:
-        workflow_cls.input_model.model_validate(body.input)
+        # Strictly, as the JSON it came as: what OpenAPI documents for the pipeline's input
+        # (stead.service.catalog) is what is accepted; lax mode took `"review": 0` for false.
+        workflow_cls.input_model.model_validate_json(json.dumps(body.input), strict=True)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "input"

@@ -56,7 +56,10 @@ class Request(BaseModel):
 class StartRun(Request):
     pipeline: str = Field(min_length=1, max_length=64, examples=["summarize"])
     input: dict[str, Any] = Field(examples=[{"text": "Quarterly revenue grew 12%..."}])
-    budget_usd: float | None = Field(None, gt=0, le=MAX_BUDGET_USD, description="cap for this run")
+    # Strict: lax mode took `true` for 1.0 (the fuzz drill).
+    budget_usd: float | None = Field(
+        None, gt=0, le=MAX_BUDGET_USD, strict=True, description="cap for this run"
+    )
     defer: bool = Field(
         False,
         description="every model step through the Message Batches API (half price, results"

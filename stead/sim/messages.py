@@ -8,7 +8,8 @@ breakpoints sit never changes the answer).
 
 Endpoints (all require a key in `x-api-key` or `Authorization: Bearer KEY`):
 
-- `POST /v1/messages`: non-streaming message creation.
+- `POST /v1/messages`: message creation; with `stream: true`, the same message as Server-Sent
+  Events (`stead.sim.streaming`).
 - `POST /v1/messages/count_tokens`: `{"input_tokens": N}` from `count_tokens`.
 - `POST /v1/messages/batches`, `GET .../{id}`, `GET .../{id}/results`, `POST .../{id}/cancel`:
   Message Batches (see `stead.sim.batches`), processed after `batch_delay_seconds`.
@@ -33,7 +34,8 @@ latest occurrence of a key wins.
 `sim_parallel_tools: true` calls every remaining tool in one response,
 `sim_tool_turns: N` keeps calling tools (cycling through the allowed ones) until the
 conversation has N tool-calling turns (long agent loops for benchmarks),
-`sim_batch_result: errored|expired|canceled` is a batch request's outcome, and any other key
+`sim_batch_result: errored|expired|canceled` is a batch request's outcome,
+`sim_stream_chunk_ms: N` paces a streamed reply's deltas, and any other key
 names a tool input property (`city: Paris`, or `get_weather.city: Paris` for one tool only).
 
 Errors always use Anthropic's body shape: `{"type": "error", "error": {"type", "message"}}`.
@@ -55,7 +57,7 @@ from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, NoReturn, TypeVar
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -67,6 +69,7 @@ from stead.sim.conversation import as_list as _as_list
 from stead.sim.conversation import content_blocks as _content_blocks
 from stead.sim.conversation import dicts as _dicts
 from stead.sim.conversation import tool_result_texts as _tool_result_texts
+from stead.sim.streaming import StreamCut, message_events
 
 __all__ = ["SimConfig", "SimState", "count_tokens", "create_app", "create_message"]
 
@@ -139,6 +142,8 @@ class _Fault:
     model: str | None
     retry_after: float | None
     hang: bool
+    # Streamed requests only: the stream starts and breaks off after this many deltas.
+    after_chunks: int | None = None
 
 
 @dataclass
@@ -685,8 +690,8 @@ def _validate_request(body: dict[str, Any], *, creating: bool) -> None:
     _validate_model(body.get("model"))
     if creating:
         _validate_max_tokens(body.get("max_tokens"))
-        if body.get("stream") is True:
-            raise _invalid("stream: streaming is not supported by the simulator; omit `stream`")
+        if not isinstance(body.get("stream", False), bool):
+            raise _invalid("stream: must be a boolean")
     _validate_system(body.get("system"))
     _validate_tool_choice(body.get("tool_choice"), _validate_tools(body.get("tools")))
     _validate_cache_control(body.get("cache_control"), "request")
@@ -1081,7 +1086,9 @@ def create_message(
     """The Message for `body` (raises ApiError for a request upstream would refuse)."""
     _validate_request(body, creating=True)
     # Where the breakpoints sit changes what is cached, never what the model answers.
-    request_hash = _digest(_compact(_without_cache_control(body)))
+    # Streamed or not, a request gets the same message (ids included).
+    unstreamed = {k: v for k, v in _without_cache_control(body).items() if k != "stream"}
+    request_hash = _digest(_compact(unstreamed))
     generated = _generate(body, request_hash)
     minimum = min_cacheable_tokens(state.config, body["model"])
     cached = _cache_usage(state, f"{api_key}\0{body['model']}", body, minimum)
@@ -1110,10 +1117,18 @@ def create_message(
     }
 
 
-def _create_message(state: SimState, api_key: str, body: dict[str, Any]) -> JSONResponse:
-    message = create_message(state, api_key, body)
-    request_id = "req_sim_" + message["id"].removeprefix("msg_sim_")
-    return JSONResponse(message, headers={"request-id": request_id})
+def _respond(body: dict[str, Any], message: dict[str, Any], fault: _Fault | None) -> Response:
+    """The message as JSON, or as Server-Sent Events when the request asked to stream."""
+    headers = {"request-id": message["id"].replace("msg_", "req_", 1)}
+    if body.get("stream") is not True:
+        return JSONResponse(message, headers=headers)
+    pace = _parse_int(_collect_hints(body).get("sim_stream_chunk_ms", "")) or 0
+    cut = None
+    if fault is not None and fault.after_chunks is not None:
+        error = _error_type(fault.status)
+        cut = StreamCut(fault.after_chunks, error, f"simulated fault: {error}")
+    events = message_events(message, chunk_seconds=min(max(pace, 0), 10_000) / 1000, cut=cut)
+    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
 
 # --------------------------------------------------------------------------- HTTP plumbing
@@ -1206,9 +1221,10 @@ async def _post_messages(request: Request, api_key: ApiKey) -> Response:
         state.recent.append(body)
         model = body.get("model")
         fault = state.take_fault(model if isinstance(model, str) else None)
-        if fault is not None:
+        streamed = body.get("stream") is True
+        if fault is not None and not (streamed and fault.after_chunks is not None):
             await _serve_fault(request, fault)
-        response = _create_message(state, api_key, body)
+        response = _respond(body, create_message(state, api_key, body), fault)
     except ApiError as error:
         response = error.to_response()
     await asyncio.sleep(state.config.latency_ms / 1000)
@@ -1236,6 +1252,9 @@ class FaultSpec(BaseModel):
     model: str | None = None
     retry_after: float | None = Field(default=None, ge=0, le=86_400)
     hang: bool = False
+    after_chunks: int | None = Field(
+        default=None, ge=0, le=100_000, description="streamed requests: break off after N deltas"
+    )
 
 
 class ConfigUpdate(BaseModel):
@@ -1265,7 +1284,7 @@ def _parse_model(model: type[_M], body: dict[str, Any]) -> _M:
 async def _post_faults(request: Request, _api_key: ApiKey) -> dict[str, int]:
     state = _state(request)
     spec = _parse_model(FaultSpec, await _read_json(request))
-    fault = _Fault(spec.status, spec.model, spec.retry_after, spec.hang)
+    fault = _Fault(spec.status, spec.model, spec.retry_after, spec.hang, spec.after_chunks)
     state.faults.extend(itertools.repeat(fault, spec.count))
     return {"queued": spec.count, "pending": len(state.faults)}
 
