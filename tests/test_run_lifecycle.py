@@ -133,6 +133,8 @@ async def test_retry_refusals(api: httpx.AsyncClient, tenant: Tenant) -> None:
 async def test_cancel_reaches_a_running_model_call(
     api: httpx.AsyncClient, tenant: Tenant, sim: SimControl, client: Client, pool: Pool
 ) -> None:
+    async with pool.acquire() as conn:  # budgeted, so the call holds a reservation
+        await budgets.set_budget(conn, tenant.id, "customer", "", "day", 1.0)
     await sim.fault(529, hang=True, model=PRIMARY)
     run_id = await start(api, tenant)
     handle = client.get_workflow_handle(workflow_id(tenant.id, run_id))
@@ -153,13 +155,20 @@ async def test_cancel_reaches_a_running_model_call(
     events = [e async for e in handle.fetch_history_events()]
     # The activity itself acknowledged the cancellation (it learned of it by heartbeat).
     assert any(e.HasField("activity_task_canceled_event_attributes") for e in events)
-    # Its budget reservation was closed, not left dangling.
+    # Its budget reservation was closed, not left dangling: charged in full (the provider may
+    # bill what it generated) and marked abandoned, since no usage row stands behind it.
     async with pool.acquire() as conn:
-        open_reservations = await conn.fetchval(
-            "SELECT count(*) FROM budget_reservations WHERE tenant_id = $1 AND status = 'reserved'",
+        reservations = await conn.fetch(
+            "SELECT status, amount_nusd, charged_nusd FROM budget_reservations"
+            " WHERE tenant_id = $1",
             tenant.id,
         )
-    assert open_reservations == 0
+        usage_rows = await conn.fetchval(
+            "SELECT count(*) FROM model_usage WHERE tenant_id = $1", tenant.id
+        )
+    assert [r["status"] for r in reservations] == ["expired"]
+    assert reservations[0]["charged_nusd"] == reservations[0]["amount_nusd"] > 0
+    assert usage_rows == 0
     await record_history(handle, "summarize_cancelled_in_model_call")
 
 

@@ -544,9 +544,12 @@ class ModelActivities:
         metrics.observe_events(new)
 
     async def _release_quietly(self, key: str, attempt: int, charged: int) -> None:
+        """Charge an attempt abandoned mid-call in full, marked `expired` like one whose worker
+        died: spend the budget counts with no usage row behind it, told apart from settled
+        calls."""
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                await budgets.settle(conn, key, attempt, charged)
+                await budgets.settle(conn, key, attempt, charged, status="expired")
         except Exception:  # the sweeper charges it later if this fails
             activity.logger.warning("could not settle reservation %s/%s now", key, attempt)
 
