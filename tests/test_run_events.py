@@ -25,6 +25,7 @@ from stead.store.principals import Principal
 from tests.conftest import SimControl, Tenant, TenantFactory
 from tests.events_support import LiveApi, Sse, read_events, served
 from tests.helpers import decide_pending, eventually, record_history, start_run, wait_json
+from tests.web_support import live_script_events
 
 __all__ = ["served"]  # the fixture, used by name
 
@@ -75,6 +76,7 @@ async def test_a_run_streams_its_stages_calls_approvals_and_result(
         "stage.entered",
         "run.completed",
     ]
+    assert set(types(events)) <= live_script_events()  # the web pages refresh on each
     assert offsets(events) == list(range(len(events))), "every id once, in order"
     called = events[3].data
     assert called["model"] == "claude-sonnet-5-5"
@@ -324,6 +326,8 @@ async def test_tool_calls_stream_with_their_permission_decisions(
     refund = next(e.data for e in events if e.event == "tool.called" and e.data["rule"])
     assert refund["arguments"]["customer_id"] == "cus_1"
     assert types(events)[-1] == "run.completed"
+    # The web pages refresh on every one of these (a name they do not know, they ignore).
+    assert set(types(events)) <= live_script_events()
 
 
 async def test_a_document_ingest_streams_its_progress(

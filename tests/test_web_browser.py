@@ -192,6 +192,39 @@ async def test_the_inbox_refreshes_on_an_event_of_the_tenants_stream(
 
 
 @pytest.mark.usefixtures("worker")
+async def test_the_pages_follow_the_real_event_streams(
+    browser: Browser, site: str, api: httpx.AsyncClient, desk: Tenant
+) -> None:
+    """With Stead's own streams answering (`GET /v1/events`, `GET /v1/runs/{id}/events`), the
+    inbox and the run page update from their events, in stream mode throughout: the names the
+    script listens for must be the names the streams send."""
+    live = await browser.new_context(base_url=site, viewport={"width": 1280, "height": 860})
+    try:
+        page = await sign_in(live, desk.keys["finance"])
+        inbox = page.locator("#inbox")
+        await expect(inbox).to_have_attribute("data-live-mode", "stream")
+        run_id = await start_run(api, desk, refund_ticket("30"))
+        row = page.locator("#inbox a[href^='/ui/approvals/']")
+        await expect(row).to_be_visible(timeout=30_000)
+        assert await inbox.get_attribute("data-live-mode") == "stream"
+
+        # The run's page, open while the run waits, follows its stream to the end.
+        watching = await live.new_page()
+        await watching.goto(f"/ui/runs/{run_id}")
+        timeline = watching.locator("#timeline")
+        await expect(timeline).to_have_attribute("data-live-mode", "stream")
+        await row.click()
+        await page.get_by_role("button", name="Approve as proposed").click()
+        await expect(page.get_by_role("status")).to_contain_text("the approval is approved")
+        await expect(timeline.locator(".status-line .badge").first).to_have_text(
+            "completed", timeout=30_000
+        )
+        assert await timeline.get_attribute("data-live-mode") == "stream"
+    finally:
+        await live.close()
+
+
+@pytest.mark.usefixtures("worker")
 async def test_a_requester_sees_no_approve_button_and_forged_posts_are_refused(
     context: BrowserContext, api: httpx.AsyncClient, desk: Tenant
 ) -> None:

@@ -11,10 +11,12 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel, Field
 
+from stead.service import feed
 from stead.service.errors import Invalid
 from stead.service.usage import DailyUsage
 from stead.web.charts import PALETTE, days_between, stacked_by_day
 from stead.web.forms import edits_from_form, proposal_fields
+from tests.web_support import live_script_events
 
 
 class Refund(BaseModel):
@@ -133,3 +135,7 @@ def test_an_empty_range_draws_no_bars() -> None:
     chart = stacked_by_day([], days_between(date(2026, 11, 1), date(2026, 11, 7)), "calls", "x")
     assert chart.empty
     assert len(chart.x_ticks) == 7
+
+
+def test_the_live_script_refreshes_on_every_event_of_the_tenant_feed() -> None:
+    assert set(feed.APPROVAL_ACTIONS + feed.RUN_ACTIONS) <= live_script_events()

@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from temporalio.client import Client
 
+import stead.web
 from activities import support_desk
 from stead.api.app import create_app
 from stead.config import Settings
@@ -249,3 +250,11 @@ async def oidc_issuer() -> AsyncIterator[Issuer]:
     async with serve_app(issuer.app()) as url:
         issuer.url = url
         yield issuer
+
+
+def live_script_events() -> set[str]:
+    """The event names the pages' script (`stead/web/static/live.js`) refreshes on."""
+    script = (Path(stead.web.__file__).parent / "static" / "live.js").read_text()
+    listed = re.search(r"DEFAULT_EVENTS = \[(.*?)\];", script, flags=re.S)
+    assert listed is not None, "live.js lists no DEFAULT_EVENTS"
+    return set(re.findall(r'"([^"]+)"', listed.group(1)))

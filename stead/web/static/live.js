@@ -10,8 +10,15 @@
 (function () {
   // Named SSE events that mean "refresh" besides the default "message" (set per element with
   // data-live-events="a b c").
-  var DEFAULT_EVENTS = ["message", "stage", "model_call", "tool_call", "approval",
-    "approval.requested", "approval.decided", "run", "run.finished", "progress", "result"];
+  // These are the types Stead's streams send (GET /v1/runs/{id}/events: a run's audit actions
+  // and model.tokens / run.progress / run.ended; GET /v1/events: approvals and finished runs).
+  var DEFAULT_EVENTS = ["message",
+    "run.started", "stage.entered", "model.called", "model.failed", "model.deferred",
+    "model.tokens", "tool.called", "tool.decided", "tool.executed", "approval.requested",
+    "approval.reminded", "approval.escalated", "approval.expired", "approval.decided",
+    "budget.raised", "budget.rejected", "document.indexed", "run.progress",
+    "run.cancel_requested", "run.redriven", "run.completed", "run.failed", "run.cancelled",
+    "run.ended", "stream.restarted"];
 
   function start(region) {
     var fragment = region.getAttribute("data-fragment-url");
