@@ -29,6 +29,7 @@ APP = stead.App(
     migrations=support_desk.MIGRATIONS,
     seed=support_desk.seed,
     routers=[intake.router],
+    demo=intake.demo,
 )
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ idempotency key, so a webhook delivered twice starts one run.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import httpx
 from fastapi import APIRouter, status
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,3 +45,23 @@ async def intake(ticket: HelpdeskTicket, runs: stead.api.Runs) -> stead.api.RunS
         body=ticket.description,
     )
     return await runs.start("support-agent", work, idempotency_key=f"helpdesk:{ticket.id}")
+
+
+DEMO_TICKET = {
+    "id": "DEMO-1",
+    "subject": "Double charge",
+    "requester": {"customer_id": "cus_100"},
+    "description": "I was charged twice for my order.\namount: 60\nreason: charged twice",
+}
+
+
+async def demo(api: httpx.AsyncClient, keys: Mapping[str, str]) -> None:
+    """`stead dev`'s demo: the helpdesk sends one ticket, so finance (`acme/approver`) finds
+    the agent's refund waiting in the web app. Once per data directory: the ticket id is the
+    run's idempotency key."""
+    sent = await api.post(
+        "/v1/support/intake",
+        json=DEMO_TICKET,
+        headers={"Authorization": f"Bearer {keys['acme/requester']}"},
+    )
+    sent.raise_for_status()

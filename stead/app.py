@@ -37,6 +37,7 @@ from stead.integrations import (
 from stead.tools import Tool
 
 if TYPE_CHECKING:
+    import httpx
     from fastapi import APIRouter
 
     from stead.config import Settings
@@ -64,6 +65,11 @@ RecordLoader = Callable[[RecordContext, str], Awaitable[Mapping[str, Any] | None
 FactsHook = Callable[[RecordContext, Mapping[str, Any]], Awaitable[Mapping[str, Any]]]
 # `async def seed(conn) -> None`: demo data `stead dev` writes (idempotently) at start.
 SeedHook = Callable[[Any], Awaitable[None]]
+# `async def demo(api, keys) -> None`: what `stead dev` does once the API answers, through it
+# like any client (e.g. send a ticket, so a reviewer finds something to decide): `api` is an
+# HTTP client on the API, `keys` the demo API keys by label ("acme/requester"). It runs at
+# every start, so it must be idempotent (an Idempotency-Key on what it starts).
+DemoHook = Callable[["httpx.AsyncClient", Mapping[str, str]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class App:
     policies: Path | None = None
     migrations: Path | None = None
     seed: SeedHook | None = None
+    demo: DemoHook | None = None
     routers: Sequence[APIRouter] = ()
 
     def load(self, settings: Settings) -> Runtime:

@@ -39,7 +39,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -493,7 +493,20 @@ class DevStack:
         await self.wait_for_api()
         info: dict[str, object] = {"api": s.api_url, "ui": s.ui_url, "keys": keys}
         write_private(self.data_dir / "dev.json", json.dumps(info, indent=2) + "\n")
+        await self.run_demo(keys)
         return info
+
+    async def run_demo(self, keys: Mapping[str, str]) -> None:
+        """The application's demo hook, through the API; a failure is said, not fatal: the
+        platform serves without its demo."""
+        demo = self.runtime.app.demo if self.runtime else None
+        if demo is None:
+            return
+        try:
+            async with httpx.AsyncClient(base_url=self.settings.api_url, timeout=30) as api:
+                await demo(api, keys)
+        except Exception as exc:  # an app's code: whatever it raised, the stack stays up
+            _say(f"the application's demo did not run: {type(exc).__name__}")
 
     async def start_postgres(self) -> str:
         """The owner's URL: the embedded server's superuser, or STEAD_MIGRATE_DATABASE_URL."""

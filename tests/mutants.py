@@ -77,7 +77,7 @@ TARGETS: dict[str, Target] = {
     "redaction": Target(("stead/policy/redaction.py",), ("tests/test_redaction.py",)),
     "codec": Target(
         ("stead/codec.py", "stead/api/routes/codec.py"),
-        ("tests/test_codec.py",),
+        ("tests/test_codec_crypto.py", "tests/test_codec_server.py"),
         only=("stead.codec.*", "stead.api.routes.codec.x__cors_headers__mutmut_*"),
     ),
     "attest": Target(

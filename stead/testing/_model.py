@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stead.sim.messages import count_tokens
+from stead.sim.streaming import message_events
 
 _Kind = Literal["answer", "reply", "tool"]
 
@@ -178,6 +179,10 @@ class ScriptedEndpoint:
             reply = self.model._take(body)
         if reply is None:
             await self.simulator(scope, _replaying(raw, receive), send)
+            return
+        if body.get("stream") is True:  # a step that streams: the same reply as its events
+            streamed = StreamingResponse(message_events(reply), media_type="text/event-stream")
+            await streamed(scope, receive, send)
             return
         await JSONResponse(reply)(scope, receive, send)
 
