@@ -14,9 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
+from stead.api.routes.admin import BudgetIn
 from stead.contract import Proposal
 from stead.pipeline.proposals import BudgetProposal, InvalidEdits, apply_edits
+from stead.service.webhooks import RotateIn
 from stead.store.db import Pool
 from tests.conftest import Tenant
 from tests.helpers import wait_json
@@ -184,3 +187,13 @@ async def test_a_restart_takes_todays_policies(api: httpx.AsyncClient, tenant: T
         lambda b: b["stage"] == "review",
     )
     assert second["pending_approvals"][0]["eligible_roles"] == ["admin"]
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_a_boolean_is_not_a_number_in_any_request_body(value: bool) -> None:
+    """Lax validation read `false` as 0: a secret rotation kept no previous secret."""
+    with pytest.raises(ValidationError, match="must be a number, not true or false"):
+        RotateIn.model_validate({"keep_previous_seconds": value})
+    with pytest.raises(ValidationError):
+        BudgetIn.model_validate({"scope": "customer", "period": "day", "limit_usd": value})
+    assert RotateIn.model_validate({"keep_previous_seconds": 60}).keep_previous_seconds == 60

@@ -4,9 +4,18 @@ tenant, a role or an approval state."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from decimal import Decimal
+from typing import Annotated, Any, Generic, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from stead.contract import (
     MAX_BUDGET_USD,
@@ -40,10 +49,31 @@ def _not_a_number(value: object) -> object:
 DateTimeParam = Annotated[datetime, BeforeValidator(_not_a_number)]
 
 
+def _types(annotation: Any) -> set[Any]:
+    """The plain types an annotation admits (`int | None` → {int, NoneType})."""
+    args = get_args(annotation)
+    if not args:
+        return {annotation}
+    if get_origin(annotation) is Annotated:
+        return _types(args[0])
+    return set().union(*(_types(a) for a in args))
+
+
 class Request(BaseModel):
     """Every request body: unknown fields refused, numbers finite, text storable."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # Lax validation takes `true`/`false` for 1/0; a number field wants a number (the
+        # fuzz drill sent `"keep_previous_seconds": false` and got a secret rotated).
+        if isinstance(value, bool) and info.field_name is not None:
+            accepted = _types(cls.model_fields[info.field_name].annotation)
+            if bool not in accepted and accepted & {int, float, Decimal}:
+                raise ValueError("must be a number, not true or false")
+        return value
 
     @model_validator(mode="after")
     def _storable(self) -> Request:
