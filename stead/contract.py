@@ -34,6 +34,20 @@ class Stage(StrEnum):
 
 TERMINAL_STAGES = frozenset({Stage.COMPLETED, Stage.FAILED, Stage.CANCELLED})
 
+# What the platform's pipeline code records in a run's history changes by revision, and a run
+# keeps the revision it was started at (its input says which: deterministic, and free).
+# `workflow.patched` would have cost every new run a marker and a search-attribute upsert per
+# change, for as long as the change is in the code. Runs started before revisions existed (0)
+# still decide each earlier change by its patch marker.
+#   1: the changes once gated by `workflow.patched` (run-events, agent-loop-stage-index,
+#      model-batches, approval-projection-by-the-api) are taken without a marker.
+#   2: one search-attribute upsert where there were several: on asking for approval (stage,
+#      pending, roles) and at the end of a run (stage, cost, error type).
+# Workers must be upgraded before the processes that start runs: an older worker refuses a
+# context with a revision it does not know (the workflow task fails and is retried), rather
+# than running it down the older path.
+WORKFLOW_REVISION = 2
+
 
 class RunStatus(StrEnum):
     RUNNING = "running"
@@ -144,6 +158,9 @@ class RunContext(Frozen):
     # directly.
     defer: bool = False
     defer_deadline_seconds: float | None = Field(None, ge=1, le=7 * 86_400)
+    # The platform's workflow revision the run was started at (`WORKFLOW_REVISION`, set by
+    # every start); 0 for runs started before revisions existed. See `WORKFLOW_REVISION`.
+    revision: int = Field(0, ge=0)
 
 
 class RunInput(Frozen):

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 from temporalio import workflow
+from temporalio.common import SearchAttributeUpdate
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -140,7 +141,8 @@ class ApprovalSteps(RunCore):
 
     async def _ask_approval(self, proposal: Proposal, policy: ApprovalPolicy) -> ApprovalOutcome:
         """Ask humans to decide; wait through deadlines (escalate, remind or expire)."""
-        self.enter(Stage.REVIEW)
+        if self._ctx.revision < 2:
+            self.enter(Stage.REVIEW)
         now = workflow.now()
         approval = ApprovalState(
             approval_id=f"ap_{workflow.uuid4().hex[:24]}",
@@ -151,7 +153,10 @@ class ApprovalSteps(RunCore):
             deadline_at=now + timedelta(seconds=policy.timeout_seconds),
         )
         self._approvals[approval.approval_id] = approval
-        self._sync_approval_attributes()
+        if self._ctx.revision < 2:
+            self._sync_approval_attributes()
+        else:
+            self._enter(Stage.REVIEW, self._approval_attributes())
         self.audit(
             "approval.requested",
             {
@@ -171,7 +176,7 @@ class ApprovalSteps(RunCore):
         await self._wait_for_decision(approval)
         self._sync_approval_attributes()
         decided = approval.status in (ApprovalStatus.APPROVED, ApprovalStatus.REJECTED)
-        if decided and workflow.patched("approval-projection-by-the-api"):
+        if decided and self.since(1, "approval-projection-by-the-api"):
             # The API updated the inbox when the decision was accepted; waiting on a ledger
             # write here would only delay what the run does next.
             self._unpublished[approval.approval_id] = approval
@@ -222,14 +227,15 @@ class ApprovalSteps(RunCore):
         self.audit(action, {"approval_id": approval.approval_id, **data})
 
     def _sync_approval_attributes(self) -> None:
+        workflow.upsert_search_attributes(self._approval_attributes())
+
+    def _approval_attributes(self) -> list[SearchAttributeUpdate[Any]]:
         pending = [a for a in self._approvals.values() if a.status is ApprovalStatus.PENDING]
         roles = sorted({r for a in pending for r in a.eligible_roles})
-        workflow.upsert_search_attributes(
-            [
-                search.PENDING_APPROVAL.value_set(bool(pending)),
-                search.APPROVAL_ROLES.value_set(roles),
-            ]
-        )
+        return [
+            search.PENDING_APPROVAL.value_set(bool(pending)),
+            search.APPROVAL_ROLES.value_set(roles),
+        ]
 
     async def _publish(self, approval: ApprovalState) -> None:
         with self.carried_outbox() as events:

@@ -44,7 +44,7 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar, get_args, overload
 
 from pydantic import BaseModel, ValidationError
 from temporalio import workflow
-from temporalio.common import Priority
+from temporalio.common import Priority, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 from temporalio.workflow import ActivityCancellationType
 
@@ -207,7 +207,7 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
         """Every tool call of the run so far: tool, status, rule and arguments."""
         return list(self._actions)
 
-    def enter(self, stage: str) -> None:
+    def _enter(self, stage: str, index: Sequence[SearchAttributeUpdate[Any]] = ()) -> None:
         if stage not in _ALWAYS and stage not in self.stages:
             raise ApplicationError(
                 f"pipeline {self.pipeline} entered stage {stage!r}, which it does not declare"
@@ -215,7 +215,7 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
                 type=ErrorType.UNDECLARED_STAGE,
                 non_retryable=True,
             )
-        super().enter(stage)
+        super()._enter(stage, index)
 
     # --- model calls -------------------------------------------------------------------------
 
@@ -571,7 +571,7 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
 
     def _defers(self, call: ModelCall) -> bool:
         wanted = self._ctx.defer if call.defer is None else call.defer
-        return wanted and workflow.patched("model-batches")
+        return wanted and self.since(1, "model-batches")
 
     async def _call_deferred(self, call: ModelCall) -> ModelReply:
         """The call through the tenant's batcher (see stead.gateway.batches); a direct call
@@ -748,10 +748,9 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
     def _cost(self) -> dict[str, Any]:
         return {"cost_nusd": self._usage.cost_nusd, "model_calls": self._usage.model_calls}
 
-    def _finish(self, status: RunStatus, stage: Stage) -> None:
-        self.enter(stage)
+    def _finish(self, status: RunStatus, stage: Stage, *index: SearchAttributeUpdate[Any]) -> None:
+        self._enter(stage, [search.COST_USD.value_set(self._usage.cost_usd), *index])
         self._status = status
-        workflow.upsert_search_attributes([search.COST_USD.value_set(self._usage.cost_usd)])
 
     async def _end_failed(self, exc: ActivityError | ApplicationError) -> None:
         cause = exc.cause if isinstance(exc, ActivityError) else exc
@@ -763,8 +762,7 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
         )
         failed_in = self._stage
         self._cancel_pending_approvals()
-        self._finish(RunStatus.FAILED, Stage.FAILED)
-        workflow.upsert_search_attributes([search.ERROR_TYPE.value_set(error_type)])
+        self._finish(RunStatus.FAILED, Stage.FAILED, search.ERROR_TYPE.value_set(error_type))
         self.audit(
             "run.failed",
             {"error_type": error_type, "message": message, "stage": failed_in, **self._cost()},

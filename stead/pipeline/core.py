@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ValidationError
 from temporalio import workflow
+from temporalio.common import SearchAttributeUpdate
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -26,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
         FlushAudit,
     )
     from stead.contract import (
+        WORKFLOW_REVISION,
         ActorKind,
         ApprovalState,
         AuditEvent,
@@ -61,6 +63,14 @@ class RunCore:
     # state query answers from the run's input before the run method starts.
     @workflow.init
     def __init__(self, run: RunInput) -> None:
+        if run.context.revision > WORKFLOW_REVISION:
+            # Started by a newer Stead than this worker: running it down this worker's paths
+            # would record a history the newer code cannot replay. Fail the workflow task (it is
+            # retried) until a worker of that revision picks the run up.
+            raise RuntimeError(
+                f"run started at workflow revision {run.context.revision}; this worker knows"
+                f" up to {WORKFLOW_REVISION}: upgrade the workers"
+            )
         self._ctx = run.context
         # What activities get: the context without the approval policies, which only the
         # workflow reads (smaller payloads on every step, for the server and the history).
@@ -96,7 +106,7 @@ class RunCore:
         self._batch_ready: set[str] = set()
         # The live events (stead.pipeline.events); the stream registers its handlers here,
         # before any subscriber's poll can arrive.
-        self._events = RunEvents(WorkflowStream() if workflow.patched(EVENTS_PATCH) else None)
+        self._events = RunEvents(WorkflowStream() if self.since(1, EVENTS_PATCH) else None)
         self.audit(
             "run.started",
             {"pipeline": run.context.pipeline, "input_sha256": _digest(run.input)},
@@ -163,29 +173,53 @@ class RunCore:
 
     def enter(self, stage: str) -> None:
         """Move the run to `stage`: stage history, search attribute, audit event."""
+        self._enter(stage)
+
+    def _enter(self, stage: str, index: Sequence[SearchAttributeUpdate[Any]] = ()) -> None:
+        """`enter`, with other search-attribute updates made with the stage's."""
         if stage == self._stage:
+            self._upsert(index)
             return
         now = workflow.now()
         self._stages[-1].left_at = now
         self._stages.append(StageEntry(stage=stage, entered_at=now))
         previous, self._stage = self._stage, stage
+        updates = list(index)
         if (
             self._indexed_stage in _AGENT_LOOP
             and stage in _AGENT_LOOP
-            and workflow.patched("agent-loop-stage-index")
+            and self.since(1, "agent-loop-stage-index")
         ):
             # An agent alternates model_call and tool_execution every turn; the index keeps the
             # first of them for the whole loop (the state query has the exact stage). Two
             # search-attribute updates per turn were a tenth of each turn's history.
             pass
         else:
-            workflow.upsert_search_attributes([search.STAGE.value_set(str(stage))])
+            updates.insert(0, search.STAGE.value_set(str(stage)))
             self._indexed_stage = stage
+        self._upsert(updates)
         seconds = (now - self._stages[-2].entered_at).total_seconds()
         self.audit(
             "stage.entered",
             {"stage": str(stage), "previous": str(previous), "previous_seconds": seconds},
         )
+
+    def since(self, revision: int, patch_id: str) -> bool:
+        """Whether this run takes the path a change of the platform's workflow code brought:
+        yes for runs started at `revision` or later (see `WORKFLOW_REVISION`), and for older
+        runs as `workflow.patched(patch_id)` decided when the change was made."""
+        return self._ctx.revision >= revision or workflow.patched(patch_id)
+
+    def _upsert(self, updates: Sequence[SearchAttributeUpdate[Any]]) -> None:
+        """One upsert command for all of `updates` (revision 2); one each before, in order,
+        as runs of earlier revisions recorded them."""
+        if not updates:
+            return
+        if self._ctx.revision >= 2:
+            workflow.upsert_search_attributes(list(updates))
+            return
+        for update in updates:
+            workflow.upsert_search_attributes([update])
 
     def audit(
         self,

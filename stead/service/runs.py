@@ -44,6 +44,7 @@ from stead import metrics, search
 from stead.builtin import STARTED_BY_ROUTE
 from stead.config import Settings
 from stead.contract import (
+    WORKFLOW_REVISION,
     AuditEvent,
     CancelInput,
     ErrorInfo,
@@ -193,7 +194,8 @@ async def launch(svc: Services, run: RunInput, digest: str) -> None:
     """Start the run's workflow; its id makes a second start with the same id fail. Every start
     comes through here, so this is where the run learns where its model calls go."""
     limited = svc.settings.model_calls_per_second is not None
-    ctx = run.context.model_copy(update={"limited_model_queue": limited})
+    update = {"limited_model_queue": limited, "revision": WORKFLOW_REVISION}
+    ctx = run.context.model_copy(update=update)
     run = run.model_copy(update={"context": ctx})
     await svc.temporal.start_workflow(
         svc.runtime.pipelines[ctx.pipeline].run,
