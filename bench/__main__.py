@@ -78,6 +78,9 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--parked", type=int, metavar="N", help="scale: runs parked per leg (a busy machine)"
     )
+    parser.add_argument(
+        "--before", metavar="REV", help="cuts: the commit to measure against (default: its own)"
+    )
     options = parser.parse_args(argv)
     unknown = [name for name in options.names if name not in BENCHMARKS]
     if unknown:
@@ -108,7 +111,10 @@ async def _run_one(name: str, options: RunOptions, out: Path) -> bool:
 async def _main(options: argparse.Namespace) -> int:
     names = options.names or list(BENCHMARKS)
     out: Path = options.out or (RESULTS / "quick" if options.quick else RESULTS)
-    run_options = RunOptions(quick=options.quick, keep=options.keep, parked=options.parked)
+    run_options = RunOptions(
+        quick=options.quick, keep=options.keep, parked=options.parked, before=options.before
+    )
+    out.mkdir(parents=True, exist_ok=True)
     failed = [name for name in names if not await _run_one(name, run_options, out)]
     say(f"summary: {write_summary(out)}")
     if failed:

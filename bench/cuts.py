@@ -250,8 +250,9 @@ def _result(
     )
 
 
-async def run(options: RunOptions, rev: str = BEFORE_REV) -> Result:
+async def run(options: RunOptions) -> Result:
     sizes = SIZES[options.quick]
+    rev = options.before or BEFORE_REV
     with tempfile.TemporaryDirectory(prefix="stead-bench-before-") as tmp:
         before_tree = export_before(rev, Path(tmp))
         batches, sized = await _measure(options, sizes, before_tree)

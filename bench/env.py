@@ -69,6 +69,7 @@ class RunOptions:
     quick: bool = False
     keep: bool = False
     parked: int | None = None  # scale: runs parked per leg instead of the size's own
+    before: str | None = None  # cuts: the revision to compare with instead of its default
 
 
 @dataclass(frozen=True)
