@@ -114,7 +114,6 @@ async def _main(options: argparse.Namespace) -> int:
     run_options = RunOptions(
         quick=options.quick, keep=options.keep, parked=options.parked, before=options.before
     )
-    out.mkdir(parents=True, exist_ok=True)
     failed = [name for name in names if not await _run_one(name, run_options, out)]
     say(f"summary: {write_summary(out)}")
     if failed:

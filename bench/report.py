@@ -259,6 +259,7 @@ def _targets_table(found: dict[str, dict[str, Any]], names: list[str]) -> list[s
 
 def write_summary(out: Path) -> Path:
     """One table of every headline figure from the result files present in `out`."""
+    out.mkdir(parents=True, exist_ok=True)  # every benchmark may have failed before writing
     found: dict[str, dict[str, Any]] = {
         p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))
     }

@@ -55,12 +55,16 @@ class OddOutcomePipeline(Pipeline[Anything, Anything], name="odd-outcome", sandb
 
 
 async def start_test_run(
-    client: Client, tenant: Tenant, queue: str, workflow_cls: type[Any]
+    client: Client, tenant: Tenant, queue: str, workflow_cls: type[Any], *, revision: int = 0
 ) -> tuple[str, WorkflowHandle[Any, Any]]:
     """Start a run of a test pipeline the way the API starts runs (id, search attributes)."""
     run_id = new_run_id(tenant.id, None)
     context = RunContext(
-        tenant=tenant.id, run_id=run_id, pipeline="summarize", requested_by="requester"
+        tenant=tenant.id,
+        run_id=run_id,
+        pipeline="summarize",
+        requested_by="requester",
+        revision=revision,
     )
     handle = await client.start_workflow(
         workflow_cls.run,
