@@ -266,11 +266,14 @@ def write_summary(out: Path) -> Path:
     names = [n for n in ORDER if n in found] + sorted(set(found) - set(ORDER))
     headers = ["benchmark", "measure", "unit", "Stead", "baseline", "ratio", "target", "met"]
     rows: list[list[Any]] = []
-    dates: list[str] = []
+    runs: list[list[Any]] = []
     for name in names:
         result = found[name]
         label = f"[{name}]({name}.md)" + (" (quick)" if result.get("quick") else "")
-        dates.append(f"{name}: {result.get('date', '?')}")
+        ran_on = result.get("machine", {})
+        dirty = " (dirty tree)" if ran_on.get("worktree_dirty") else ""
+        load = ran_on.get("load_average_at_start")
+        runs.append([label, result.get("date", "?"), f"{ran_on.get('commit')}{dirty}", load])
         for c in result.get("comparisons", []):
             rows.append(
                 [
@@ -291,12 +294,14 @@ def write_summary(out: Path) -> Path:
         "Each figure compares Stead with a baseline measured in the same run on the same",
         "Temporal server. `(quick)` marks smoke runs with small sizes: not measurements.",
         "",
-        f"Machine: {_machine_line(machine)}." if machine else "",
+        f"Machine: {_machine_line(machine).split('; commit')[0]}." if machine else "",
         "",
         *_targets_table(found, names),
         *_markdown_table(headers, rows),
         "",
-        "Dates: " + "; ".join(dates),
+        "## When and on what each ran",
+        "",
+        *_markdown_table(["benchmark", "date", "commit", "load average at start"], runs),
         "",
     ]
     target = out / "SUMMARY.md"
