@@ -334,13 +334,21 @@ async def slow_model(sim: SimControl) -> AsyncIterator[None]:
 async def test_concurrent_runs_wait_for_calls_in_flight_and_spend_the_budget(
     api: httpx.AsyncClient, make_tenant: TenantFactory, pool: Pool
 ) -> None:
-    # One call's worst case and actual cost, from a run under a budget too large to bind.
-    probe = await make_tenant()
+    # One call's worst case and actual cost. Under a budget too large to bind, the gateway
+    # reserves the worst case of a bound on the input tokens (no provider round trip to count
+    # them); under one the bound does not fit, the exact worst case of the counted tokens,
+    # which is what calls in flight near the limit hold.
+    probe, exact_probe = await make_tenant(), await make_tenant()
     async with pool.acquire() as conn:
         await budgets.set_budget(conn, probe.id, "customer", "", "day", 1000.0)
     assert (await summarize(api, probe, 0))["status"] == "completed"
-    worst, actual = await reservation(pool, probe)
+    bounded, _ = await reservation(pool, probe)
+    async with pool.acquire() as conn:
+        await budgets.set_budget(conn, exact_probe.id, "customer", "", "day", (bounded - 1) / 1e9)
+    assert (await summarize(api, exact_probe, 0))["status"] == "completed"
+    worst, actual = await reservation(pool, exact_probe)
     assert actual is not None
+    assert worst < bounded
     assert actual * 3 < worst  # the slack that reservations in flight used to waste
 
     tenant = await make_tenant()

@@ -22,8 +22,9 @@ from stead import metrics
 from stead.calls import ModelCall
 from stead.config import Settings
 from stead.contract import RunContext
-from stead.gateway.model import ModelActivities
+from stead.gateway.model import ModelActivities, input_token_bound
 from stead.policy.models import TokenCounts, load_prices, load_routing
+from stead.sim.messages import count_tokens
 from stead.store import budgets
 from stead.store.audit import audit_writer
 from stead.store.db import Pool
@@ -473,12 +474,15 @@ async def test_a_fallbacks_entry_does_not_answer_for_the_primary(
 # --- a call with no room only because of calls in flight waits ----------------------------------
 
 
-async def worst_case(gateway: ModelActivities, make_tenant: Any, pool: Pool, text: str) -> int:
-    """The reservation a call of `text` makes, from a probe under a budget too large to bind."""
-    probe = await make_tenant()
-    await with_budget(pool, probe, 1000.0)
-    await run(gateway, call_for(probe, text=text, cache=False))
-    return (await reservation(pool, probe))[0]
+async def worst_case(gateway: ModelActivities, make_tenant: Any, text: str) -> int:
+    """The reservation a call of `text` makes once the provider counted its tokens: the
+    exact worst case, which a call falls back to when the bound's does not fit."""
+    call = call_for(await make_tenant(), text=text, cache=False)
+    return _worst_cases(gateway, call, _counted(gateway, call))
+
+
+def _counted(gateway: ModelActivities, call: ModelCall) -> int:
+    return count_tokens({k: v for k, v in gateway.plan(call).sent.items() if k != "max_tokens"})
 
 
 def in_flight(tenant: Tenant) -> RunContext:
@@ -490,7 +494,7 @@ def in_flight(tenant: Tenant) -> RunContext:
 async def test_a_call_waits_for_reservations_in_flight_to_settle(
     gateway: ModelActivities, tenant: Tenant, make_tenant: Any, pool: Pool, sim: SimControl
 ) -> None:
-    worst = await worst_case(gateway, make_tenant, pool, "waiting")
+    worst = await worst_case(gateway, make_tenant, "waiting")
     await with_budget(pool, tenant, 1.5 * worst / 1e9)
     async with pool.acquire() as conn:
         await budgets.reserve(conn, in_flight(tenant), f"{tenant.id}:other-call", 1, worst)
@@ -530,7 +534,7 @@ async def test_a_wait_that_outlasts_its_bound_is_retried_not_exhausted(
         budget_wait=timedelta(milliseconds=300),
     )
     try:
-        worst = await worst_case(impatient, make_tenant, pool, "impatient")
+        worst = await worst_case(impatient, make_tenant, "impatient")
         await with_budget(pool, tenant, 1.5 * worst / 1e9)
         async with pool.acquire() as conn:
             await budgets.reserve(conn, in_flight(tenant), f"{tenant.id}:stuck-call", 1, worst)
@@ -540,3 +544,61 @@ async def test_a_wait_that_outlasts_its_bound_is_retried_not_exhausted(
         await client.close()
     assert (error.type, error.non_retryable) == ("BudgetBusy", False)  # the policy retries it
     assert (await sim.stats())["requests_total"] == before
+
+
+def _worst_cases(gateway: ModelActivities, call: ModelCall, input_tokens: int) -> int:
+    plan = gateway.plan(call)
+    return max(
+        load_prices().worst_case_nusd(m, input_tokens, plan.sent["max_tokens"], cache_ttl=plan.ttl)
+        for m in plan.models
+    )
+
+
+async def test_a_budgeted_call_with_room_is_not_counted_by_the_provider_first(
+    gateway: ModelActivities, tenant: Tenant, pool: Pool, sim: SimControl
+) -> None:
+    """Before: every budgeted call asked the provider to count its tokens, a request of its
+    own before the call. With room for the bound taken from the request, it does not."""
+    async with pool.acquire() as conn:
+        await budgets.set_budget(conn, tenant.id, "customer", "", "day", 1.0)
+    call = call_for(tenant, cache=False)
+    before = (await sim.stats())["count_tokens_calls"]
+    reply = await run(gateway, call)
+    assert (await sim.stats())["count_tokens_calls"] == before
+    amount, charged = await reservation(pool, tenant)
+    # What was held is a worst case for what the provider then billed, and the call is
+    # charged what it cost.
+    assert amount >= _worst_cases(gateway, call, reply.usage.input_tokens)
+    assert charged == reply.usage.cost_nusd
+
+
+async def test_a_call_the_bound_does_not_fit_is_counted_and_reserved_exactly(
+    gateway: ModelActivities, tenant: Tenant, pool: Pool, sim: SimControl
+) -> None:
+    call = call_for(tenant, cache=False)
+    bound = input_token_bound(gateway.plan(call).sent)
+    assert bound is not None
+    exact = _counted(gateway, call)
+    by_bound, by_count = _worst_cases(gateway, call, bound), _worst_cases(gateway, call, exact)
+    assert by_count < by_bound
+    async with pool.acquire() as conn:  # room for the exact worst case, not for the bound's
+        await budgets.set_budget(conn, tenant.id, "customer", "", "day", (by_count + 1) / 1e9)
+    before = (await sim.stats())["count_tokens_calls"]
+    reply = await run(gateway, call)
+    assert (await sim.stats())["count_tokens_calls"] == before + 1
+    assert await reservation(pool, tenant) == (by_count, reply.usage.cost_nusd)
+
+
+def test_the_token_bound_covers_every_byte_and_declines_images_and_documents() -> None:
+    text = "日本語のテキスト, emoji 🙂 and ASCII. " * 40
+    request = {"model": DRAFT[0], "max_tokens": 10, "messages": [{"role": "user", "content": text}]}
+    bound = input_token_bound(request)
+    assert bound is not None
+    assert bound >= len(text.encode())
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA"}}
+    pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf"}}
+    for block in (image, pdf):
+        # Anywhere in the request, a tool result's content included.
+        nested = {"type": "tool_result", "tool_use_id": "t1", "content": [block]}
+        with_block = {**request, "messages": [{"role": "user", "content": [nested]}]}
+        assert input_token_bound(with_block) is None

@@ -115,12 +115,16 @@ class BatchingModelActivities(ModelActivities):
             return ticket.model_copy(update={"reply": early})
         model = plan.models[0]
         if ready.budgeted or call.run_budget_nusd is not None:
-            tokens = await self._count_tokens(model, plan.sent)
-            worst = self._prices.worst_case_nusd(
-                model, tokens, plan.sent["max_tokens"], cache_ttl=plan.ttl, batch=True
-            )
+
+            def worst_case(tokens: int) -> int:
+                return self._prices.worst_case_nusd(
+                    model, tokens, plan.sent["max_tokens"], cache_ttl=plan.ttl, batch=True
+                )
+
             held = datetime.now(UTC) + timedelta(seconds=deadline) + HOLD_MARGIN
-            await self._reserve(call, key, DEFER_ATTEMPT, worst, held_until=held)
+            await self._reserve_worst_case(
+                call, key, DEFER_ATTEMPT, model, plan.sent, worst_case, held_until=held
+            )
         async with self._pool.acquire() as conn:
             await batches.queue(
                 conn,

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -130,12 +132,14 @@ class ModelActivities:
         budgeted = ready.budgeted or call.run_budget_nusd is not None
         worst = 0
         if budgeted:
-            input_tokens = await self._count_tokens(models[0], sent)
-            worst = max(
-                self._prices.worst_case_nusd(m, input_tokens, sent["max_tokens"], cache_ttl=ttl)
-                for m in models
-            )
-            await self._reserve(call, key, attempt, worst)
+
+            def worst_case(input_tokens: int) -> int:
+                return max(
+                    self._prices.worst_case_nusd(m, input_tokens, sent["max_tokens"], cache_ttl=ttl)
+                    for m in models
+                )
+
+            worst = await self._reserve_worst_case(call, key, attempt, models[0], sent, worst_case)
 
         settled = False
         try:
@@ -268,6 +272,49 @@ class ModelActivities:
         await self._finish(call, key, attempt, reply, None, budgeted=False)
         return reply
 
+    async def _reserve_worst_case(
+        self,
+        call: ModelCall,
+        key: str,
+        attempt: int,
+        model: str,
+        request: dict[str, Any],
+        worst_case: Callable[[int], int],
+        *,
+        held_until: datetime | None = None,
+    ) -> int:
+        """Reserve what the call can cost at most, and return it. First with a bound on its
+        input tokens taken from the request itself: when the budget has room for that, no
+        provider round trip is spent on counting (against Anthropic, `count_tokens` is a
+        request of its own before every budgeted call). Only when the bound does not fit, or
+        cannot be taken (images, documents), are the tokens counted by the provider and the
+        reservation made with the exact worst case, waiting for calls in flight as before."""
+        bound = input_token_bound(request)
+        if bound is not None:
+            amount = worst_case(bound)
+            try:
+                await self._reserve_once(call, key, attempt, amount, held_until)
+                return amount
+            except budgets.BudgetRefused:
+                pass  # a refused reservation took nothing: try again with the exact count
+        amount = worst_case(await self._count_tokens(model, request))
+        await self._reserve(call, key, attempt, amount, held_until=held_until)
+        return amount
+
+    async def _reserve_once(
+        self, call: ModelCall, key: str, attempt: int, amount: int, held_until: datetime | None
+    ) -> None:
+        async with self._pool.acquire() as conn:
+            await budgets.reserve(
+                conn,
+                call.context,
+                key,
+                attempt,
+                amount,
+                run_limit_nusd=call.run_budget_nusd,
+                held_until=held_until,
+            )
+
     async def _count_tokens(self, model: str, request: dict[str, Any]) -> int:
         params = {k: v for k, v in request.items() if k != "max_tokens"}
         try:
@@ -302,16 +349,7 @@ class ModelActivities:
         pause = _BUDGET_POLL_FIRST
         while True:
             try:
-                async with self._pool.acquire() as conn:
-                    await budgets.reserve(
-                        conn,
-                        call.context,
-                        key,
-                        attempt,
-                        amount,
-                        run_limit_nusd=call.run_budget_nusd,
-                        held_until=held_until,
-                    )
+                await self._reserve_once(call, key, attempt, amount, held_until)
                 return
             except budgets.BudgetExhausted as exc:
                 await self._reject(call, key, attempt, exc)
@@ -555,6 +593,35 @@ class ModelActivities:
 
     async def _write_events(self, events: list[AuditEvent]) -> None:
         await self._audit.record(self._pool, _storable_events(events))
+
+
+# What a request costs in tokens beyond the bytes it sends: the system prompt the provider adds
+# for tool use (a few hundred tokens) and each message's role markers, with room to spare.
+_BOUND_SLACK_TOKENS = 1024
+# Content whose tokens its bytes do not bound: an image is billed by its pixels, a document by
+# its pages.
+_UNBOUNDED_BLOCKS = frozenset({"image", "document"})
+
+
+def input_token_bound(request: Mapping[str, Any]) -> int | None:
+    """An upper bound on a request's input tokens, from the request alone; None when it holds
+    an image or a document. Every token of text stands for at least one byte of it, so the
+    UTF-8 size of what is sent bounds the tokens of what is sent."""
+    params = {k: v for k, v in request.items() if k != "max_tokens"}
+    if _holds_unbounded(params):
+        return None
+    sent = json.dumps(params, ensure_ascii=False, separators=(",", ":")).encode()
+    return len(sent) + _BOUND_SLACK_TOKENS
+
+
+def _holds_unbounded(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        if value.get("type") in _UNBOUNDED_BLOCKS:
+            return True
+        return any(_holds_unbounded(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_holds_unbounded(v) for v in value)
+    return False
 
 
 def reply_content(message: anthropic.types.Message) -> list[dict[str, Any]]:
