@@ -176,7 +176,7 @@ class ApprovalSteps(RunCore):
         await self._wait_for_decision(approval)
         self._sync_approval_attributes()
         decided = approval.status in (ApprovalStatus.APPROVED, ApprovalStatus.REJECTED)
-        if decided and self.since(1, "approval-projection-by-the-api"):
+        if decided and self._since(1, "approval-projection-by-the-api"):
             # The API updated the inbox when the decision was accepted; waiting on a ledger
             # write here would only delay what the run does next.
             self._unpublished[approval.approval_id] = approval

@@ -571,7 +571,7 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
 
     def _defers(self, call: ModelCall) -> bool:
         wanted = self._ctx.defer if call.defer is None else call.defer
-        return wanted and self.since(1, "model-batches")
+        return wanted and self._since(1, "model-batches")
 
     async def _call_deferred(self, call: ModelCall) -> ModelReply:
         """The call through the tenant's batcher (see stead.gateway.batches); a direct call

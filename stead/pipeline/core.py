@@ -106,7 +106,7 @@ class RunCore:
         self._batch_ready: set[str] = set()
         # The live events (stead.pipeline.events); the stream registers its handlers here,
         # before any subscriber's poll can arrive.
-        self._events = RunEvents(WorkflowStream() if self.since(1, EVENTS_PATCH) else None)
+        self._events = RunEvents(WorkflowStream() if self._since(1, EVENTS_PATCH) else None)
         self.audit(
             "run.started",
             {"pipeline": run.context.pipeline, "input_sha256": _digest(run.input)},
@@ -188,7 +188,7 @@ class RunCore:
         if (
             self._indexed_stage in _AGENT_LOOP
             and stage in _AGENT_LOOP
-            and self.since(1, "agent-loop-stage-index")
+            and self._since(1, "agent-loop-stage-index")
         ):
             # An agent alternates model_call and tool_execution every turn; the index keeps the
             # first of them for the whole loop (the state query has the exact stage). Two
@@ -204,7 +204,7 @@ class RunCore:
             {"stage": str(stage), "previous": str(previous), "previous_seconds": seconds},
         )
 
-    def since(self, revision: int, patch_id: str) -> bool:
+    def _since(self, revision: int, patch_id: str) -> bool:
         """Whether this run takes the path a change of the platform's workflow code brought:
         yes for runs started at `revision` or later (see `WORKFLOW_REVISION`), and for older
         runs as `workflow.patched(patch_id)` decided when the change was made."""
