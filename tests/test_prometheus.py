@@ -575,6 +575,12 @@ async def test_dashboards_and_alerts_on_a_real_prometheus(
             for round_ in (1, 2):
                 await one_round(stack, round_)
                 await settled(stack, round_)
+            # A range query evaluates at start + k steps up to `end`: an increase carried by the
+            # last scrape shows only at a step after it. Without this the second triage run's
+            # cache hits, the round's last increase, fell outside the range whenever the rounds
+            # ended within a step of that scrape (every time, once a change to the gateway's
+            # budget path moved the rounds' timing).
+            await asyncio.sleep(STEP_SECONDS + SCRAPE_SECONDS)
             end = time.time()
             async with pool.acquire() as conn:
                 pending = await conn.fetchval(
