@@ -177,7 +177,7 @@ ROWS = (
     ("history bytes / run", "history.bytes"),
     ("of which live events: poll updates", "history.poll_updates"),
     ("of which live events: token signals", "history.publish_signals"),
-    ("of which: markers (the patch's among them)", "history.marker"),
+    ("of which: markers", "history.marker"),
     ("of which live events: bytes", "history.extra_bytes"),
     ("delivery p50 ms", "latency_ms.p50"),
     ("delivery p99 ms", "latency_ms.p99"),
@@ -238,7 +238,8 @@ def _result(sizes: Sizes, quick: bool, legs: dict[int, dict[str, Any]]) -> Resul
             " model activity's clock for token batches) to its arrival at the subscriber, for"
             " events published while the subscriber was connected; same machine, same clock.",
             "History figures are per run, from each run's full history; the markers row counts"
-            " every marker (the live-events patch adds one).",
+            " every marker (ledger writes are local activities; a run started before workflow"
+            " revisions also carries the live-events patch's).",
         ],
     )
 
