@@ -58,6 +58,12 @@ class ModelCall(Frozen):
     task: str = Field(min_length=1, max_length=64)
     system: str | None = None
     messages: list[dict[str, Any]]
+    # A long conversation (workflow revision 3 on): `messages` are those after the stored
+    # prefix whose link this is ("" for none yet), of `prefix_length` messages; the gateway
+    # resolves the whole transcript and stores `messages` (stead.store.conversations).
+    # None: `messages` is the whole transcript.
+    prefix: str | None = Field(None, max_length=64)
+    prefix_length: int = Field(0, ge=0)
     tools: list[dict[str, Any]] = Field(default_factory=list)
     # The provider's tool_choice, e.g. {"type": "tool", "name": "respond"} for structured output.
     tool_choice: dict[str, Any] | None = None

@@ -380,7 +380,9 @@ def cmd_payloads_gc(args: argparse.Namespace) -> int:
             return 2
         print(
             f"removed {result.removed} stored payload(s) older than {args.older_than_days} days;"
-            f" kept {result.kept} that {result.histories} open or retained histories reference"
+            f" kept {result.kept} that {result.histories} open or retained histories reference;"
+            f" removed {result.messages_removed} stored conversation message(s) of workflows"
+            " none of whose histories is kept"
         )
         return 0
 

@@ -43,10 +43,12 @@ TERMINAL_STAGES = frozenset({Stage.COMPLETED, Stage.FAILED, Stage.CANCELLED})
 #      model-batches, approval-projection-by-the-api) are taken without a marker.
 #   2: one search-attribute upsert where there were several: on asking for approval (stage,
 #      pending, roles) and at the end of a run (stage, cost, error type).
+#   3: a model call whose messages reach 4 KiB carries the stored prefix's link and the
+#      messages after it, not the whole transcript (stead.store.conversations).
 # Workers must be upgraded before the processes that start runs: an older worker refuses a
 # context with a revision it does not know (the workflow task fails and is retried), rather
 # than running it down the older path.
-WORKFLOW_REVISION = 2
+WORKFLOW_REVISION = 3
 
 
 class RunStatus(StrEnum):

@@ -36,6 +36,8 @@ class ErrorType(StrEnum):
     UNKNOWN_OUTCOME = "UnknownOutcome"  # a pipeline ended in a way the platform cannot record
     UNDECLARED_STAGE = "UndeclaredStage"  # a step the pipeline's declaration does not allow
     STRUCTURED_OUTPUT_INVALID = "StructuredOutputInvalid"  # twice an answer off its schema
+    # A long conversation's stored messages are gone or altered (stead.store.conversations).
+    CONVERSATION_MISSING = "ConversationMissing"
 
 
 NON_RETRYABLE = (
@@ -45,6 +47,7 @@ NON_RETRYABLE = (
     ErrorType.BUDGET_EXHAUSTED,
     ErrorType.INVALID_INPUT,
     ErrorType.INTEGRATION_MISSING,
+    ErrorType.CONVERSATION_MISSING,
 )
 
 

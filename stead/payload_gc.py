@@ -1,4 +1,5 @@
-"""`stead payloads gc`: delete claim-checked payloads that no history can reference any more.
+"""`stead payloads gc`: delete claim-checked payloads that no history can reference any more,
+and the stored conversation messages of workflows none of whose histories is kept.
 
 A stored payload is kept while any history that Temporal can still replay references it, or
 a parked run could never be approved and its state would be unreadable. What can reference a
@@ -30,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
 
+from stead.store import conversations
 from stead.store.db import Conn
 from stead.store.payloads import collect, referenced
 
@@ -51,6 +53,7 @@ class GcResult:
     kept: int  # payloads past the age, kept because a history still references them
     histories: int
     retention: timedelta
+    messages_removed: int = 0  # stored conversation messages (stead.store.conversations)
 
 
 async def namespace_retention(client: Client) -> timedelta:
@@ -84,9 +87,11 @@ async def check_age(client: Client, older_than_days: int) -> timedelta:
     return retention
 
 
-async def referencing_histories(client: Client, started_before: datetime) -> tuple[set[bytes], int]:
+async def referencing_histories(
+    client: Client, started_before: datetime
+) -> tuple[set[bytes], set[str], int]:
     """Claim-check digests held by every open run and every run started before
-    `started_before`, and how many histories were read."""
+    `started_before`, those runs' workflow ids, and how many histories were read."""
     query = f'ExecutionStatus = "Running" OR StartTime < "{started_before:%Y-%m-%dT%H:%M:%SZ}"'
     deadline = time.monotonic() + MAX_SECONDS
     digests: set[bytes] = set()
@@ -105,19 +110,28 @@ async def referencing_histories(client: Client, started_before: datetime) -> tup
                 digests |= referenced(event)
         except ValueError as exc:
             raise GcRefused(f"workflow {execution.id}: {exc}: nothing deleted") from None
-    return digests, len(seen)
+    return digests, {workflow for workflow, _ in seen}, len(seen)
 
 
 async def collect_unreferenced(client: Client, conn: Conn, older_than_days: int) -> GcResult:
     """Delete stored payloads older than `older_than_days` that no readable history holds."""
     retention = await check_age(client, older_than_days)
     age = timedelta(days=older_than_days)
-    keep, histories = await referencing_histories(client, datetime.now(UTC) - retention)
+    keep, workflows, histories = await referencing_histories(client, datetime.now(UTC) - retention)
     removed = await collect(conn, age, keep)
+    # A conversation's messages belong to its workflow id: kept while any of its runs' histories
+    # is, by the same argument as a payload (what a younger run stored is younger).
+    messages = await conversations.collect(conn, age, sorted(workflows))
     kept = await conn.fetchval(
         "SELECT count(*) FROM payload_store WHERE sha256 = ANY($1::bytea[])"
         " AND created_at < now() - $2::interval",
         list(keep),
         age,
     )
-    return GcResult(removed=removed, kept=int(kept), histories=histories, retention=retention)
+    return GcResult(
+        removed=removed,
+        kept=int(kept),
+        histories=histories,
+        retention=retention,
+        messages_removed=messages,
+    )

@@ -50,6 +50,7 @@ from stead.loader import load_app
 from stead.serving import serving
 from stead.store import budgets
 from stead.store.audit import audit_writer
+from stead.store.conversations import ConversationStore
 from stead.store.db import Pool, pool_from_settings
 from stead.store.payloads import PostgresPayloadStore
 from stead.telemetry import interceptors, metrics_app, metrics_runtime, setup_tracing
@@ -145,6 +146,7 @@ def activities(runtime: Runtime, settings: Settings, deps: Deps) -> Activities:
             policies.routing,
             audit,
             heartbeat_every=settings.heartbeat_seconds,
+            conversations=ConversationStore(deps.pool, settings.encryption_keys),
         ),
         ledger=LedgerActivities(deps.pool, audit),
         tools=ToolActivities(

@@ -23,6 +23,7 @@ from stead.service.runs import workflow_id
 from stead.sim.messages import SimConfig, SimState, create_app
 from stead.store import budgets
 from stead.store.db import Pool
+from stead.transcript import INLINE_BYTES
 from tests.conftest import Tenant, running_workers, spawn_worker
 from tests.helpers import eventually, record_history, start_run, wait_finished
 from tests.servers import serve_app
@@ -365,6 +366,44 @@ async def test_past_its_deadline_a_call_is_made_directly(
     await record_history(
         client.get_workflow_handle(workflow_id(tenant.id, run_id)), "summarize_deferred_fallback"
     )
+
+
+@pytest.mark.usefixtures("batch_worker")
+@pytest.mark.parametrize("batch_delay", [0.2, 600.0], ids=["batched", "past-deadline"])
+async def test_a_long_deferred_prompt_is_stored_once_and_reaches_the_model_whole(
+    batch_api: httpx.AsyncClient,
+    tenant: Tenant,
+    pool: Pool,
+    sim_batches: Callable[[float], Any],
+    batch_delay: float,
+) -> None:
+    """A prompt past the inline limit goes to the conversation store by the defer step; the
+    batch, and the direct call made at the deadline, both send it whole (the same input tokens
+    as the same prompt sent directly)."""
+    await sim_batches(batch_delay)
+    facts = " ".join(f"fact{i}" for i in range(2 * INLINE_BYTES // 6))
+    # Of the same length, and not the same text: the deferred call is no cache hit.
+    text, twin = f"A long deferred text. {facts}", f"A long directed text. {facts}"
+    direct_id = await start_run(
+        batch_api, tenant, {"pipeline": "summarize", "input": {"text": twin, "review": False}}
+    )
+    direct = await finished(batch_api, tenant, direct_id)
+    deadline = 2 if batch_delay > 60 else 600
+    run_id = await start_run(
+        batch_api, tenant, deferred_summary(text, defer_deadline_seconds=deadline)
+    )
+    run = await finished(batch_api, tenant, run_id)
+    assert run["status"] == direct["status"] == "completed", run
+    assert run["result"]["summary"] == direct["result"]["summary"].replace("directed", "deferred")
+    first, deferred = await usage_of(pool, tenant)
+    assert (first["batch"], deferred["batch"]) == (False, batch_delay < 60)
+    assert deferred["input_tokens"] == first["input_tokens"] > INLINE_BYTES // 4
+    async with pool.acquire() as conn:
+        stored = await conn.fetch(
+            "SELECT depth FROM conversation_messages WHERE workflow_id = $1",
+            workflow_id(tenant.id, run_id),
+        )
+    assert [r["depth"] for r in stored] == [1, 2]  # the preamble, the prompt
 
 
 @pytest.mark.usefixtures("batch_worker", "sim_batches")

@@ -31,6 +31,7 @@ from stead.builtin import BUILTIN_PIPELINES
 from stead.config import Settings
 from stead.payload_gc import minimum_days, namespace_retention
 from stead.service.runs import workflow_id
+from stead.store.conversations import ConversationStore
 from stead.store.db import Pool
 from stead.store.payloads import (
     PayloadMissing,
@@ -204,6 +205,24 @@ async def age_payloads(database_url: str, digests: set[bytes], days: int) -> Non
         await owner.close()
 
 
+async def age_conversations(database_url: str, workflows: list[str], days: int) -> dict[str, int]:
+    """Make the workflows' stored conversation messages `days` older; how many each has."""
+    owner = await asyncpg.connect(database_url)
+    try:
+        rows = await owner.fetch(
+            "UPDATE conversation_messages SET created_at = created_at - make_interval(days => $2)"
+            " WHERE workflow_id = ANY($1::text[]) RETURNING workflow_id",
+            workflows,
+            days,
+        )
+    finally:
+        await owner.close()
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["workflow_id"]] = counts.get(row["workflow_id"], 0) + 1
+    return counts
+
+
 async def test_gc_keeps_what_a_parked_run_needs_and_refuses_unsafe_ages(
     client: Client, test_settings: Settings, pool: Pool, database_url: str, tenant: Tenant
 ) -> None:
@@ -241,6 +260,11 @@ async def test_gc_keeps_what_a_parked_run_needs_and_refuses_unsafe_ages(
     assert needed, "nothing of the run was claim-checked"
     assert needed | {orphan_digest} <= await stored(database_url, began)
     await age_payloads(database_url, needed | {orphan_digest}, days=90)
+    # The parked run's long prompt went to the conversation store; a workflow with no history
+    # left has rows there too.
+    parked, gone = workflow_id(tenant.id, run_id), f"wf-gone-{uuid.uuid4().hex}"
+    await ConversationStore(pool).resolve(gone, "", 0, [{"role": "user", "content": "bye"}])
+    assert await age_conversations(database_url, [parked, gone], days=90) == {parked: 2, gone: 1}
 
     retention = await namespace_retention(client)
     least = minimum_days(retention)
@@ -265,6 +289,8 @@ async def test_gc_keeps_what_a_parked_run_needs_and_refuses_unsafe_ages(
     finally:
         await owner.close()
     assert left == needed  # the orphan is gone; everything the parked run references stays
+    assert await age_conversations(database_url, [parked, gone], days=0) == {parked: 2}
+    assert "removed 1 stored conversation message(s)" in said, said
 
     # New processes with empty payload memories: the run's state and its approval must come
     # from the store.

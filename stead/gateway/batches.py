@@ -100,7 +100,8 @@ class BatchingModelActivities(ModelActivities):
 
     @activity.defn(name="model.defer")
     async def defer(self, request: DeferCall) -> DeferTicket:
-        call, key = request.call, request.call.call_key
+        call = await self.whole(request.call, DEFER_ATTEMPT)
+        key = call.call_key
         plan = self.plan(call)
         policy = self._routing.batches
         deadline = request.deadline_seconds or policy.deadline_seconds

@@ -44,9 +44,11 @@ from stead.gateway.streaming import TokenStream
 from stead.policy.models import CacheTtl, PriceTable, RoutingPolicy, TokenCounts
 from stead.store import budgets, usage
 from stead.store.audit import AuditWriter, run_event
+from stead.store.conversations import ConversationMissing, ConversationStore
 from stead.store.db import Pool
 from stead.store.text import storable
 from stead.telemetry import set_attributes, span
+from stead.transcript import preamble
 
 T = TypeVar("T")
 _RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
@@ -107,8 +109,12 @@ class ModelActivities:
         # retryably; with the call itself it stays well inside the model policy's
         # start-to-close (policies/retries.py).
         budget_wait: timedelta = timedelta(minutes=2),
+        # Where long conversations' messages are (workflow revision 3 on); by default in
+        # `pool`, unsealed: give the worker's payload keys.
+        conversations: ConversationStore | None = None,
     ) -> None:
         self._pool = pool
+        self._conversations = conversations or ConversationStore(pool)
         self._client = client
         self._prices = prices
         self._routing = routing
@@ -120,6 +126,7 @@ class ModelActivities:
     @activity.defn(name="model.call")
     async def call_model(self, call: ModelCall) -> ModelReply:
         attempt = activity.info().attempt
+        call = await self.whole(call, attempt)
         key = call.call_key or _fallback_key()
         plan = self.plan(call)
         models, sent, digest, ttl = plan.models, plan.sent, plan.digest, plan.ttl
@@ -200,6 +207,36 @@ class ModelActivities:
                 # Cancelled or crashed mid-call: the provider may bill what it generated, so
                 # the reservation is charged in full.
                 await asyncio.shield(self._release_quietly(key, attempt, worst))
+
+    async def whole(self, call: ModelCall, attempt: int) -> ModelCall:
+        """The call with its whole transcript: a long conversation's stored prefix resolved
+        and its new messages stored for the next turn (stead.store.conversations)."""
+        if call.prefix is None:
+            return call
+        new = call.messages
+        if not call.prefix_length:  # nothing stored yet: the preamble comes first
+            new = [preamble(call.system, call.tools), *call.messages]
+        try:
+            head, *messages = await self._conversations.resolve(
+                activity.info().workflow_id or "", call.prefix, call.prefix_length, new
+            )
+        except ConversationMissing as exc:
+            raise failure(ErrorType.CONVERSATION_MISSING, str(exc), {"attempt": attempt}) from None
+        if set(head) != {"system", "tools"}:
+            raise failure(
+                ErrorType.CONVERSATION_MISSING,
+                "the stored conversation does not begin with a preamble",
+                {"attempt": attempt},
+            )
+        return call.model_copy(
+            update={
+                "system": head.get("system"),
+                "tools": head.get("tools") or [],
+                "messages": messages,
+                "prefix": None,
+                "prefix_length": 0,
+            }
+        )
 
     def plan(self, call: ModelCall) -> Planned:
         """The call's models, request and identity (a bad task class is a bad request)."""

@@ -49,7 +49,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
-    from stead import retries, search
+    from stead import retries, search, transcript
     from stead.calls import (
         ApprovalGrant,
         BatchCheck,
@@ -579,11 +579,13 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
         self.enter(Stage.MODEL_CALL)
         self._model_calls += 1
         info = workflow.info()
+        transcript, links = self._transcript(call)
         prepared = call.model_copy(
             update={
                 "context": self._lean_ctx,
                 "call_key": f"{info.workflow_id}:{info.run_id}:model:{self._model_calls}",
                 "run_budget_nusd": self._run_budget_nusd,
+                **transcript,
             }
         )
         policy = retries.MODEL
@@ -601,6 +603,7 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
                 retry_policy=policy.retry,
                 priority=Priority(fairness_key=self._ctx.tenant[:64]),
             )
+        self._stored_links.update(links)
         reply = ticket.reply or await self._wait_for_batch(ticket)
         if reply is None:
             return await self._call_direct(call)
@@ -653,6 +656,7 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
         # call is reserved, charged and recorded as the new attempt it is.
         call_key = f"{info.workflow_id}:{info.run_id}:model:{self._model_calls}"
         streamed = call.step in self.stream_steps and self._events.enabled
+        transcript, links = self._transcript(call)
         policy = retries.MODEL
         try:
             with self.carried_outbox() as events:
@@ -665,6 +669,7 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
                             "call_key": call_key,
                             "run_budget_nusd": self._run_budget_nusd,
                             "stream_call": self._model_calls if streamed else None,
+                            **transcript,
                         }
                     ),
                     task_queue=self.model_task_queue,
@@ -678,10 +683,41 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
         except BaseException as exc:
             self._attempts[call.step] = _attempt_of(exc)
             raise
+        self._stored_links.update(links)
         self._attempts[call.step] = reply.attempt
         self._usage.add(reply.usage)
         self._publish_reply(call, reply)
         return reply
+
+    def _transcript(self, call: ModelCall) -> tuple[dict[str, Any], list[bytes]]:
+        """What of the conversation the gateway's input carries, and the links the gateway
+        stores by carrying it. For a run of revision 3 on whose preamble (system prompt and
+        tools) and messages reach `INLINE_BYTES`: the link of the longest prefix stored
+        before and the items after it (stead.store.conversations). Otherwise (no update)
+        all of it, as before."""
+        if self._ctx.revision < 3:
+            return {}, []
+        try:
+            encoded = [
+                transcript.canonical(item)
+                for item in (transcript.preamble(call.system, call.tools), *call.messages)
+            ]
+        except (TypeError, ValueError):
+            return {}, []  # what JSON cannot hold as it is the payload converter carries
+        if sum(len(e) for e in encoded) < transcript.INLINE_BYTES:
+            return {}, []
+        links = transcript.links(encoded)
+        known = next((i for i in range(len(links), 0, -1) if links[i - 1] in self._stored_links), 0)
+        if not known:
+            return {"prefix": "", "prefix_length": 0}, links
+        update = {
+            "prefix": transcript.text_of(links[known - 1]),
+            "prefix_length": known,
+            "system": None,
+            "tools": [],
+            "messages": call.messages[known - 1 :],
+        }
+        return update, links
 
     def _publish_reply(self, call: ModelCall, reply: ModelReply) -> None:
         """The call's live event: what it cost, and (for viewers who may read it) what it

@@ -92,6 +92,8 @@ class RunCore:
         self._unpublished: dict[str, ApprovalState] = {}
         self._seq = 0
         self._model_calls = 0
+        # Links of messages the gateway has stored for this run (stead.store.conversations).
+        self._stored_links: set[bytes] = set()
         self._tool_calls = 0
         self._actions: list[dict[str, Any]] = []
         self._run_budget_nusd = (
