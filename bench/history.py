@@ -2,11 +2,13 @@
 
 One `support-agent` run of `turns` tool-calling turns per leg, on the same server, each leg
 with its own worker and API (own task queue): claim-check on (`STEAD_PAYLOAD_OFFLOAD_BYTES`
-at its default, 512) and off (0, every payload inline: the baseline). The simulator is told to
+at its default) and off (0, every payload inline: the baseline). The simulator is told to
 call tools for `turns` turns (`sim_tool_turns`), alternating `lookup_customer` and
 `draft_reply`, which the requester's grants allow without approval (`sim_skip_tools` keeps
-the refund and the email out). Every model turn re-sends the whole transcript, so inline
-histories grow quadratically.
+the refund and the email out). Every model turn sends the model the whole transcript; from
+workflow revision 3 the model call's input carries only the link of the stored prefix and the
+turn's new messages (stead.store.conversations), so neither the history nor the stores hold
+the transcript again at every turn.
 
 Measured from the server: `history_size_bytes` and `history_length` as Temporal accounts them
 for its limits (50 MiB, 51,200 events), bytes kept outside the history, and from the history
@@ -15,15 +17,18 @@ bytes at each turn's model-call scheduling) and over the last 10 turns.
 
 The claim-check only moves bytes: what leaves the history lands in the payload store. Every
 claim-check reference in the history (`stead.store.payloads.referenced`) is attributed to the
-turn that first references it, and its stored size read from `payload_store`: total stored
-bytes per turn, and whether a turn late in the conversation stores more than an early one
-(a conversation re-stored whole at every turn grows quadratically; the target is constant).
+turn that first references it, and its stored size read from `payload_store`; each message
+row of the conversation store to the turn whose model call wrote it. Total stored bytes per
+turn, and whether a turn late in the conversation stores more than an early one (a
+conversation re-stored whole at every turn grows quadratically; the target is constant).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from temporalio.api.enums.v1 import EventType
@@ -124,39 +129,67 @@ def bytes_by_event(events: list[HistoryEvent], from_turn: int, turns: int) -> di
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
-async def stored_by_turn(env: BenchEnv, events: list[HistoryEvent], turns: int) -> list[int]:
-    """Payload-store bytes first referenced at each turn (index 0: before the first turn)."""
+async def stored_by_turn(
+    env: BenchEnv, events: list[HistoryEvent], turns: int, workflow: str
+) -> tuple[list[int], list[int]]:
+    """Bytes stored outside the history at each turn (index 0: before the first turn, index
+    `turns + 1`: after the last model call answered, the run's end): by the claim-check (first
+    referenced at that turn), and by the conversation store (written after that turn's model
+    call was scheduled, before the next one was)."""
     first_seen: dict[bytes, int] = {}
+    scheduled: list[datetime] = []
     turn = 0
+    last_call = max(e.event_id for e in events if _is_model_call(e))
     for event in events:
-        turn += _is_model_call(event)
+        if _is_model_call(event):
+            turn += 1
+            scheduled.append(event.event_time.ToDatetime(tzinfo=UTC))
+        attributes = event.activity_task_completed_event_attributes
+        if event.HasField("activity_task_completed_event_attributes") and (
+            attributes.scheduled_event_id == last_call
+        ):
+            turn += 1  # the last model call has answered: what follows is the run's end
         for digest in referenced(event):
             first_seen.setdefault(digest, turn)
     async with env.pool.acquire() as conn:
         rows = await conn.fetch(
             "SELECT sha256, size FROM payload_store WHERE sha256 = ANY($1)", list(first_seen)
         )
+        messages = await conn.fetch(
+            "SELECT created_at, length(data) AS size FROM conversation_messages"
+            " WHERE workflow_id = $1",
+            workflow,
+        )
     sizes = {bytes(row["sha256"]): int(row["size"]) for row in rows}
     if len(sizes) != len(first_seen):
         raise BenchError(f"{len(first_seen) - len(sizes)} referenced payloads are not stored")
-    stored = [0] * (turns + 1)
+    stored = [0] * (turns + 2)
     for digest, at in first_seen.items():
         stored[at] += sizes[digest]
-    return stored
+    conversation = [0] * (turns + 2)
+    for row in messages:
+        conversation[bisect.bisect_right(scheduled, row["created_at"])] += int(row["size"])
+    return stored, conversation
 
 
-def stored_figures(stored: list[int], history_bytes: int, turns: int) -> dict[str, Any]:
+def stored_figures(
+    payloads: list[int], conversation: list[int], history_bytes: int, turns: int
+) -> dict[str, Any]:
     first = max(turns // 4, 1)
+    stored = [a + b for a, b in zip(payloads, conversation, strict=True)]
     early = stored[first : first + WINDOW]
-    late = stored[-WINDOW:]
+    late = stored[turns + 1 - WINDOW : turns + 1]
     total = sum(stored)
     return {
         "stored_bytes": total,
+        "payload_store_bytes": sum(payloads),
+        "conversation_store_bytes": sum(conversation),
         "stored_payloads_bytes_per_turn": total / turns,
         "history_and_stored_bytes_per_turn": (total + history_bytes) / turns,
         "stored_bytes_per_turn_early": sum(early) / len(early),
         "stored_bytes_per_turn_last10": sum(late) / len(late),
         "stored_early_window": f"turns {first}-{first + len(early) - 1}",
+        "stored_at_the_end": stored[turns + 1],
         "stored_by_turn": stored,
     }
 
@@ -189,11 +222,12 @@ async def one_leg(
         "marks": marks,
         "bytes_per_turn_by_event": bytes_by_event(events, first, turns),
     }
-    stored = await stored_by_turn(env, events, turns)
-    figures |= stored_figures(stored, info.history_size_bytes, turns)
+    payloads, conversation = await stored_by_turn(env, events, turns, handle.id)
+    figures |= stored_figures(payloads, conversation, info.history_size_bytes, turns)
     say(
         f"{leg}: {info.history_size_bytes} bytes, {figures['slope_bytes_per_turn']:.0f} B/turn;"
-        f" payload store {figures['stored_bytes']} bytes"
+        f" payload store {figures['payload_store_bytes']} bytes, conversation store"
+        f" {figures['conversation_store_bytes']} bytes"
     )
     return figures
 
@@ -222,8 +256,8 @@ def _comparisons(legs: dict[str, dict[str, Any]], turns: int) -> list[Comparison
     growth = ratio(late, early)
     rows.append(
         Comparison(
-            f"payload store bytes per turn, last {WINDOW} turns / {on['stored_early_window']}"
-            " (claim-check on)",
+            f"stored bytes per turn (payload + conversation store), last {WINDOW} turns /"
+            f" {on['stored_early_window']} (claim-check on)",
             "bytes",
             late,
             early,
@@ -234,7 +268,7 @@ def _comparisons(legs: dict[str, dict[str, Any]], turns: int) -> list[Comparison
     )
     rows.append(
         Comparison(
-            "history + payload store bytes per turn, claim-check on / off",
+            "history + stored bytes per turn, claim-check on / off",
             "bytes",
             on["history_and_stored_bytes_per_turn"],
             off["history_and_stored_bytes_per_turn"],
@@ -267,10 +301,13 @@ def _result(sizes: Sizes, quick: bool, legs: dict[str, dict[str, Any]]) -> Resul
         "external_payload_size_bytes",
         "external_payload_count",
         "stored_bytes",
+        "payload_store_bytes",
+        "conversation_store_bytes",
         "stored_payloads_bytes_per_turn",
         "history_and_stored_bytes_per_turn",
         "stored_bytes_per_turn_early",
         "stored_bytes_per_turn_last10",
+        "stored_at_the_end",
     ]
     rows = [[key, *(legs[leg][key] for leg in LEGS)] for key in keys]
     rows.append(
