@@ -38,6 +38,8 @@ class ErrorType(StrEnum):
     STRUCTURED_OUTPUT_INVALID = "StructuredOutputInvalid"  # twice an answer off its schema
     # A long conversation's stored messages are gone or altered (stead.store.conversations).
     CONVERSATION_MISSING = "ConversationMissing"
+    # ... sealed under a payload key this worker lacks: retried (another worker, or a fix).
+    CONVERSATION_UNREADABLE = "ConversationUnreadable"
 
 
 NON_RETRYABLE = (

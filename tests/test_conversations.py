@@ -15,7 +15,11 @@ from temporalio.client import Client
 from activities import support_desk
 from stead.config import Settings
 from stead.service.runs import workflow_id
-from stead.store.conversations import ConversationMissing, ConversationStore
+from stead.store.conversations import (
+    ConversationMissing,
+    ConversationStore,
+    ConversationUnreadable,
+)
 from stead.store.db import Pool
 from stead.store.payloads import referenced
 from stead.transcript import INLINE_BYTES, canonical, links, text_of
@@ -75,9 +79,24 @@ async def test_a_prefix_resolves_in_a_fresh_process_and_each_message_is_stored_o
         await ConversationStore(pool, [KEY_B, KEY_A]).resolve(workflow, text_of(longer[5]), 6, [])
         == more
     )
-    # Without the key that sealed them, nothing is readable.
-    with pytest.raises(ConversationMissing, match="cannot be opened"):
+    # A worker without the key that sealed them reads nothing (and says which key it lacks:
+    # retried, not failed); a row sealed for another run does not open in this one.
+    with pytest.raises(ConversationUnreadable, match="payload key 'a'"):
         await ConversationStore(pool, [KEY_B]).resolve(workflow, text_of(longer[5]), 6, [])
+    owner = await asyncpg.connect(database_url)
+    try:
+        other = f"wf-{uuid.uuid4().hex}"
+        await owner.execute(
+            "INSERT INTO conversation_messages (workflow_id, row_key, parent, depth, data)"
+            " SELECT $2, row_key, parent, depth, data FROM conversation_messages"
+            " WHERE workflow_id = $1",
+            workflow,
+            other,
+        )
+    finally:
+        await owner.close()
+    with pytest.raises(ConversationMissing, match="cannot be opened"):
+        await ConversationStore(pool, [KEY_B, KEY_A]).resolve(other, text_of(longer[5]), 6, [])
 
 
 async def test_an_altered_missing_or_foreign_prefix_is_refused(

@@ -44,7 +44,11 @@ from stead.gateway.streaming import TokenStream
 from stead.policy.models import CacheTtl, PriceTable, RoutingPolicy, TokenCounts
 from stead.store import budgets, usage
 from stead.store.audit import AuditWriter, run_event
-from stead.store.conversations import ConversationMissing, ConversationStore
+from stead.store.conversations import (
+    ConversationMissing,
+    ConversationStore,
+    ConversationUnreadable,
+)
 from stead.store.db import Pool
 from stead.store.text import storable
 from stead.telemetry import set_attributes, span
@@ -222,6 +226,10 @@ class ModelActivities:
             )
         except ConversationMissing as exc:
             raise failure(ErrorType.CONVERSATION_MISSING, str(exc), {"attempt": attempt}) from None
+        except ConversationUnreadable as exc:
+            raise failure(
+                ErrorType.CONVERSATION_UNREADABLE, str(exc), {"attempt": attempt}
+            ) from None
         if set(head) != {"system", "tools"}:
             raise failure(
                 ErrorType.CONVERSATION_MISSING,

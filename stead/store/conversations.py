@@ -27,14 +27,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from stead.crypto import Sealer
+from stead.crypto import Sealer, SealError
 from stead.store.db import Conn, Pool
+from stead.store.recent import Recent
 from stead.transcript import ZERO, canonical, extend, link_of, links
 
 _HMAC_LABEL = b"stead conversation row key v1"
@@ -45,6 +45,11 @@ MAX_DEPTH = 100_000
 class ConversationMissing(Exception):
     """A call's stored prefix cannot be resolved: rows collected, altered, or in another
     database."""
+
+
+class ConversationUnreadable(Exception):
+    """A stored message is sealed under a key this worker does not have: a deployment to fix
+    (every worker needs every payload key in use), not a run to fail."""
 
 
 def _link_of(text: str) -> bytes:
@@ -61,29 +66,6 @@ class _Link:
     encoded: bytes
 
 
-class _Recent:
-    """Links by (workflow id, link), least recently used first out once over `limit` bytes."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit, self._size = limit, 0
-        self._links: OrderedDict[tuple[str, bytes], _Link] = OrderedDict()
-
-    def get(self, key: tuple[str, bytes]) -> _Link | None:
-        found = self._links.get(key)
-        if found is not None:
-            self._links.move_to_end(key)
-        return found
-
-    def put(self, key: tuple[str, bytes], value: _Link) -> None:
-        if key in self._links or len(value.encoded) > self._limit:
-            return
-        self._links[key] = value
-        self._size += len(value.encoded)
-        while self._size > self._limit:
-            _, old = self._links.popitem(last=False)
-            self._size -= len(old.encoded)
-
-
 class ConversationStore:
     def __init__(
         self,
@@ -94,9 +76,12 @@ class ConversationStore:
     ) -> None:
         self._pool = pool
         self._sealer = Sealer(keys) if keys else None
+        self._key_ids = {key_id for key_id, _ in keys}
         # Every configured key can find a row (written before a rotation); the first names new ones.
         self._row_keys = [hmac.new(k, _HMAC_LABEL, hashlib.sha256).digest() for _, k in keys]
-        self._recent = _Recent(recent_bytes)
+        self._recent: Recent[tuple[str, bytes], _Link] = Recent(
+            recent_bytes, lambda link: len(link.encoded)
+        )
 
     def _row_candidates(self, link: bytes) -> list[bytes]:
         if not self._row_keys:
@@ -209,9 +194,14 @@ class ConversationStore:
     def _open(self, workflow_id: str, row: bytes, data: bytes) -> bytes:
         if self._sealer is None:
             return data
+        if Sealer.key_id_of(data) not in self._key_ids:
+            raise ConversationUnreadable(
+                f"workflow {workflow_id}: a stored message is sealed under payload key"
+                f" {Sealer.key_id_of(data)!r}, which this worker does not have"
+            )
         try:
             return self._sealer.open(data, _bound(workflow_id, row))
-        except Exception:
+        except SealError:
             raise ConversationMissing(
                 f"workflow {workflow_id}: a stored message cannot be opened"
             ) from None

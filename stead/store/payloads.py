@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections import OrderedDict
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any
@@ -33,6 +32,7 @@ from temporalio.converter import (
 )
 
 from stead.store.db import Conn, Pool
+from stead.store.recent import Recent
 
 _DRIVER = "stead-postgres"
 _REFERENCE_TYPE = ExternalStorageReference.DESCRIPTOR.full_name.encode()
@@ -44,33 +44,10 @@ class PayloadMissing(Exception):
     """A referenced payload is not in the store (collected too early, or another database)."""
 
 
-class _Recent:
-    """Blobs by digest, least recently used first out once over `limit` bytes."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit, self._size = limit, 0
-        self._blobs: OrderedDict[bytes, bytes] = OrderedDict()
-
-    def get(self, digest: bytes) -> bytes | None:
-        blob = self._blobs.get(digest)
-        if blob is not None:
-            self._blobs.move_to_end(digest)
-        return blob
-
-    def put(self, digest: bytes, blob: bytes) -> None:
-        if digest in self._blobs or len(blob) > self._limit:
-            return
-        self._blobs[digest] = blob
-        self._size += len(blob)
-        while self._size > self._limit:
-            _, old = self._blobs.popitem(last=False)
-            self._size -= len(old)
-
-
 class PostgresPayloadStore(StorageDriver):
     def __init__(self, pool: Pool, *, recent_bytes: int = 16 << 20) -> None:
         self._pool = pool
-        self._recent = _Recent(recent_bytes)
+        self._recent: Recent[bytes, bytes] = Recent(recent_bytes, len)
 
     def name(self) -> str:
         return _DRIVER
