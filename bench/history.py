@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -197,10 +198,12 @@ def stored_figures(
 async def one_leg(
     env: BenchEnv, tenant: Tenant, leg: str, spec: SteadSpec, turns: int
 ) -> dict[str, Any]:
+    began = time.perf_counter()
     async with SteadApi.client(env.stack(spec.name).api_url, connections=2) as http:
         run_id = await SteadApi(http).start(tenant, "support-agent", ticket(turns))
     handle = env.client.get_workflow_handle(workflow_id(tenant.id, run_id))
     await asyncio.wait_for(handle.result(), timeout=max(600.0, turns * 6.0))
+    elapsed = time.perf_counter() - began
     info = (await handle.describe()).raw_description.workflow_execution_info
     events = list((await handle.fetch_history()).events)
     marks = turn_marks(events)
@@ -211,6 +214,8 @@ async def one_leg(
     figures = {
         "history_size_bytes": info.history_size_bytes,
         "history_length": info.history_length,
+        # Wall time of the run, start to result: indicative only (one run, shared machine).
+        "run_seconds": elapsed,
         "external_payload_size_bytes": info.external_payload_size_bytes,
         "external_payload_count": info.external_payload_count,
         "bytes_per_turn": info.history_size_bytes / turns,
@@ -293,6 +298,7 @@ def _result(sizes: Sizes, quick: bool, legs: dict[str, dict[str, Any]]) -> Resul
     keys = [
         "history_size_bytes",
         "history_length",
+        "run_seconds",
         "bytes_per_turn",
         "slope_bytes_per_turn",
         "last10_bytes_per_turn",
