@@ -40,6 +40,7 @@ from stead.store.embedded import EmbeddedPostgres
 from stead.store.migrate import migrate
 from stead.store.payloads import PostgresPayloadStore
 from stead.temporal import connect
+from stead.transcript import INLINE_BYTES
 from tests.conftest import Integrations, SimControl, Tenant, TenantFactory, make_services
 from tests.drills_support import (
     CUSTOMER,
@@ -198,9 +199,11 @@ async def test_kill_worker_during_model_calls(
             # A call killed too often is left alone (the probe will not kill while it runs):
             # let it finish first, or this cycle's calls may run and end in its shadow.
             await no_call_past(client, [workflow_id(tenant.id, r) for r in run_ids])
+            # One short prompt, one past the inline limit: its killed calls have stored (or
+            # half stored) the conversation, and the retry in another process resolves it.
             run_ids += [
-                await start(api, tenant, summarize(f"model-kill {cycle}", review=False))
-                for _ in range(2)
+                await start(api, tenant, summarize(f"model-kill {cycle}{pad}", review=False))
+                for pad in ("", " and more" * (INLINE_BYTES // 9 + 1))
             ]
             ids = [workflow_id(tenant.id, r) for r in run_ids]
             killed += await kill_when_running(workers, client, ids, "model.call", reserved(pool))
@@ -222,6 +225,13 @@ async def test_kill_worker_during_model_calls(
     assert workers.kills == KILLS
     assert_exactly_once(figures, budget=True)
     assert figures["usage_rows"] == len(run_ids)  # one charged call per run, none twice
+    async with pool.acquire() as conn:
+        stored = await conn.fetchval(
+            "SELECT count(DISTINCT workflow_id) FROM conversation_messages"
+            " WHERE workflow_id = ANY($1::text[])",
+            [workflow_id(tenant.id, r) for r in run_ids],
+        )
+    assert stored == KILLS  # the long prompts' conversations, and only theirs
 
 
 async def test_kill_worker_during_tool_calls(
