@@ -35,7 +35,7 @@ from stead.store.audit import (
     verify,
     verify_run,
 )
-from stead.store.db import Pool
+from stead.store.db import Conn, Pool
 from tests.conftest import SimControl, Tenant, TenantFactory
 from tests.helpers import wait_json
 
@@ -636,6 +636,58 @@ async def test_a_bad_event_fails_only_the_record_call_that_carried_it(
     async with pool.acquire() as conn:
         result = await verify(conn, tenant)
     assert (result.ok, result.entries) == (True, len(good))
+
+
+async def test_a_write_committed_with_its_events_shares_their_transaction_or_fails_alone(
+    pool: Pool, test_settings: Settings
+) -> None:
+    """`record(first=...)`: concurrent callers' writes and events commit together; a write
+    that fails takes down its own events only."""
+    tenant = f"t-first-{uuid.uuid4().hex[:8]}"
+    writer = audit_writer(test_settings)
+    keys = [f"{tenant}:memo:{i}" for i in range(8)]
+
+    def memo(i: int) -> Callable[[Conn], Awaitable[None]]:
+        async def write(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO model_calls (call_key, tenant_id, reply) VALUES ($1, $2, '{}')",
+                keys[i],
+                tenant,
+            )
+            if i == 5:
+                raise RuntimeError("this write refuses to commit")
+
+        return write
+
+    events = [[event(tenant, "model.called", {"i": i}, n=i)] for i in range(8)]
+    results = await asyncio.gather(
+        *(writer.record(pool, events[i], first=memo(i)) for i in range(8)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[5], RuntimeError)
+    assert [r for i, r in enumerate(results) if i != 5] == [
+        e for i, e in enumerate(events) if i != 5
+    ]
+    async with pool.acquire() as conn:
+        memos = {
+            r["call_key"]: r["xmin"]
+            for r in await conn.fetch(
+                "SELECT call_key, xmin::text FROM model_calls WHERE call_key = ANY($1)", keys
+            )
+        }
+        audited = {
+            r["event_key"]: r["xmin"]
+            for r in await conn.fetch(
+                "SELECT event_key, xmin::text FROM audit_log WHERE tenant_id = $1", tenant
+            )
+        }
+        result = await verify(conn, tenant)
+    assert sorted(memos) == sorted(k for i, k in enumerate(keys) if i != 5)
+    assert sorted(audited) == sorted(e[0].key for i, e in enumerate(events) if i != 5)
+    for i, key in enumerate(keys):
+        if i != 5:  # each write in the very transaction that appended its events
+            assert memos[key] == audited[events[i][0].key]
+    assert (result.ok, result.entries) == (True, 7)
 
 
 async def test_an_empty_chain_verifies_with_no_head(pool: Pool) -> None:

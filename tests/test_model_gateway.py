@@ -399,6 +399,48 @@ async def test_the_cost_is_recorded_before_the_writes_that_can_fail(
     assert await spend(pool, tenant) == (recorded[0]["cost_nusd"] + retried.usage.cost_nusd, 0)
 
 
+async def test_the_cost_the_memo_and_the_audit_entry_commit_in_one_transaction(
+    gateway: ModelActivities, tenant: Tenant, pool: Pool
+) -> None:
+    """One commit (one WAL flush) records a call: its transaction id is on every row."""
+    await with_budget(pool, tenant)
+    call = call_for(tenant, cache=False)
+    await run(gateway, call, attempt=1)
+    async with pool.acquire() as conn:
+        written = await conn.fetchrow(
+            "SELECT (SELECT xmin::text FROM model_usage WHERE call_key = $1) AS usage,"
+            " (SELECT xmin::text FROM model_calls WHERE call_key = $1) AS memo,"
+            " (SELECT xmin::text FROM audit_log WHERE tenant_id = $2 AND event_key = $3) AS audit,"
+            " (SELECT xmin::text FROM budget_reservations WHERE call_key = $1) AS settled",
+            call.call_key,
+            tenant.id,
+            f"{call.call_key}:call",
+        )
+    assert written is not None
+    assert written["usage"] is not None
+    assert written["usage"] == written["memo"] == written["audit"] == written["settled"]
+
+
+async def test_an_audit_append_that_fails_leaves_the_cost_and_the_reply_recorded(
+    gateway: ModelActivities, tenant: Tenant, pool: Pool, database_url: str, sim: SimControl
+) -> None:
+    call = await fails_while_refused(gateway, pool, database_url, "audit_log", tenant)
+    recorded = await usage_rows(pool, call)
+    assert [r["attempt"] for r in recorded] == [1]
+    assert await spend(pool, tenant) == (recorded[0]["cost_nusd"], 0)  # settled, not expired
+    before = (await sim.stats())["requests_total"]
+    again = await run(gateway, call, attempt=2)  # the memo answers: nothing is bought twice
+    assert (await sim.stats())["requests_total"] == before
+    assert again.attempt == 1
+    async with pool.acquire() as conn:
+        entries = await conn.fetchval(
+            "SELECT count(*) FROM audit_log WHERE tenant_id = $1 AND event_key = $2",
+            tenant.id,
+            f"{call.call_key}:call",
+        )
+    assert entries == 1
+
+
 async def test_a_cost_that_cannot_be_recorded_fails_loudly_and_is_charged_in_full(
     gateway: ModelActivities,
     tenant: Tenant,

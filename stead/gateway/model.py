@@ -1,17 +1,18 @@
 """The model gateway: every model call in Stead is this activity.
 
 One attempt does, in order: return the memoized reply if an earlier attempt of this call
-finished; serve an exact-match cache hit for the model asked for (free, recorded); count input
-tokens and reserve the worst-case cost on every applicable budget, waiting while only calls in
-flight stand in the way; call the route's models in order, moving to the next on 429, 529, 5xx
-or timeout (a fallback); record the cost (settle the reservation, write the ledger row), then
-the memo, cache entry and audit events.
+finished; serve an exact-match cache hit for the model asked for (free, recorded); reserve the
+worst-case cost on every applicable budget, waiting while only calls in flight stand in the
+way; call the route's models in order, moving to the next on 429, 529, 5xx or timeout (a
+fallback); record the cost (settle the reservation, write the ledger row), the memo, cache
+entry and audit events in one transaction.
 
-A billed call is never left off the record. The cost is written first, in a transaction of
-identifiers and numbers that no reply can make fail, and the reply is made storable (NUL and
-lone surrogates replaced, see `store.text`) before it is memoized, cached, audited or handed to
-the workflow. If even the cost cannot be written, the attempt fails loudly and its reservation
-is charged in full, here or by the sweeper (`store.budgets.sweep_stale`).
+A billed call is never left off the record. The reply is made storable (NUL and lone
+surrogates replaced, see `store.text`) before it is memoized, cached, audited or handed to the
+workflow; should the one transaction fail all the same, the cost is written alone, in a
+transaction of identifiers and numbers that no reply can make fail, before anything else is
+tried. If even the cost cannot be written, the attempt fails loudly and its reservation is
+charged in full, here or by the sweeper (`store.budgets.sweep_stale`).
 
 Temporal owns retries: the SDK client runs with `max_retries=0` and a timeout below the
 activity's start-to-close. When every model of the route is unavailable the attempt fails
@@ -29,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import anthropic
 from temporalio import activity
@@ -49,12 +50,14 @@ from stead.store.conversations import (
     ConversationStore,
     ConversationUnreadable,
 )
-from stead.store.db import Pool
+from stead.store.db import Conn, Pool
 from stead.store.text import storable
 from stead.telemetry import set_attributes, span
 from stead.transcript import preamble
 
 T = TypeVar("T")
+# What `usage.remember` takes: the call's key, its tenant, the reply, and the cache entry.
+_Memo: TypeAlias = tuple[str, str, dict[str, Any], tuple[bytes, dict[str, Any], timedelta] | None]
 _RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
 _AUTH_STATUS = {401, 403}
 _TOKEN_FIELDS = {*usage.TOKEN_COLUMNS, "cache_saved_nusd"}
@@ -520,14 +523,16 @@ class ModelActivities:
         *,
         budgeted: bool = True,
     ) -> None:
-        """Record the call: what it cost and what it said in one transaction, so a worker that
-        dies after it cannot leave a cost without its reply (the retry would buy the reply
-        again); then the audit events.
+        """Record the call: what it cost, what it said and its audit events in one
+        transaction (one commit, shared with the tenant's other calls finishing meanwhile), so
+        a worker that dies after it cannot leave a cost without its reply (the retry would buy
+        the reply again) or a call without its audit entry.
 
         Should that transaction fail, the cost is written alone first and the memo and cache
-        entry after it: they can fail only in an outage (their content is storable), and the
-        cost must not go down with them. A retry then finds the cost recorded and, once the
-        memo is written, the reply too, so it does not call the provider again.
+        entry after it, then the events: they can fail only in an outage (their content is
+        storable), and the cost must not go down with them. A retry then finds the cost
+        recorded and, once the memo is written, the reply too, so it does not call the
+        provider again.
         """
         cacheable = digest is not None and call.cache and reply.stop_reason != "max_tokens"
         memo = (
@@ -542,14 +547,21 @@ class ModelActivities:
             if cacheable and digest is not None
             else None,
         )
+        events = _storable_events([*call.events, called_event(call, key, reply)])
+
+        async def cost(conn: Conn) -> None:
+            await self._cost_statements(conn, call, key, attempt, reply, budgeted, memo)
+
         try:
-            await self._write_cost(call, key, attempt, reply, budgeted=budgeted, memo=memo)
+            await self._audit.record(self._pool, events, first=cost)
         except Exception:  # whatever failed, the cost alone is tried next
             await self._record_cost(call, key, attempt, reply, budgeted=budgeted)
             async with self._pool.acquire() as conn:
                 await usage.remember(conn, *memo)
+            metrics.observe_usage(call.context.pipeline, reply.model, reply.usage)
+            await self._write_events(events)
+            return
         metrics.observe_usage(call.context.pipeline, reply.model, reply.usage)
-        await self._write_events([*call.events, called_event(call, key, reply)])
 
     def _usage_row(
         self, call: ModelCall, key: str, attempt: int, reply: ModelReply
@@ -574,17 +586,28 @@ class ModelActivities:
         reply: ModelReply,
         *,
         budgeted: bool,
-        memo: tuple[str, str, dict[str, Any], tuple[bytes, dict[str, Any], timedelta] | None]
-        | None = None,
+        memo: _Memo | None = None,
     ) -> None:
         """Settle the reservation and write the ledger row (and the memo, when given) in one
         transaction."""
         async with self._pool.acquire() as conn, conn.transaction():
-            if budgeted:
-                await budgets.settle(conn, key, attempt, reply.usage.cost_nusd)
-            await usage.record_usage(conn, self._usage_row(call, key, attempt, reply))
-            if memo is not None:
-                await usage.remember(conn, *memo)
+            await self._cost_statements(conn, call, key, attempt, reply, budgeted, memo)
+
+    async def _cost_statements(
+        self,
+        conn: Conn,
+        call: ModelCall,
+        key: str,
+        attempt: int,
+        reply: ModelReply,
+        budgeted: bool,
+        memo: _Memo | None,
+    ) -> None:
+        if budgeted:
+            await budgets.settle(conn, key, attempt, reply.usage.cost_nusd)
+        await usage.record_usage(conn, self._usage_row(call, key, attempt, reply))
+        if memo is not None:
+            await usage.remember(conn, *memo)
 
     async def _record_cost(
         self, call: ModelCall, key: str, attempt: int, reply: ModelReply, *, budgeted: bool

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeAlias
@@ -119,7 +119,11 @@ class _Waiting:
 
     events: Sequence[AuditEvent]
     done: asyncio.Future[list[AuditEvent]]
+    first: Write | None = None
 
+
+# A write that must commit with an append, or not at all (`AuditWriter.record`'s `first`).
+Write: TypeAlias = Callable[[Conn], Awaitable[None]]
 
 # Appends of one tenant through one pool: the pool's identity (it belongs to one event loop)
 # and the tenant.
@@ -144,33 +148,45 @@ class AuditWriter:
         """Append events (any tenants) inside the caller's transaction; return how many were new."""
         return len(await self.append_new(conn, events))
 
-    async def record(self, pool: Pool, events: Sequence[AuditEvent]) -> list[AuditEvent]:
+    async def record(
+        self, pool: Pool, events: Sequence[AuditEvent], *, first: Write | None = None
+    ) -> list[AuditEvent]:
         """Append events in a transaction of their own; count what was new in the metrics.
 
         Returns once they are committed. Concurrent calls for the same tenant share one
         transaction: while one commits, the next ones gather and commit together after it.
+        `first` runs in that transaction before the append (before the chain's lock is taken):
+        a write that commits with the events or not at all, at no commit of its own. If the
+        shared transaction fails, each caller's part is tried alone.
         """
         if not events:
+            if first is not None:
+                await self._commit(pool, [], [first])
             return []
+        firsts = [first] if first is not None else []
         tenants = {event.tenant for event in events}
         if len(tenants) == 1:
-            new = await self._through_appender(pool, tenants.pop(), events)
+            new = await self._through_appender(pool, tenants.pop(), events, first)
         else:
-            new = await self._commit(pool, events)
+            new = await self._commit(pool, events, firsts)
         metrics.observe_events(new)
         return new
 
-    async def _commit(self, pool: Pool, events: Sequence[AuditEvent]) -> list[AuditEvent]:
+    async def _commit(
+        self, pool: Pool, events: Sequence[AuditEvent], firsts: Sequence[Write] = ()
+    ) -> list[AuditEvent]:
         async with pool.acquire() as conn, conn.transaction():
+            for write in firsts:
+                await write(conn)
             return await self.append_new(conn, events)
 
     async def _through_appender(
-        self, pool: Pool, tenant: str, events: Sequence[AuditEvent]
+        self, pool: Pool, tenant: str, events: Sequence[AuditEvent], first: Write | None
     ) -> list[AuditEvent]:
         key = (id(pool), tenant)
         running = self._appenders.get(key)
         if running is not None and not running.done():  # done: its loop went away mid-flush
-            waiting = _Waiting(events, asyncio.get_running_loop().create_future())
+            waiting = _Waiting(events, asyncio.get_running_loop().create_future(), first)
             self._waiting.setdefault(key, []).append(waiting)
             return await waiting.done
         # Nobody is appending for the tenant: commit here, with no hop through another task,
@@ -179,7 +195,7 @@ class AuditWriter:
         assert current is not None
         self._appenders[key] = current
         try:
-            return await self._commit(pool, events)
+            return await self._commit(pool, events, [first] if first is not None else [])
         finally:
             self._handed_over(pool, key, current)
 
@@ -209,12 +225,17 @@ class AuditWriter:
 
     async def _commit_batch(self, pool: Pool, batch: list[_Waiting]) -> None:
         try:
-            new = await self._commit(pool, [event for waiting in batch for event in waiting.events])
+            new = await self._commit(
+                pool,
+                [event for waiting in batch for event in waiting.events],
+                [waiting.first for waiting in batch if waiting.first is not None],
+            )
         except Exception as exc:
             if len(batch) == 1:
                 _settle(batch[0], exc)
                 return
-            # One caller's bad event must not fail the others: each alone, in order.
+            # One caller's bad event (or failing write) must not fail the others: each alone,
+            # in order.
             for waiting in batch:
                 await self._commit_batch(pool, [waiting])
             return
