@@ -145,9 +145,9 @@ async def stored_by_turn(
         if _is_model_call(event):
             turn += 1
             scheduled.append(event.event_time.ToDatetime(tzinfo=UTC))
-        attributes = event.activity_task_completed_event_attributes
-        if event.HasField("activity_task_completed_event_attributes") and (
-            attributes.scheduled_event_id == last_call
+        if (
+            event.HasField("activity_task_completed_event_attributes")
+            and event.activity_task_completed_event_attributes.scheduled_event_id == last_call
         ):
             turn += 1  # the last model call has answered: what follows is the run's end
         for digest in referenced(event):

@@ -164,11 +164,18 @@ def _comparison_rows(result: Result) -> list[list[Any]]:
     ]
 
 
-def _machine_line(machine: dict[str, Any]) -> str:
+def _machine(machine: dict[str, Any]) -> str:
+    """The machine and the versions, the same for every result of one summary."""
     return (
         f"{machine.get('cores')} cores ({machine.get('cpu')}), {machine.get('memory_gib')} GiB,"
         f" Python {machine.get('python')}, temporalio {machine.get('temporalio_sdk')},"
-        f" {machine.get('temporal_cli')}; commit {machine.get('commit')}"
+        f" {machine.get('temporal_cli')}"
+    )
+
+
+def _machine_line(machine: dict[str, Any]) -> str:
+    return (
+        f"{_machine(machine)}; commit {machine.get('commit')}"
         f"{' (dirty tree)' if machine.get('worktree_dirty') else ''};"
         f" load at start {machine.get('load_average_at_start')}"
     )
@@ -294,7 +301,7 @@ def write_summary(out: Path) -> Path:
         "Each figure compares Stead with a baseline measured in the same run on the same",
         "Temporal server. `(quick)` marks smoke runs with small sizes: not measurements.",
         "",
-        f"Machine: {_machine_line(machine).split('; commit')[0]}." if machine else "",
+        f"Machine: {_machine(machine)}." if machine else "",
         "",
         *_targets_table(found, names),
         *_markdown_table(headers, rows),

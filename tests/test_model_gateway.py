@@ -92,25 +92,28 @@ async def test_a_retried_attempt_returns_the_finished_reply(
     assert charges == 1
 
 
-async def test_a_calls_cost_and_its_reply_are_committed_together(
+async def test_a_calls_cost_its_reply_and_its_audit_entry_are_committed_together(
     gateway: ModelActivities, tenant: Tenant, pool: Pool
 ) -> None:
     """A worker killed between two commits would leave the cost recorded and the reply not,
-    and its retry would buy the reply again (the kill drill charged two calls twice). One
-    transaction wrote both rows when they carry the same `xmin`."""
+    and its retry would buy the reply again (the kill drill charged two calls twice); and one
+    commit (one WAL flush) is all the call's record needs. One transaction wrote the rows when
+    they carry the same `xmin`."""
     await with_budget(pool, tenant)
     call = call_for(tenant, cache=False)
     await run(gateway, call, attempt=1)
     async with pool.acquire() as conn:
         written = await conn.fetchrow(
-            "SELECT u.xmin::text AS usage, m.xmin::text AS memo, r.xmin::text AS settled"
+            "SELECT u.xmin::text AS usage, m.xmin::text AS memo, r.xmin::text AS settled,"
+            " a.xmin::text AS audit"
             " FROM model_usage u JOIN model_calls m USING (call_key)"
             " JOIN budget_reservations r ON r.call_key = u.call_key AND r.attempt = u.attempt"
+            " JOIN audit_log a ON a.tenant_id = u.tenant_id AND a.event_key = u.call_key || ':call'"
             " WHERE u.call_key = $1",
             call.call_key,
         )
     assert written is not None
-    assert written["usage"] == written["memo"] == written["settled"]
+    assert written["usage"] == written["memo"] == written["settled"] == written["audit"]
 
 
 async def test_overloaded_primary_falls_back(
@@ -397,28 +400,6 @@ async def test_the_cost_is_recorded_before_the_writes_that_can_fail(
     assert (await sim.stats())["requests_total"] == before + 1
     assert [r["attempt"] for r in await usage_rows(pool, call)] == [1, 2]
     assert await spend(pool, tenant) == (recorded[0]["cost_nusd"] + retried.usage.cost_nusd, 0)
-
-
-async def test_the_cost_the_memo_and_the_audit_entry_commit_in_one_transaction(
-    gateway: ModelActivities, tenant: Tenant, pool: Pool
-) -> None:
-    """One commit (one WAL flush) records a call: its transaction id is on every row."""
-    await with_budget(pool, tenant)
-    call = call_for(tenant, cache=False)
-    await run(gateway, call, attempt=1)
-    async with pool.acquire() as conn:
-        written = await conn.fetchrow(
-            "SELECT (SELECT xmin::text FROM model_usage WHERE call_key = $1) AS usage,"
-            " (SELECT xmin::text FROM model_calls WHERE call_key = $1) AS memo,"
-            " (SELECT xmin::text FROM audit_log WHERE tenant_id = $2 AND event_key = $3) AS audit,"
-            " (SELECT xmin::text FROM budget_reservations WHERE call_key = $1) AS settled",
-            call.call_key,
-            tenant.id,
-            f"{call.call_key}:call",
-        )
-    assert written is not None
-    assert written["usage"] is not None
-    assert written["usage"] == written["memo"] == written["audit"] == written["settled"]
 
 
 async def test_an_audit_append_that_fails_leaves_the_cost_and_the_reply_recorded(

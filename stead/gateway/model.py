@@ -364,7 +364,7 @@ class ModelActivities:
             )
 
     async def _count_tokens(self, model: str, request: dict[str, Any]) -> int:
-        params = {k: v for k, v in request.items() if k != "max_tokens"}
+        params = _input_params(request)
         try:
             counted = await heartbeating(
                 self._client.messages.count_tokens(model=model, **params), self._heartbeat_every
@@ -552,16 +552,17 @@ class ModelActivities:
         async def cost(conn: Conn) -> None:
             await self._cost_statements(conn, call, key, attempt, reply, budgeted, memo)
 
+        audited = True
         try:
             await self._audit.record(self._pool, events, first=cost)
         except Exception:  # whatever failed, the cost alone is tried next
             await self._record_cost(call, key, attempt, reply, budgeted=budgeted)
             async with self._pool.acquire() as conn:
                 await usage.remember(conn, *memo)
-            metrics.observe_usage(call.context.pipeline, reply.model, reply.usage)
-            await self._write_events(events)
-            return
+            audited = False
         metrics.observe_usage(call.context.pipeline, reply.model, reply.usage)
+        if not audited:
+            await self._audit.record(self._pool, events)
 
     def _usage_row(
         self, call: ModelCall, key: str, attempt: int, reply: ModelReply
@@ -586,12 +587,10 @@ class ModelActivities:
         reply: ModelReply,
         *,
         budgeted: bool,
-        memo: _Memo | None = None,
     ) -> None:
-        """Settle the reservation and write the ledger row (and the memo, when given) in one
-        transaction."""
+        """Settle the reservation and write the ledger row, in one transaction of their own."""
         async with self._pool.acquire() as conn, conn.transaction():
-            await self._cost_statements(conn, call, key, attempt, reply, budgeted, memo)
+            await self._cost_statements(conn, call, key, attempt, reply, budgeted, None)
 
     async def _cost_statements(
         self,
@@ -675,11 +674,16 @@ def input_token_bound(request: Mapping[str, Any]) -> int | None:
     """An upper bound on a request's input tokens, from the request alone; None when it holds
     an image or a document. Every token of text stands for at least one byte of it, so the
     UTF-8 size of what is sent bounds the tokens of what is sent."""
-    params = {k: v for k, v in request.items() if k != "max_tokens"}
+    params = _input_params(request)
     if _holds_unbounded(params):
         return None
     sent = json.dumps(params, ensure_ascii=False, separators=(",", ":")).encode()
     return len(sent) + _BOUND_SLACK_TOKENS
+
+
+def _input_params(request: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a request its input tokens are counted from."""
+    return {k: v for k, v in request.items() if k != "max_tokens"}
 
 
 def _holds_unbounded(value: Any) -> bool:

@@ -579,13 +579,13 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
         self.enter(Stage.MODEL_CALL)
         self._model_calls += 1
         info = workflow.info()
-        transcript, links = self._transcript(call)
+        carried, links = self._transcript(call)
         prepared = call.model_copy(
             update={
                 "context": self._lean_ctx,
                 "call_key": f"{info.workflow_id}:{info.run_id}:model:{self._model_calls}",
                 "run_budget_nusd": self._run_budget_nusd,
-                **transcript,
+                **carried,
             }
         )
         policy = retries.MODEL
@@ -656,7 +656,7 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
         # call is reserved, charged and recorded as the new attempt it is.
         call_key = f"{info.workflow_id}:{info.run_id}:model:{self._model_calls}"
         streamed = call.step in self.stream_steps and self._events.enabled
-        transcript, links = self._transcript(call)
+        carried, links = self._transcript(call)
         policy = retries.MODEL
         try:
             with self.carried_outbox() as events:
@@ -669,7 +669,7 @@ class Pipeline(ApprovalSteps, Generic[InputT, OutputT]):
                             "call_key": call_key,
                             "run_budget_nusd": self._run_budget_nusd,
                             "stream_call": self._model_calls if streamed else None,
-                            **transcript,
+                            **carried,
                         }
                     ),
                     task_queue=self.model_task_queue,

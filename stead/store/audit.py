@@ -119,7 +119,7 @@ class _Waiting:
 
     events: Sequence[AuditEvent]
     done: asyncio.Future[list[AuditEvent]]
-    first: Write | None = None
+    firsts: Sequence[Write] = ()
 
 
 # A write that must commit with an append, or not at all (`AuditWriter.record`'s `first`).
@@ -159,14 +159,14 @@ class AuditWriter:
         a write that commits with the events or not at all, at no commit of its own. If the
         shared transaction fails, each caller's part is tried alone.
         """
-        if not events:
-            if first is not None:
-                await self._commit(pool, [], [first])
-            return []
         firsts = [first] if first is not None else []
+        if not events:
+            if firsts:
+                await self._commit(pool, [], firsts)
+            return []
         tenants = {event.tenant for event in events}
         if len(tenants) == 1:
-            new = await self._through_appender(pool, tenants.pop(), events, first)
+            new = await self._through_appender(pool, tenants.pop(), events, firsts)
         else:
             new = await self._commit(pool, events, firsts)
         metrics.observe_events(new)
@@ -181,12 +181,12 @@ class AuditWriter:
             return await self.append_new(conn, events)
 
     async def _through_appender(
-        self, pool: Pool, tenant: str, events: Sequence[AuditEvent], first: Write | None
+        self, pool: Pool, tenant: str, events: Sequence[AuditEvent], firsts: Sequence[Write]
     ) -> list[AuditEvent]:
         key = (id(pool), tenant)
         running = self._appenders.get(key)
         if running is not None and not running.done():  # done: its loop went away mid-flush
-            waiting = _Waiting(events, asyncio.get_running_loop().create_future(), first)
+            waiting = _Waiting(events, asyncio.get_running_loop().create_future(), firsts)
             self._waiting.setdefault(key, []).append(waiting)
             return await waiting.done
         # Nobody is appending for the tenant: commit here, with no hop through another task,
@@ -195,7 +195,7 @@ class AuditWriter:
         assert current is not None
         self._appenders[key] = current
         try:
-            return await self._commit(pool, events, [first] if first is not None else [])
+            return await self._commit(pool, events, firsts)
         finally:
             self._handed_over(pool, key, current)
 
@@ -228,7 +228,7 @@ class AuditWriter:
             new = await self._commit(
                 pool,
                 [event for waiting in batch for event in waiting.events],
-                [waiting.first for waiting in batch if waiting.first is not None],
+                [write for waiting in batch for write in waiting.firsts],
             )
         except Exception as exc:
             if len(batch) == 1:
